@@ -1,0 +1,54 @@
+# sluice — top-level driver around CMake. Outputs go to build/ (plain), build/asan, build/tsan.
+#   make            build libsluice (build/libsluice.so, build/libsluice.a)
+#   make test       install deps, build, run every test: plain suite, then ASan+UBSan suite
+#   make test SANITIZE=address|thread   one sanitizer variant (thread: the concurrency tests)
+#   make bench      run the benchmarks (bench/RESULTS.md says how to read them)
+#   make install    header, libraries and sluice.pc under PREFIX (default /usr/local)
+PREFIX ?= /usr/local
+JOBS ?= $(shell nproc)
+CMAKE ?= cmake
+SANITIZE ?=
+
+ifeq ($(SANITIZE),)
+BUILD := build
+else
+BUILD := build/$(SANITIZE:address=asan)
+BUILD := $(BUILD:build/thread=build/tsan)
+endif
+
+.PHONY: all deps build test test-one bench install clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(BUILD)/CMakeCache.txt:
+	@$(CMAKE) -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSL_SANITIZE=$(SANITIZE) \
+		-DCMAKE_INSTALL_PREFIX=$(PREFIX) >/dev/null
+
+build: $(BUILD)/CMakeCache.txt
+	@$(CMAKE) --build $(BUILD) -j $(JOBS)
+
+ifeq ($(SANITIZE),)
+test: deps
+	@$(MAKE) --no-print-directory test-one
+	@$(MAKE) --no-print-directory test-one SANITIZE=address
+else
+test: deps
+	@$(MAKE) --no-print-directory test-one SANITIZE=$(SANITIZE)
+endif
+
+# thread: only the tests labelled "concurrency"
+test-one: build
+	@cd $(BUILD) && ctest --output-on-failure --timeout 600 -j 2 \
+		$(if $(filter thread,$(SANITIZE)),-L concurrency,)
+
+bench: deps build
+	@bash bench/run.sh $(BUILD)
+
+install: build
+	@$(CMAKE) --install $(BUILD)
+
+clean:
+	rm -rf build

@@ -1,0 +1,274 @@
+/*
+ * sluice.h — the one public header of libsluice, a multi-tenant rate limiter.
+ *
+ * Ten-minute tour
+ * ---------------
+ *   sl_limiter *l;
+ *   sl_options o; sl_options_init(&o);          // defaults: in-memory store, internal clock,
+ *   if (sl_open(&l, &o) != SL_OK) ...            // token bucket of 5, refilling 1/s
+ *
+ *   sl_key k = SL_KEY("acme", "login", "10.0.0.7");
+ *   sl_decision d;
+ *   int rc = sl_take(l, &k, 1, SL_NOW, &d);     // rc < 0: bad input, nothing changed
+ *   if (rc == SL_OK && d.allowed) serve(); else reject(d.retry_after);
+ *
+ *   sl_policy p = SL_POLICY_TOKEN_BUCKET(100, 10.0);   // capacity 100, refill 10/s
+ *   sl_rule_set(l, SL_SCOPE_ACTION, &k, &p);           // tenant "acme", action "login"
+ *   sl_close(l);
+ *
+ * Conventions
+ *  - Every function returning int returns SL_OK (0) or a negative SL_E* code; sl_strerror()
+ *    names it. A call that fails changes nothing.
+ *  - Time is int64_t nanoseconds. Pass SL_NOW to use the limiter's clock (monotonic, anchored
+ *    to wall time at sl_open), or your own timestamp. A timestamp earlier than a key's last one
+ *    counts as zero elapsed time: time going backwards never refills and never drains.
+ *  - The caller owns every buffer it passes in; libsluice copies what it keeps.
+ *  - Thread safety: every function taking an sl_limiter may be called from any number of
+ *    threads at once, except sl_close (call it once, after all other calls have returned).
+ */
+#ifndef SLUICE_H
+#define SLUICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(SLUICE_BUILDING) && defined(__GNUC__)
+#define SL_API __attribute__((visibility("default")))
+#else
+#define SL_API
+#endif
+
+/* ---- version ------------------------------------------------------------------------------
+ * ABI rule: MINOR grows with additions; MAJOR changes when a struct layout or a signature
+ * changes. sl_version() returns SLUICE_VERSION_HEX of the library actually loaded. */
+#define SLUICE_VERSION_MAJOR 0
+#define SLUICE_VERSION_MINOR 1
+#define SLUICE_VERSION_PATCH 0
+#define SLUICE_VERSION_HEX \
+    ((SLUICE_VERSION_MAJOR << 16) | (SLUICE_VERSION_MINOR << 8) | SLUICE_VERSION_PATCH)
+SL_API unsigned sl_version(void);
+SL_API const char *sl_version_string(void); /* "0.1.0"; static storage */
+
+/* ---- errors -------------------------------------------------------------------------------
+ * One table generates the codes, their names and their messages. */
+#define SL_ERRNO_MAP(XX)                                                                      \
+    XX(EINVAL, -1, "invalid argument")                                                        \
+    XX(ENOMEM, -2, "out of memory")                                                           \
+    XX(ECAPACITY, -3, "capacity/limit must be a finite whole number between 1 and 1e9")       \
+    XX(ERATE, -4, "rate must be finite, > 0 and at most 1e9 per second")                      \
+    XX(EWINDOW, -5, "window must be finite, between 1 ms and 366 days")                       \
+    XX(ECOST, -6, "cost exceeds the capacity of the limit")                                   \
+    XX(EKEYEMPTY, -7, "client id is empty")                                                   \
+    XX(EKEYLONG, -8, "tenant, action or client id longer than 255 bytes")                     \
+    XX(EALGORITHM, -9, "unknown algorithm")                                                   \
+    XX(ETIER, -10, "unknown tier")                                                            \
+    XX(ENOTFOUND, -11, "no such rule")                                                        \
+    XX(ELIMITS, -12, "a policy holds 1 to 4 limits")                                          \
+    XX(ETIERINUSE, -13, "tier is assigned to clients")                                        \
+    XX(ELEASE, -14, "no such lease")                                                          \
+    XX(ESCOPE, -15, "unknown rule scope")                                                     \
+    XX(ELOGSIZE, -16, "sliding_log and concurrency limits are at most 100000")                \
+    XX(ETOOMANY, -17, "too many distinct policies")
+
+typedef enum sl_errno {
+    SL_OK = 0,
+#define SL_XX_ENUM(name, code, msg) SL_##name = (code),
+    SL_ERRNO_MAP(SL_XX_ENUM)
+#undef SL_XX_ENUM
+} sl_errno;
+
+/* Message for a code; "unknown error" for a code not in the table. Static storage. */
+SL_API const char *sl_strerror(int err);
+/* Name of a code ("SL_ECOST"). Static storage. */
+SL_API const char *sl_err_name(int err);
+
+/* ---- time --------------------------------------------------------------------------------- */
+#define SL_NOW INT64_MIN          /* "use the limiter's clock" */
+#define SL_SECOND INT64_C(1000000000)
+typedef int64_t (*sl_clock_fn)(void *ctx); /* must be thread-safe; returns ns */
+
+/* ---- policies ------------------------------------------------------------------------------ */
+typedef enum sl_algorithm {
+    SL_TOKEN_BUCKET = 1,  /* limit = capacity C, rate = refill r/s. New key full. Admitted cost
+                             over any interval T starting full is <= C + r*T. */
+    SL_LEAKY_BUCKET = 2,  /* limit = queue depth N, rate = leak r/s. Shaping: an admitted request
+                             gets `delay`, the time it may proceed; output never exceeds r/s. */
+    SL_FIXED_WINDOW = 3,  /* limit L per window W; windows aligned to multiples of W. */
+    SL_SLIDING_WINDOW = 4,/* weighted two-window counter, O(1) state. Never more than L in an
+                             aligned window, never more than 2L in any interval of length W. */
+    SL_SLIDING_LOG = 5,   /* exactly <= L in every interval (t-W, t]; 8*L bytes per key. */
+    SL_BURST_RESERVE = 6, /* limit = base per second B (a token bucket of B refilling B/s);
+                             when it is exhausted, requests draw on a reserve that starts at 0,
+                             grows `rate` per second up to `reserve_cap`. */
+    SL_CONCURRENCY = 7    /* limit = max in flight N; window = lease TTL. sl_take acquires a
+                             lease (decision.lease), sl_release frees it, expiry frees it too. */
+} sl_algorithm;
+
+/* Name <-> value ("token_bucket"). sl_algorithm_parse returns SL_EALGORITHM when unknown. */
+SL_API const char *sl_algorithm_name(sl_algorithm a);
+SL_API int sl_algorithm_parse(const char *name, size_t len, sl_algorithm *out);
+
+typedef struct sl_limit {
+    sl_algorithm algorithm;
+    double limit;       /* whole number, 1..1e9 (see the algorithm for its meaning) */
+    double rate;        /* per second: token/leaky refill, burst_reserve reserve refill */
+    double window;      /* seconds: windows and the log; concurrency lease TTL */
+    double reserve_cap; /* burst_reserve only: reserve ceiling, whole number */
+} sl_limit;
+
+#define SL_MAX_LIMITS 4
+/* A policy is one to four limits, checked against one `now` and consumed all together or not
+ * at all (stacked limits: "10/s and 1000/day"). */
+typedef struct sl_policy {
+    unsigned nlimits;
+    sl_limit limits[SL_MAX_LIMITS];
+} sl_policy;
+
+#define SL_POLICY_TOKEN_BUCKET(cap, per_s) \
+    ((sl_policy){1, {{SL_TOKEN_BUCKET, (cap), (per_s), 0, 0}}})
+#define SL_POLICY_WINDOW(alg, lim, win_s) ((sl_policy){1, {{(alg), (lim), 0, (win_s), 0}}})
+
+/* Check a policy without using it: SL_OK or the specific error for the first bad field. */
+SL_API int sl_policy_validate(const sl_policy *p);
+
+/* ---- keys ----------------------------------------------------------------------------------
+ * A key is (tenant, action, client), each a byte string of at most SL_MAX_ID_LEN bytes.
+ * An empty (or NULL with length 0) tenant or action means "default", and so does the literal
+ * "default". The client must not be empty. Bytes are compared exactly; NUL is allowed. */
+#define SL_MAX_ID_LEN 255
+typedef struct sl_key {
+    const char *tenant;
+    size_t tenant_len;
+    const char *action;
+    size_t action_len;
+    const char *client;
+    size_t client_len;
+} sl_key;
+
+#define SL_STRLEN_(s) ((s) ? __builtin_strlen(s) : 0)
+#define SL_KEY(t, a, c) ((sl_key){(t), SL_STRLEN_(t), (a), SL_STRLEN_(a), (c), SL_STRLEN_(c)})
+
+/* ---- decisions ----------------------------------------------------------------------------- */
+typedef struct sl_decision {
+    int err;              /* SL_OK, or why this request was not decided (batch form) */
+    int allowed;          /* 1 admitted (and consumed), 0 denied (nothing consumed) */
+    uint64_t limit;       /* the reported limit's capacity/limit */
+    uint64_t remaining;   /* whole units of the reported limit left after this request */
+    int64_t reset_after;  /* ns until the reported limit is back to full */
+    int64_t retry_after;  /* ns until a request of this cost could pass; 0 when allowed */
+    int64_t delay;        /* leaky_bucket: ns until the admitted request may proceed; else 0 */
+    double tokens;        /* exact (fractional) units left of the reported limit */
+    double reserve;       /* burst_reserve: reserve units left; else 0 */
+    uint64_t lease;       /* concurrency: the lease acquired (0 when none) */
+    unsigned limit_index; /* which limit of the policy is reported (the most restrictive) */
+    sl_algorithm algorithm;
+    int64_t window;       /* ns: the reported limit's window or refill period (for headers) */
+} sl_decision;
+
+/* ---- the limiter --------------------------------------------------------------------------- */
+typedef struct sl_limiter sl_limiter;
+
+typedef struct sl_options {
+    size_t max_keys;          /* hard bound on keys held; least recently used evicted first.
+                                 0 = unbounded */
+    unsigned shards;          /* power of two; 0 = 256 */
+    sl_clock_fn clock;        /* NULL = internal monotonic clock anchored to wall time */
+    void *clock_ctx;
+    const sl_policy *default_policy; /* NULL = token bucket, capacity 5, refill 1/s (copied) */
+} sl_options;
+
+SL_API void sl_options_init(sl_options *o);
+
+/* Open a limiter. On success *out owns it; free with sl_close. `opts` may be NULL (defaults)
+ * and is not kept. */
+SL_API int sl_open(sl_limiter **out, const sl_options *opts);
+/* Free everything. No other call on `l` may be running or follow. NULL is a no-op. */
+SL_API void sl_close(sl_limiter *l);
+/* The limiter's clock, in ns. */
+SL_API int64_t sl_now(sl_limiter *l);
+
+/* Decide one request: consume `cost` units if every limit of the key's policy allows it.
+ * cost 0 decides without consuming (same as sl_peek). On a concurrency policy a successful
+ * take acquires a lease (d->lease). Errors (nothing changed): SL_EINVAL (NULL), SL_EKEYEMPTY,
+ * SL_EKEYLONG, SL_ECOST (cost above a limit's capacity), SL_ENOMEM. */
+SL_API int sl_take(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now,
+                   sl_decision *d);
+/* What sl_take of cost 1 would answer, consuming nothing and creating no key. */
+SL_API int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d);
+/* Release a concurrency lease early. SL_ELEASE if it is unknown or already expired. */
+SL_API int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now);
+
+/* The batch form: many requests decided against one `now`, in order. The table prefetches
+ * ahead so that cache misses overlap. out[i].err holds each request's own error; the return
+ * value is SL_OK unless an argument is NULL. */
+typedef struct sl_request {
+    sl_key key;
+    uint64_t cost;            /* 0 = peek */
+    const sl_policy *inline_policy; /* used only when no rule, tenant default or tier
+                                       matches; NULL = none. Not kept after the call. */
+} sl_request;
+SL_API int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
+                         sl_decision *out);
+
+/* ---- rules and tiers --------------------------------------------------------------------------
+ * A key's policy is resolved, most specific first:
+ *   client override (tenant, action, client) -> tenant+action rule -> tenant default ->
+ *   tier of the client (tenant, client) -> inline policy of the request -> global default.
+ * Changes take effect for the next decision; readers never block. A key whose policy changes
+ * keeps its remaining units, clamped to the new capacity (a full key stays full). If the
+ * algorithms differ the key starts anew under the new policy. */
+typedef enum sl_scope {
+    SL_SCOPE_TENANT = 1, /* key.tenant: the tenant's default for every action */
+    SL_SCOPE_ACTION = 2, /* key.tenant + key.action */
+    SL_SCOPE_CLIENT = 3  /* key.tenant + key.action + key.client: a client override */
+} sl_scope;
+
+/* Set, read and delete a rule. Fields of `key` the scope does not use are ignored.
+ * sl_rule_get/del return SL_ENOTFOUND when there is no such rule. */
+SL_API int sl_rule_set(sl_limiter *l, sl_scope scope, const sl_key *key, const sl_policy *p);
+SL_API int sl_rule_get(sl_limiter *l, sl_scope scope, const sl_key *key, sl_policy *out);
+SL_API int sl_rule_del(sl_limiter *l, sl_scope scope, const sl_key *key);
+
+/* Every rule, in no particular order, from one consistent snapshot. `fn` returns 0 to go on,
+ * non-zero to stop (that value is returned). The key's strings live only during the call. */
+typedef int (*sl_rule_fn)(void *ctx, sl_scope scope, const sl_key *key, const sl_policy *p);
+SL_API int sl_rule_list(sl_limiter *l, sl_rule_fn fn, void *ctx);
+
+/* Global default policy (the last step of resolution). */
+SL_API int sl_default_set(sl_limiter *l, const sl_policy *p);
+SL_API int sl_default_get(sl_limiter *l, sl_policy *out);
+
+/* Tiers are named policies; a (tenant, client) may be assigned one. Names are 1..255 bytes.
+ * sl_tier_del refuses a tier still assigned (SL_ETIERINUSE); sl_tier_assign with tier NULL
+ * removes the assignment; an unknown tier is SL_ETIER. */
+SL_API int sl_tier_set(sl_limiter *l, const char *name, const sl_policy *p);
+SL_API int sl_tier_get(sl_limiter *l, const char *name, sl_policy *out);
+SL_API int sl_tier_del(sl_limiter *l, const char *name);
+SL_API int sl_tier_assign(sl_limiter *l, const sl_key *tenant_client, const char *tier);
+typedef int (*sl_tier_fn)(void *ctx, const char *name, const sl_policy *p);
+SL_API int sl_tier_list(sl_limiter *l, sl_tier_fn fn, void *ctx);
+
+/* ---- counters and housekeeping ------------------------------------------------------------ */
+typedef struct sl_stats {
+    uint64_t allowed, denied, evicted; /* evicted: keys dropped by the max_keys bound */
+    uint64_t keys;                     /* keys held (whole limiter only) */
+    uint64_t reclaimed;                /* idle full keys dropped losslessly (whole limiter only) */
+} sl_stats;
+/* Counters of one tenant (SL_ENOTFOUND if it was never seen) or, with tenant NULL, of all. */
+SL_API int sl_stats_get(sl_limiter *l, const char *tenant, size_t tenant_len, sl_stats *out);
+typedef int (*sl_tenant_fn)(void *ctx, const char *tenant, size_t len, const sl_stats *s);
+SL_API int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx);
+
+/* Reclaim idle full keys (keys indistinguishable from new ones), looking at no more than
+ * `budget` keys. Decisions already do this a little at a time; call it from a timer of your
+ * own to do more. Returns how many keys were reclaimed. */
+SL_API size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SLUICE_H */

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the Debian packages sluice needs to build, test and benchmark. Idempotent and silent
+# when everything is already present. Run as root (or with sudo available).
+set -euo pipefail
+
+PKGS=(
+  build-essential cmake pkg-config          # toolchain
+  libxxhash-dev                             # hashing (src/store)
+  libcmocka-dev                             # unit tests
+  golang-go golang-golang-x-time-dev        # bench: the Go x/time/rate peer
+  valgrind                                  # bench: instruction counts
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,179 @@
+/*
+ * ebr.c — epoch-based reclamation (see ebr.h).
+ *
+ * One process-wide epoch counter and one record per thread that ever read. A reader stores
+ * the epoch it saw in its record (seq_cst) before touching shared memory and clears it when
+ * done. A writer retires an object at epoch E and bumps the epoch; the object may be freed
+ * once every record is either idle (0) or shows an epoch > E: such a reader entered after
+ * the bump, hence after the unlink, and cannot see the object.
+ *
+ * Records outlive their threads (a pthread key destructor marks them free for reuse), so a
+ * writer's scan never races with a free. Retire lists belong to a domain (one per limiter).
+ */
+#include "ebr.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef struct rec {
+    _Atomic uint64_t active; /* 0 = not reading, else the epoch seen at entry */
+    _Atomic int in_use;
+    unsigned nest;           /* touched only by the owning thread */
+    struct rec *next;        /* immutable once published */
+    char pad[64 - 2 * sizeof(uint64_t) - sizeof(void *)];
+} rec;
+
+static _Atomic uint64_t g_epoch = 1;
+static _Atomic(rec *) g_recs;
+static pthread_mutex_t g_reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t g_key;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static _Thread_local rec *t_rec;
+
+typedef struct retired {
+    void *p;
+    void (*fn)(void *);
+    uint64_t epoch;
+    struct retired *next;
+} retired;
+
+struct sl_ebr {
+    pthread_mutex_t lock;
+    retired *head;
+    size_t count;
+};
+
+static void thread_gone(void *arg)
+{
+    rec *r = arg;
+    atomic_store(&r->active, 0);
+    atomic_store(&r->in_use, 0);
+}
+
+static void make_key(void) { (void)pthread_key_create(&g_key, thread_gone); }
+
+static rec *register_thread(void)
+{
+    pthread_once(&g_once, make_key);
+    rec *r;
+    pthread_mutex_lock(&g_reg_lock);
+    for (r = atomic_load(&g_recs); r; r = r->next)
+        if (!atomic_load(&r->in_use))
+            break;
+    if (!r) {
+        r = calloc(1, sizeof *r);
+        if (!r) {
+            pthread_mutex_unlock(&g_reg_lock);
+            return NULL;
+        }
+        r->next = atomic_load(&g_recs);
+        atomic_store(&r->in_use, 1);
+        atomic_store(&g_recs, r);
+    } else {
+        atomic_store(&r->in_use, 1);
+    }
+    pthread_mutex_unlock(&g_reg_lock);
+    r->nest = 0;
+    (void)pthread_setspecific(g_key, r);
+    t_rec = r;
+    return r;
+}
+
+sl_ebr *sl_ebr_new(void)
+{
+    sl_ebr *d = calloc(1, sizeof *d);
+    if (d && pthread_mutex_init(&d->lock, NULL) != 0) {
+        free(d);
+        return NULL;
+    }
+    return d;
+}
+
+void sl_ebr_free(sl_ebr *d)
+{
+    if (!d)
+        return;
+    for (retired *x = d->head, *n; x; x = n) {
+        n = x->next;
+        x->fn(x->p);
+        free(x);
+    }
+    pthread_mutex_destroy(&d->lock);
+    free(d);
+}
+
+int sl_ebr_enter(sl_ebr *d)
+{
+    (void)d;
+    rec *r = t_rec;
+    if (!r && !(r = register_thread()))
+        return -1;
+    if (r->nest++ == 0)
+        atomic_store(&r->active, atomic_load(&g_epoch));
+    return 0;
+}
+
+void sl_ebr_leave(sl_ebr *d)
+{
+    (void)d;
+    rec *r = t_rec;
+    if (--r->nest == 0)
+        atomic_store_explicit(&r->active, 0, memory_order_release);
+}
+
+/* Smallest epoch any reader is in; UINT64_MAX when none is reading. */
+static uint64_t oldest_reader(void)
+{
+    uint64_t min = UINT64_MAX;
+    for (rec *r = atomic_load(&g_recs); r; r = r->next) {
+        uint64_t a = atomic_load(&r->active);
+        if (a && a < min)
+            min = a;
+    }
+    return min;
+}
+
+static size_t collect_locked(sl_ebr *d)
+{
+    uint64_t oldest = oldest_reader();
+    retired **pp = &d->head;
+    while (*pp) {
+        retired *x = *pp;
+        if (x->epoch < oldest) {
+            *pp = x->next;
+            x->fn(x->p);
+            free(x);
+            d->count--;
+        } else {
+            pp = &x->next;
+        }
+    }
+    return d->count;
+}
+
+void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *))
+{
+    retired *x = malloc(sizeof *x);
+    uint64_t e = atomic_fetch_add(&g_epoch, 1);
+    if (!x)
+        return; /* out of memory for the bookkeeping: leaking `p` is safe, freeing is not */
+    x->p = p;
+    x->fn = fn;
+    x->epoch = e;
+    pthread_mutex_lock(&d->lock);
+    x->next = d->head;
+    d->head = x;
+    d->count++;
+    collect_locked(d);
+    pthread_mutex_unlock(&d->lock);
+}
+
+size_t sl_ebr_collect(sl_ebr *d)
+{
+    pthread_mutex_lock(&d->lock);
+    size_t n = collect_locked(d);
+    pthread_mutex_unlock(&d->lock);
+    return n;
+}

@@ -1,0 +1,107 @@
+/*
+ * memory.h — the in-process store: a sharded concurrent hash table of keys -> state.
+ *
+ * Shards: a power of two, picked by the top bits of the key's 64-bit hash, each with its own
+ * lock (held only around one lookup + one algorithm step). Inside a shard: an open-addressing
+ * index of 32-bit slots (8 bits of hash tag, 24 bits entry number) over a dense array of
+ * 48-byte entries, so probing stays inside one or two cache lines and entries pack tightly.
+ *
+ * Housekeeping is bounded on the decision path: each insert looks at most at a couple of
+ * entries to reclaim idle full keys (hooks.full_at(e) <= now) and, when the shard is at its
+ * share of max_keys, evicts with the CLOCK approximation of least-recently-used.
+ *
+ * Functions named *_locked require the shard lock. Entry pointers are valid only while it
+ * is held.
+ */
+#ifndef SL_MEMORY_H
+#define SL_MEMORY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SL_ENTRY_INLINE_KEY 24 /* keys up to this many bytes are stored in the entry */
+
+enum {
+    SL_ENTRY_HEAP = 1,    /* state[0] holds a pointer to a heap block owned by the entry */
+    SL_ENTRY_REF = 2,     /* CLOCK reference bit: used since the hand last passed */
+    SL_ENTRY_LONGKEY = 4  /* key.ext holds a heap copy of the key */
+};
+
+typedef struct sl_entry {
+    uint64_t state[2]; /* algorithm state inline, or state[0] = (uintptr_t)heap block */
+    uint32_t policy;   /* id of the compiled policy the state was written under; 0 = none */
+    uint8_t flags;     /* SL_ENTRY_* */
+    uint8_t klen;      /* inline key length when !SL_ENTRY_LONGKEY */
+    uint16_t spare;
+    union {
+        char inl[SL_ENTRY_INLINE_KEY];
+        struct {
+            char *ptr;
+            uint32_t len;
+        } ext;
+    } key;
+} sl_entry; /* 48 bytes */
+
+typedef struct sl_table_hooks {
+    void *ctx;
+    /* When the entry becomes indistinguishable from a new key (INT64_MAX: never). */
+    int64_t (*full_at)(void *ctx, const sl_entry *e);
+    /* The entry is leaving the table: free what its state owns. why: 0 reclaimed (idle and
+     * full), 1 evicted by max_keys, 2 table being freed. Called with the shard lock held. */
+    void (*drop)(void *ctx, sl_entry *e, int why);
+} sl_table_hooks;
+
+typedef struct sl_table sl_table;
+typedef struct sl_shard sl_shard;
+
+/* shards: power of two (0 = 256). max_keys 0 = unbounded. With max_keys the shard count is
+ * lowered so that each shard's share is at least 1; the total never exceeds max_keys.
+ * `hooks` is copied. NULL on out of memory or bad arguments. */
+sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *hooks);
+/* Calls hooks.drop(e, 2) for every entry, frees everything. */
+void sl_table_free(sl_table *t);
+
+uint64_t sl_table_hash(const void *key, size_t len); /* XXH3 64 */
+
+sl_shard *sl_table_shard(sl_table *t, uint64_t hash);
+void sl_shard_lock(sl_shard *s);
+void sl_shard_unlock(sl_shard *s);
+
+/* Find a key; sets the CLOCK bit. NULL when absent. */
+sl_entry *sl_shard_find_locked(sl_shard *s, uint64_t hash, const void *key, size_t len);
+/* Find or insert. A new entry is zeroed except for its key (policy 0, flags 0) and
+ * *created = 1. Inserting may reclaim or evict other entries first (through the hooks).
+ * NULL only when memory runs out (nothing changed). */
+sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, size_t len,
+                                 int64_t now, int *created);
+/* Remove an entry found under the same lock hold (does not call hooks.drop). */
+void sl_shard_remove_locked(sl_shard *s, sl_entry *e);
+
+/* Key bytes of an entry. */
+static inline const char *sl_entry_key(const sl_entry *e, size_t *len)
+{
+    if (e->flags & SL_ENTRY_LONGKEY) {
+        *len = e->key.ext.len;
+        return e->key.ext.ptr;
+    }
+    *len = e->klen;
+    return e->key.inl;
+}
+
+/* Start bringing the key's index slot (and shard) into cache. Needs no lock; safe while
+ * other threads resize (it only computes an address). */
+void sl_table_prefetch(sl_table *t, uint64_t hash);
+
+/* Reclaim idle full keys, examining at most `budget` entries across shards (round robin).
+ * Returns the number reclaimed. Takes each shard lock briefly. */
+size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget);
+
+/* Visit every entry (for snapshots, tests). fn returns non-zero to stop. Each shard is
+ * locked while it is visited. */
+int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
+
+size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
+size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds */
+size_t sl_table_capacity(sl_table *t);    /* the enforced bound (0 = unbounded) */
+
+#endif
