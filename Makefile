@@ -1,5 +1,6 @@
 # sluice — top-level driver around CMake. Outputs go to build/ (plain), build/asan, build/tsan.
 #   make            build libsluice (build/libsluice.so, build/libsluice.a)
+#   make run        install deps, build, run the C API tour (examples/tour.c)
 #   make test       install deps, build, run every test: plain suite, then ASan+UBSan suite
 #   make test SANITIZE=address|thread   one sanitizer variant (thread: the concurrency tests)
 #   make bench      run the benchmarks (bench/RESULTS.md says how to read them)
@@ -16,7 +17,7 @@ BUILD := build/$(SANITIZE:address=asan)
 BUILD := $(BUILD:build/thread=build/tsan)
 endif
 
-.PHONY: all deps build test test-one bench install clean
+.PHONY: all deps build run test test-one bench install clean
 
 all: build
 
@@ -29,6 +30,10 @@ $(BUILD)/CMakeCache.txt:
 
 build: $(BUILD)/CMakeCache.txt
 	@$(CMAKE) --build $(BUILD) -j $(JOBS)
+
+# Until sluiced exists (next issue), `make run` runs the C API tour.
+run: deps build
+	@./$(BUILD)/tour
 
 ifeq ($(SANITIZE),)
 test: deps
