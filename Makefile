@@ -1,7 +1,8 @@
 # sluice — top-level driver around CMake. Outputs go to build/ (plain), build/asan, build/tsan.
 #   make            build libsluice (build/libsluice.so, build/libsluice.a)
 #   make run        install deps, build, run the C API tour (examples/tour.c)
-#   make test       install deps, build, run every test: plain suite, then ASan+UBSan suite
+#   make test       install deps, build, run every test: plain suite, ASan+UBSan suite, and
+#                   the concurrency tests under TSan
 #   make test SANITIZE=address|thread   one sanitizer variant (thread: the concurrency tests)
 #   make bench      run the benchmarks (bench/RESULTS.md says how to read them)
 #   make install    header, libraries and sluice.pc under PREFIX (default /usr/local)
@@ -39,6 +40,7 @@ ifeq ($(SANITIZE),)
 test: deps
 	@$(MAKE) --no-print-directory test-one
 	@$(MAKE) --no-print-directory test-one SANITIZE=address
+	@$(MAKE) --no-print-directory test-one SANITIZE=thread
 else
 test: deps
 	@$(MAKE) --no-print-directory test-one SANITIZE=$(SANITIZE)

@@ -149,8 +149,15 @@ typedef struct sl_key {
     size_t client_len;
 } sl_key;
 
-#define SL_STRLEN_(s) ((s) ? __builtin_strlen(s) : 0)
-#define SL_KEY(t, a, c) ((sl_key){(t), SL_STRLEN_(t), (a), SL_STRLEN_(a), (c), SL_STRLEN_(c)})
+static inline size_t sl_strlen_(const char *s)
+{
+    size_t n = 0;
+    while (s && s[n])
+        n++;
+    return n;
+}
+/* A key from NUL-terminated strings (NULL = empty). */
+#define SL_KEY(t, a, c) ((sl_key){(t), sl_strlen_(t), (a), sl_strlen_(a), (c), sl_strlen_(c)})
 
 /* ---- decisions ----------------------------------------------------------------------------- */
 typedef struct sl_decision {

@@ -1,0 +1,1034 @@
+/*
+ * limiter.c — the public API: key validation, policy resolution, the decision path, rules,
+ * tiers and counters. The data path of one decision:
+ *
+ *   validate -> read `now` once -> encode + hash the key -> resolve its policy from the
+ *   current rule-set snapshot (lock-free) -> lock the key's shard -> find or insert the entry
+ *   -> (carry state over if the key's policy changed) -> check every limit, commit all or
+ *   none -> unlock -> count for the tenant.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "algo.h"
+#include "dir.h"
+#include "ebr.h"
+#include "memory.h"
+#include "policy.h"
+#include "sluice.h"
+
+#define SL_MAX_TENANTS 65536      /* beyond this, counters go to the overflow tenant */
+#define SL_OVERFLOW_TENANT "_overflow"
+#define SL_MAX_POLICIES (1u << 20) /* distinct policies over a limiter's life */
+#define REG_CHUNK 4096
+#define REG_CHUNKS (SL_MAX_POLICIES / REG_CHUNK)
+#define STRIPES 8                 /* counter stripes per tenant (spread contention) */
+#define MAX_NOW (INT64_C(1) << 62)
+
+typedef struct stripe {
+    _Atomic uint64_t allowed, denied, evicted;
+    char pad[64 - 3 * sizeof(uint64_t)];
+} stripe;
+
+typedef struct sl_tenant {
+    stripe s[STRIPES];
+} sl_tenant;
+
+struct sl_limiter {
+    sl_table *table;
+    sl_ebr *ebr;
+    sl_dir *tenants;  /* tenant name -> sl_tenant */
+    sl_dir *policies; /* normalised sl_policy bytes -> sl_cpolicy */
+    _Atomic(sl_cpolicy *) *reg[REG_CHUNKS]; /* id -> policy; chunks published once */
+    uint32_t npolicies;                     /* under the policies directory's lock */
+    _Atomic(sl_rules *) rules;
+    pthread_mutex_t cfg; /* serialises rule, tier and default changes */
+    sl_tenant *deflt_tenant, *overflow_tenant;
+    sl_clock_fn clock;
+    void *clock_ctx;
+    int64_t anchor; /* wall - monotonic at open */
+    _Atomic uint64_t next_lease;
+    _Atomic uint64_t reclaimed, evicted;
+};
+
+/* ---- clock ------------------------------------------------------------------------------- */
+
+static int64_t clock_ns(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec;
+}
+
+int64_t sl_now(sl_limiter *l)
+{
+    if (l->clock)
+        return l->clock(l->clock_ctx);
+    return clock_ns(CLOCK_MONOTONIC) + l->anchor;
+}
+
+/* ---- policy registry --------------------------------------------------------------------- */
+
+static const sl_cpolicy *reg_get(sl_limiter *l, uint32_t id)
+{
+    if (id == 0 || id >= SL_MAX_POLICIES)
+        return NULL;
+    _Atomic(sl_cpolicy *) *chunk = l->reg[id / REG_CHUNK];
+    return chunk ? atomic_load_explicit(&chunk[id % REG_CHUNK], memory_order_acquire) : NULL;
+}
+
+/* sl_dir make callback: compile, give an id, publish in the registry. Under the dir lock. */
+static void *policy_make(void *ctx, const void *key, size_t len)
+{
+    sl_limiter *l = ctx;
+    (void)len;
+    uint32_t id = l->npolicies + 1;
+    if (id >= SL_MAX_POLICIES)
+        return NULL;
+    sl_cpolicy *cp = malloc(sizeof *cp);
+    if (!cp)
+        return NULL;
+    if (sl_policy_compile(key, NULL, cp) != SL_OK) { /* validated by the caller already */
+        free(cp);
+        return NULL;
+    }
+    cp->id = id;
+    size_t ci = id / REG_CHUNK;
+    if (!l->reg[ci]) {
+        l->reg[ci] = calloc(REG_CHUNK, sizeof(*l->reg[ci]));
+        if (!l->reg[ci]) {
+            free(cp);
+            return NULL;
+        }
+    }
+    atomic_store_explicit(&l->reg[ci][id % REG_CHUNK], cp, memory_order_release);
+    l->npolicies = id;
+    return cp;
+}
+
+/* Validate, normalise and intern; the caller is inside an EBR section. */
+static int policy_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **out)
+{
+    sl_policy norm;
+    int rc = sl_policy_compile(p, &norm, NULL);
+    if (rc != SL_OK)
+        return rc;
+    uint64_t h = sl_table_hash(&norm, sizeof norm);
+    sl_cpolicy *cp = sl_dir_get(l->policies, h, &norm, sizeof norm);
+    if (!cp)
+        cp = sl_dir_intern(l->policies, h, &norm, sizeof norm, policy_make, l);
+    if (!cp)
+        return l->npolicies + 1 >= SL_MAX_POLICIES ? SL_ETOOMANY : SL_ENOMEM;
+    *out = cp;
+    return SL_OK;
+}
+
+int sl_policy_validate(const sl_policy *p)
+{
+    return sl_policy_compile(p, NULL, NULL);
+}
+
+/* ---- tenants ----------------------------------------------------------------------------- */
+
+static void *tenant_make(void *ctx, const void *key, size_t len)
+{
+    (void)ctx, (void)key, (void)len;
+    sl_tenant *t = aligned_alloc(64, sizeof *t);
+    if (t)
+        memset(t, 0, sizeof *t);
+    return t;
+}
+
+/* The counters of tenant (encoded: "" = default). Never NULL once the limiter is open. */
+static sl_tenant *tenant_of(sl_limiter *l, const char *name, size_t len)
+{
+    if (len == 0)
+        return l->deflt_tenant;
+    uint64_t h = sl_table_hash(name, len);
+    sl_tenant *t = sl_dir_get(l->tenants, h, name, len);
+    if (!t)
+        t = sl_dir_intern(l->tenants, h, name, len, tenant_make, NULL);
+    return t ? t : l->overflow_tenant;
+}
+
+/* ---- table hooks --------------------------------------------------------------------------- */
+
+static inline void *entry_state(sl_entry *e)
+{
+    return (e->flags & SL_ENTRY_HEAP) ? (void *)(uintptr_t)e->state[0] : (void *)e->state;
+}
+
+static int64_t hook_full_at(void *ctx, const sl_entry *e)
+{
+    sl_limiter *l = ctx;
+    const sl_cpolicy *cp = reg_get(l, e->policy);
+    if (!cp)
+        return INT64_MIN; /* no state worth keeping */
+    const char *st = entry_state((sl_entry *)e);
+    int64_t at = INT64_MIN;
+    for (uint32_t i = 0; i < cp->nlimits; i++) {
+        int64_t f = sl_algo_full_at(&cp->lim[i], st + cp->offs[i]);
+        if (f > at)
+            at = f;
+    }
+    return at;
+}
+
+static void hook_drop(void *ctx, sl_entry *e, int why)
+{
+    sl_limiter *l = ctx;
+    if (e->flags & SL_ENTRY_HEAP)
+        free((void *)(uintptr_t)e->state[0]);
+    e->flags &= (uint8_t)~SL_ENTRY_HEAP;
+    if (why == 0) {
+        atomic_fetch_add_explicit(&l->reclaimed, 1, memory_order_relaxed);
+    } else if (why == 1) {
+        size_t len;
+        const char *k = sl_entry_key(e, &len);
+        sl_tenant *t = tenant_of(l, k + 2, (unsigned char)k[0]);
+        atomic_fetch_add_explicit(&t->s[0].evicted, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&l->evicted, 1, memory_order_relaxed);
+    }
+}
+
+/* ---- open / close ------------------------------------------------------------------------ */
+
+void sl_options_init(sl_options *o)
+{
+    memset(o, 0, sizeof *o);
+}
+
+int sl_open(sl_limiter **out, const sl_options *opts)
+{
+    if (!out)
+        return SL_EINVAL;
+    *out = NULL;
+    sl_options o;
+    if (opts)
+        o = *opts;
+    else
+        sl_options_init(&o);
+    if (o.shards & (o.shards - 1))
+        return SL_EINVAL;
+    sl_policy def = SL_POLICY_TOKEN_BUCKET(5, 1.0);
+    if (o.default_policy)
+        def = *o.default_policy;
+    int rc = sl_policy_compile(&def, NULL, NULL);
+    if (rc != SL_OK)
+        return rc;
+
+    sl_limiter *l = calloc(1, sizeof *l);
+    if (!l)
+        return SL_ENOMEM;
+    rc = SL_ENOMEM;
+    if (pthread_mutex_init(&l->cfg, NULL) != 0)
+        goto fail_mutex;
+    l->clock = o.clock;
+    l->clock_ctx = o.clock_ctx;
+    l->anchor = clock_ns(CLOCK_REALTIME) - clock_ns(CLOCK_MONOTONIC);
+    atomic_init(&l->next_lease, 1);
+    if (!(l->ebr = sl_ebr_new()))
+        goto fail_ebr;
+    if (!(l->tenants = sl_dir_new(l->ebr, SL_MAX_TENANTS)))
+        goto fail_tenants;
+    if (!(l->policies = sl_dir_new(l->ebr, SL_MAX_POLICIES)))
+        goto fail_policies;
+    if (!(l->deflt_tenant = tenant_make(NULL, NULL, 0)))
+        goto fail_deflt;
+    if (!(l->overflow_tenant = sl_dir_intern(l->tenants, sl_table_hash(SL_OVERFLOW_TENANT, 9),
+                                             SL_OVERFLOW_TENANT, 9, tenant_make, NULL)))
+        goto fail_table;
+    sl_table_hooks hooks = {l, hook_full_at, hook_drop};
+    if (!(l->table = sl_table_new(o.shards, o.max_keys, &hooks)))
+        goto fail_table;
+    sl_rules *r = calloc(1, sizeof *r);
+    if (!r)
+        goto fail_rules;
+    if (sl_ebr_enter(l->ebr) != 0) {
+        free(r);
+        goto fail_rules;
+    }
+    rc = policy_intern(l, &def, &r->deflt);
+    sl_ebr_leave(l->ebr);
+    if (rc != SL_OK) {
+        free(r);
+        goto fail_rules;
+    }
+    atomic_init(&l->rules, r);
+    *out = l;
+    return SL_OK;
+
+fail_rules:
+    sl_table_free(l->table);
+fail_table:
+    free(l->deflt_tenant);
+fail_deflt:
+    sl_dir_free(l->policies, free);
+fail_policies:
+    sl_dir_free(l->tenants, free);
+fail_tenants:
+    sl_ebr_free(l->ebr);
+fail_ebr:
+    pthread_mutex_destroy(&l->cfg);
+fail_mutex:
+    for (size_t i = 0; i < REG_CHUNKS; i++)
+        free(l->reg[i]);
+    free(l);
+    return rc;
+}
+
+void sl_close(sl_limiter *l)
+{
+    if (!l)
+        return;
+    sl_table_free(l->table); /* hooks need the registry: free the table first */
+    sl_rules_free(atomic_load(&l->rules));
+    sl_ebr_free(l->ebr); /* frees retired rule sets and directory arrays */
+    sl_dir_free(l->policies, free);
+    sl_dir_free(l->tenants, free);
+    free(l->deflt_tenant);
+    for (size_t i = 0; i < REG_CHUNKS; i++)
+        free(l->reg[i]);
+    pthread_mutex_destroy(&l->cfg);
+    free(l);
+}
+
+/* ---- the decision path ------------------------------------------------------------------- */
+
+/* A request made ready for the table: validated, encoded, hashed. */
+typedef struct prep {
+    int err;
+    size_t len;
+    uint64_t hash;
+    char buf[SL_KEY_MAX];
+} prep;
+
+static int check_id(const char *s, size_t len)
+{
+    if (len > SL_MAX_ID_LEN)
+        return SL_EKEYLONG;
+    if (len && !s)
+        return SL_EINVAL;
+    return SL_OK;
+}
+
+static int key_check(const sl_key *k)
+{
+    int rc;
+    if (!k)
+        return SL_EINVAL;
+    if ((rc = check_id(k->tenant, k->tenant_len)) || (rc = check_id(k->action, k->action_len)) ||
+        (rc = check_id(k->client, k->client_len)))
+        return rc;
+    return k->client_len ? SL_OK : SL_EKEYEMPTY;
+}
+
+static void prepare(sl_limiter *l, const sl_key *k, prep *p)
+{
+    if ((p->err = key_check(k)) != SL_OK)
+        return;
+    p->len = sl_key_encode(p->buf, k->tenant, k->tenant_len, k->action, k->action_len,
+                           k->client, k->client_len);
+    p->hash = sl_table_hash(p->buf, p->len);
+    sl_table_prefetch(l->table, p->hash);
+}
+
+/* Resolve the policy for an encoded key (see sluice.h for the order). Inside EBR. */
+static const sl_cpolicy *resolve(const sl_rules *r, const prep *p, const sl_cpolicy *inl)
+{
+    const sl_ient *e;
+    size_t tl = (unsigned char)p->buf[0], al = (unsigned char)p->buf[1];
+    if (r->client && (e = sl_imap_get(r->client, p->hash, p->buf, p->len)))
+        return e->pol;
+    if (r->action) {
+        size_t n = 2 + tl + al; /* the key's prefix is the (tenant, action) encoding */
+        if ((e = sl_imap_get(r->action, sl_table_hash(p->buf, n), p->buf, n)))
+            return e->pol;
+    }
+    if (r->tenant || r->assign) {
+        char b[SL_KEY_MAX];
+        size_t n = sl_key_encode(b, p->buf + 2, tl, NULL, 0, NULL, 0);
+        if (r->tenant && (e = sl_imap_get(r->tenant, sl_table_hash(b, n), b, n)))
+            return e->pol;
+        if (r->assign) {
+            size_t cl = p->len - 2 - tl - al;
+            n = sl_key_encode(b, p->buf + 2, tl, NULL, 0, p->buf + 2 + tl + al, cl);
+            if ((e = sl_imap_get(r->assign, sl_table_hash(b, n), b, n))) {
+                const sl_ient *t = !r->tiers ? NULL : sl_imap_get(r->tiers, sl_table_hash(e->data + e->klen, e->vlen),
+                                               e->data + e->klen, e->vlen);
+                if (t)
+                    return t->pol;
+            }
+        }
+    }
+    return inl ? inl : r->deflt;
+}
+
+static void init_state(const sl_cpolicy *cp, char *st, int64_t now)
+{
+    for (uint32_t i = 0; i < cp->nlimits; i++)
+        sl_algo_init(&cp->lim[i], st + cp->offs[i], now);
+}
+
+/* Fill `nst` (cp->state_size bytes) with e's state as seen under `cp`: carried over when the
+ * key's old policy has the same shape (limits of the same algorithms), fresh otherwise. */
+static void state_for(sl_limiter *l, sl_entry *e, int created, const sl_cpolicy *cp,
+                      char *nst, int64_t now)
+{
+    const sl_cpolicy *old = created ? NULL : reg_get(l, e->policy);
+    int same = old && old->nlimits == cp->nlimits;
+    for (uint32_t i = 0; same && i < cp->nlimits; i++)
+        same = old->lim[i].algorithm == cp->lim[i].algorithm;
+    if (!same) {
+        init_state(cp, nst, now);
+        return;
+    }
+    const char *ost = entry_state(e);
+    for (uint32_t i = 0; i < cp->nlimits; i++)
+        sl_algo_carry(&old->lim[i], ost + old->offs[i], &cp->lim[i], nst + cp->offs[i], now);
+}
+
+/* Give entry `e` state for `cp`: fresh for a new key, carried over when its policy changed. */
+static int attach_policy_locked(sl_limiter *l, sl_entry *e, const sl_cpolicy *cp, int created,
+                                int64_t now)
+{
+    uint64_t inl[2];
+    char *nst = cp->heap ? malloc(cp->state_size) : (char *)inl;
+    if (!nst)
+        return SL_ENOMEM;
+    state_for(l, e, created, cp, nst, now);
+    if (e->flags & SL_ENTRY_HEAP)
+        free((void *)(uintptr_t)e->state[0]);
+    if (cp->heap) {
+        e->state[0] = (uint64_t)(uintptr_t)nst;
+        e->flags |= SL_ENTRY_HEAP;
+    } else {
+        memcpy(e->state, inl, sizeof inl);
+        e->flags &= (uint8_t)~SL_ENTRY_HEAP;
+    }
+    e->policy = cp->id;
+    return SL_OK;
+}
+
+/* Check every limit against one `now`; commit all (take) or none. Fills `d`. */
+static void decide_state(sl_limiter *l, const sl_cpolicy *cp, char *st, uint64_t cost,
+                         int64_t now, int take, sl_decision *d)
+{
+    sl_check chk[SL_MAX_LIMITS];
+    int ok = 1;
+    for (uint32_t i = 0; i < cp->nlimits; i++) {
+        sl_algo_check(&cp->lim[i], st + cp->offs[i], cost, now, &chk[i]);
+        ok &= chk[i].allowed;
+    }
+    uint64_t lease = 0;
+    if (take && ok && cost > 0) {
+        if (cp->has_lease)
+            lease = atomic_fetch_add_explicit(&l->next_lease, 1, memory_order_relaxed);
+        for (uint32_t i = 0; i < cp->nlimits; i++)
+            sl_algo_commit(&cp->lim[i], st + cp->offs[i], cost, now, &chk[i], lease);
+    } else if (take) {
+        for (uint32_t i = 0; i < cp->nlimits; i++)
+            sl_algo_touch(&cp->lim[i], st + cp->offs[i], now);
+    }
+    /* Report the most restrictive limit: when denied, the one that makes the caller wait
+     * longest; when allowed, the one with the fewest units left. */
+    uint32_t r = 0;
+    for (uint32_t i = 1; i < cp->nlimits; i++) {
+        const sl_check *a = &chk[i], *b = &chk[r];
+        int better = ok ? (a->remaining < b->remaining ||
+                           (a->remaining == b->remaining && a->reset_after > b->reset_after))
+                        : (!a->allowed && (b->allowed || a->retry_after > b->retry_after));
+        if (better)
+            r = i;
+    }
+    memset(d, 0, sizeof *d);
+    d->allowed = ok;
+    d->limit = cp->lim[r].limit;
+    d->remaining = chk[r].remaining;
+    d->reset_after = chk[r].reset_after;
+    d->retry_after = ok ? 0 : chk[r].retry_after;
+    d->tokens = chk[r].tokens;
+    d->limit_index = r;
+    d->algorithm = cp->lim[r].algorithm;
+    switch (cp->lim[r].algorithm) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET:
+    case SL_BURST_RESERVE:
+        d->window = cp->lim[r].tau;
+        break;
+    default:
+        d->window = cp->lim[r].window;
+    }
+    d->lease = lease;
+    for (uint32_t i = 0; i < cp->nlimits; i++) {
+        if (ok && chk[i].delay > d->delay)
+            d->delay = chk[i].delay;
+        if (cp->lim[i].algorithm == SL_BURST_RESERVE)
+            d->reserve = chk[i].reserve;
+    }
+}
+
+static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *inline_policy,
+                  int64_t now, int take, sl_decision *d)
+{
+    const sl_cpolicy *inl = NULL;
+    int rc;
+    if (inline_policy && (rc = policy_intern(l, inline_policy, &inl)) != SL_OK)
+        return rc;
+    const sl_rules *rules = atomic_load_explicit(&l->rules, memory_order_acquire);
+    const sl_cpolicy *cp = resolve(rules, p, inl);
+    if (cost > cp->max_cost)
+        return SL_ECOST;
+
+    sl_shard *s = sl_table_shard(l->table, p->hash);
+    sl_shard_lock(s);
+    sl_entry *e;
+    int created = 0;
+    if (take)
+        e = sl_shard_upsert_locked(s, p->hash, p->buf, p->len, now, &created);
+    else
+        e = sl_shard_find_locked(s, p->hash, p->buf, p->len);
+    if (take && !e) {
+        sl_shard_unlock(s);
+        return SL_ENOMEM;
+    }
+    if (!e || (!take && e->policy != cp->id)) {
+        /* A peek never changes the table: answer from a copy of what the key would hold
+         * (a new key's state, or its state carried over to the new policy). */
+        uint64_t tmp[2];
+        char *st = cp->heap ? malloc(cp->state_size) : (char *)tmp;
+        if (st) {
+            if (e)
+                state_for(l, e, 0, cp, st, now);
+            else
+                init_state(cp, st, now);
+        }
+        sl_shard_unlock(s);
+        if (!st)
+            return SL_ENOMEM;
+        decide_state(l, cp, st, cost, now, 0, d);
+        if (cp->heap)
+            free(st);
+        return SL_OK;
+    }
+    if (created || e->policy != cp->id) {
+        if ((rc = attach_policy_locked(l, e, cp, created, now)) != SL_OK) {
+            if (created)
+                sl_shard_remove_locked(s, e);
+            sl_shard_unlock(s);
+            return rc;
+        }
+    }
+    decide_state(l, cp, entry_state(e), cost, now, take, d);
+    sl_shard_unlock(s);
+
+    if (take) {
+        sl_tenant *t = tenant_of(l, p->buf + 2, (unsigned char)p->buf[0]);
+        stripe *st = &t->s[(p->hash >> 20) % STRIPES];
+        atomic_fetch_add_explicit(d->allowed ? &st->allowed : &st->denied, 1,
+                                  memory_order_relaxed);
+    }
+    return SL_OK;
+}
+
+static int resolve_now(sl_limiter *l, int64_t *now)
+{
+    if (*now == SL_NOW)
+        *now = sl_now(l);
+    return (*now < 0 || *now >= MAX_NOW) ? SL_EINVAL : SL_OK;
+}
+
+static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int take,
+               sl_decision *d)
+{
+    if (!l || !d)
+        return SL_EINVAL;
+    int rc = resolve_now(l, &now);
+    if (rc != SL_OK)
+        return rc;
+    prep p;
+    prepare(l, key, &p);
+    if (p.err != SL_OK)
+        return p.err;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    rc = decide(l, &p, cost, NULL, now, take && cost > 0, d);
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+int sl_take(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, sl_decision *d)
+{
+    return one(l, key, cost, now, 1, d);
+}
+
+int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d)
+{
+    return one(l, key, 1, now, 0, d);
+}
+
+#define BATCH_AHEAD 8 /* requests prepared (hashed, prefetched) ahead of the one decided */
+
+int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
+                  sl_decision *out)
+{
+    if (!l || (n && (!reqs || !out)))
+        return SL_EINVAL;
+    int rc = resolve_now(l, &now);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    prep ring[BATCH_AHEAD];
+    for (size_t i = 0; i < n && i < BATCH_AHEAD; i++)
+        prepare(l, &reqs[i].key, &ring[i]);
+    for (size_t i = 0; i < n; i++) {
+        prep *p = &ring[i % BATCH_AHEAD];
+        sl_decision *d = &out[i];
+        int err = p->err;
+        if (err == SL_OK)
+            err = decide(l, p, reqs[i].cost, reqs[i].inline_policy, now, reqs[i].cost > 0, d);
+        if (err != SL_OK)
+            memset(d, 0, sizeof *d);
+        d->err = err;
+        if (i + BATCH_AHEAD < n)
+            prepare(l, &reqs[i + BATCH_AHEAD].key, p);
+    }
+    sl_ebr_leave(l->ebr);
+    return SL_OK;
+}
+
+int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now)
+{
+    if (!l)
+        return SL_EINVAL;
+    int rc = resolve_now(l, &now);
+    if (rc != SL_OK)
+        return rc;
+    prep p;
+    prepare(l, key, &p);
+    if (p.err != SL_OK)
+        return p.err;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    rc = SL_ELEASE;
+    sl_shard *s = sl_table_shard(l->table, p.hash);
+    sl_shard_lock(s);
+    sl_entry *e = sl_shard_find_locked(s, p.hash, p.buf, p.len);
+    const sl_cpolicy *cp = e ? reg_get(l, e->policy) : NULL;
+    for (uint32_t i = 0; cp && i < cp->nlimits; i++)
+        if (cp->lim[i].algorithm == SL_CONCURRENCY &&
+            sl_algo_release(&cp->lim[i], (char *)entry_state(e) + cp->offs[i], lease, now) ==
+                SL_OK)
+            rc = SL_OK;
+    sl_shard_unlock(s);
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget)
+{
+    if (!l || resolve_now(l, &now) != SL_OK || sl_ebr_enter(l->ebr) != 0)
+        return 0;
+    size_t n = sl_table_sweep(l->table, now, budget);
+    sl_ebr_leave(l->ebr);
+    sl_ebr_collect(l->ebr);
+    return n;
+}
+
+/* ---- rules, tiers, default ---------------------------------------------------------------- */
+
+/* Encode the part of `k` a scope uses; SL_OK or the error for a bad key. */
+static int scope_key(sl_scope scope, const sl_key *k, char *buf, size_t *len)
+{
+    int rc;
+    if (!k)
+        return SL_EINVAL;
+    if ((rc = check_id(k->tenant, k->tenant_len)) != SL_OK)
+        return rc;
+    switch (scope) {
+    case SL_SCOPE_TENANT:
+        *len = sl_key_encode(buf, k->tenant, k->tenant_len, NULL, 0, NULL, 0);
+        return SL_OK;
+    case SL_SCOPE_ACTION:
+        if ((rc = check_id(k->action, k->action_len)) != SL_OK)
+            return rc;
+        *len = sl_key_encode(buf, k->tenant, k->tenant_len, k->action, k->action_len, NULL, 0);
+        return SL_OK;
+    case SL_SCOPE_CLIENT:
+        if ((rc = key_check(k)) != SL_OK)
+            return rc;
+        *len = sl_key_encode(buf, k->tenant, k->tenant_len, k->action, k->action_len, k->client,
+                             k->client_len);
+        return SL_OK;
+    }
+    return SL_ESCOPE;
+}
+
+static sl_imap **scope_map(sl_rules *r, sl_scope scope)
+{
+    return scope == SL_SCOPE_TENANT ? &r->tenant
+         : scope == SL_SCOPE_ACTION ? &r->action
+                                    : &r->client;
+}
+
+/* A copy of the current snapshot sharing every map; the caller holds l->cfg. */
+static sl_rules *rules_clone(sl_limiter *l)
+{
+    sl_rules *cur = atomic_load_explicit(&l->rules, memory_order_relaxed);
+    sl_rules *n = malloc(sizeof *n);
+    if (!n)
+        return NULL;
+    *n = *cur;
+    sl_imap_ref(n->client);
+    sl_imap_ref(n->action);
+    sl_imap_ref(n->tenant);
+    sl_imap_ref(n->assign);
+    sl_imap_ref(n->tiers);
+    return n;
+}
+
+/* Swap in `next` (holding l->cfg) and retire the previous snapshot. */
+static int rules_publish(sl_limiter *l, sl_rules *next)
+{
+    sl_rules *prev = atomic_exchange_explicit(&l->rules, next, memory_order_acq_rel);
+    sl_ebr_retire(l->ebr, prev, sl_rules_free);
+    return SL_OK;
+}
+
+/* Replace one map of the snapshot by a copy with (k -> pol, v) set or deleted. */
+static int rules_update(sl_limiter *l, int which, const char *k, size_t klen,
+                        const sl_cpolicy *pol, const char *v, size_t vlen, int del)
+{
+    sl_rules *n = rules_clone(l);
+    if (!n)
+        return SL_ENOMEM;
+    sl_imap **slot = which == 0   ? &n->tenant
+                   : which == 1   ? &n->action
+                   : which == 2   ? &n->client
+                   : which == 3   ? &n->assign
+                                  : &n->tiers;
+    sl_imap *m;
+    int found;
+    int rc = sl_imap_with(*slot, sl_table_hash(k, klen), k, klen, pol, v, vlen, del, &m, &found);
+    if (rc == SL_OK && del && !found)
+        rc = SL_ENOTFOUND;
+    if (rc != SL_OK) {
+        if (m)
+            sl_imap_unref(m);
+        sl_rules_free(n);
+        return rc;
+    }
+    sl_imap_unref(*slot);
+    *slot = m;
+    return rules_publish(l, n);
+}
+
+static int scope_index(sl_scope s) { return s == SL_SCOPE_TENANT ? 0 : s == SL_SCOPE_ACTION ? 1 : 2; }
+
+int sl_rule_set(sl_limiter *l, sl_scope scope, const sl_key *key, const sl_policy *p)
+{
+    char k[SL_KEY_MAX];
+    size_t klen;
+    const sl_cpolicy *cp;
+    if (!l || !p)
+        return SL_EINVAL;
+    int rc = scope_key(scope, key, k, &klen);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    if ((rc = policy_intern(l, p, &cp)) == SL_OK) {
+        pthread_mutex_lock(&l->cfg);
+        rc = rules_update(l, scope_index(scope), k, klen, cp, NULL, 0, 0);
+        pthread_mutex_unlock(&l->cfg);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+int sl_rule_get(sl_limiter *l, sl_scope scope, const sl_key *key, sl_policy *out)
+{
+    char k[SL_KEY_MAX];
+    size_t klen;
+    if (!l || !out)
+        return SL_EINVAL;
+    int rc = scope_key(scope, key, k, &klen);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    sl_imap *m = *scope_map(r, scope);
+    const sl_ient *e = m ? sl_imap_get(m, sl_table_hash(k, klen), k, klen) : NULL;
+    if (e)
+        *out = e->pol->src;
+    sl_ebr_leave(l->ebr);
+    return e ? SL_OK : SL_ENOTFOUND;
+}
+
+int sl_rule_del(sl_limiter *l, sl_scope scope, const sl_key *key)
+{
+    char k[SL_KEY_MAX];
+    size_t klen;
+    if (!l)
+        return SL_EINVAL;
+    int rc = scope_key(scope, key, k, &klen);
+    if (rc != SL_OK)
+        return rc;
+    pthread_mutex_lock(&l->cfg);
+    rc = rules_update(l, scope_index(scope), k, klen, NULL, NULL, 0, 1);
+    pthread_mutex_unlock(&l->cfg);
+    return rc;
+}
+
+int sl_rule_list(sl_limiter *l, sl_rule_fn fn, void *ctx)
+{
+    if (!l || !fn)
+        return SL_EINVAL;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    static const sl_scope scopes[] = {SL_SCOPE_TENANT, SL_SCOPE_ACTION, SL_SCOPE_CLIENT};
+    int rc = 0;
+    for (size_t s = 0; s < 3 && !rc; s++) {
+        sl_imap *m = *scope_map(r, scopes[s]);
+        for (size_t i = 0; m && i <= m->mask && !rc; i++) {
+            const sl_ient *e = m->s[i];
+            if (!e)
+                continue;
+            sl_key k;
+            sl_key_decode(e->data, e->klen, &k);
+            rc = fn(ctx, scopes[s], &k, &e->pol->src);
+        }
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+int sl_default_set(sl_limiter *l, const sl_policy *p)
+{
+    const sl_cpolicy *cp;
+    if (!l || !p)
+        return SL_EINVAL;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    int rc = policy_intern(l, p, &cp);
+    if (rc == SL_OK) {
+        pthread_mutex_lock(&l->cfg);
+        sl_rules *n = rules_clone(l);
+        if (n) {
+            n->deflt = cp;
+            rc = rules_publish(l, n);
+        } else {
+            rc = SL_ENOMEM;
+        }
+        pthread_mutex_unlock(&l->cfg);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+int sl_default_get(sl_limiter *l, sl_policy *out)
+{
+    if (!l || !out)
+        return SL_EINVAL;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    *out = atomic_load_explicit(&l->rules, memory_order_acquire)->deflt->src;
+    sl_ebr_leave(l->ebr);
+    return SL_OK;
+}
+
+static int tier_name(const char *name, size_t *len)
+{
+    if (!name || !*name)
+        return SL_EINVAL;
+    *len = strlen(name);
+    return *len > SL_MAX_ID_LEN ? SL_EKEYLONG : SL_OK;
+}
+
+int sl_tier_set(sl_limiter *l, const char *name, const sl_policy *p)
+{
+    size_t len;
+    const sl_cpolicy *cp;
+    if (!l || !p)
+        return SL_EINVAL;
+    int rc = tier_name(name, &len);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    if ((rc = policy_intern(l, p, &cp)) == SL_OK) {
+        pthread_mutex_lock(&l->cfg);
+        rc = rules_update(l, 4, name, len, cp, NULL, 0, 0);
+        pthread_mutex_unlock(&l->cfg);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+int sl_tier_get(sl_limiter *l, const char *name, sl_policy *out)
+{
+    size_t len;
+    if (!l || !out)
+        return SL_EINVAL;
+    int rc = tier_name(name, &len);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    const sl_ient *e = r->tiers ? sl_imap_get(r->tiers, sl_table_hash(name, len), name, len)
+                                : NULL;
+    if (e)
+        *out = e->pol->src;
+    sl_ebr_leave(l->ebr);
+    return e ? SL_OK : SL_ETIER;
+}
+
+int sl_tier_del(sl_limiter *l, const char *name)
+{
+    size_t len;
+    if (!l)
+        return SL_EINVAL;
+    int rc = tier_name(name, &len);
+    if (rc != SL_OK)
+        return rc;
+    pthread_mutex_lock(&l->cfg);
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_relaxed);
+    for (size_t i = 0; r->assign && i <= r->assign->mask; i++) {
+        const sl_ient *e = r->assign->s[i];
+        if (e && e->vlen == len && memcmp(e->data + e->klen, name, len) == 0) {
+            pthread_mutex_unlock(&l->cfg);
+            return SL_ETIERINUSE;
+        }
+    }
+    rc = rules_update(l, 4, name, len, NULL, NULL, 0, 1);
+    pthread_mutex_unlock(&l->cfg);
+    return rc == SL_ENOTFOUND ? SL_ETIER : rc;
+}
+
+int sl_tier_assign(sl_limiter *l, const sl_key *tc, const char *tier)
+{
+    char k[SL_KEY_MAX];
+    size_t len = 0;
+    int rc;
+    if (!l || !tc)
+        return SL_EINVAL;
+    if ((rc = check_id(tc->tenant, tc->tenant_len)) != SL_OK ||
+        (rc = check_id(tc->client, tc->client_len)) != SL_OK)
+        return rc;
+    if (!tc->client_len)
+        return SL_EKEYEMPTY;
+    if (tier && (rc = tier_name(tier, &len)) != SL_OK)
+        return rc;
+    size_t klen = sl_key_encode(k, tc->tenant, tc->tenant_len, NULL, 0, tc->client, tc->client_len);
+    pthread_mutex_lock(&l->cfg);
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_relaxed);
+    if (tier && !(r->tiers && sl_imap_get(r->tiers, sl_table_hash(tier, len), tier, len)))
+        rc = SL_ETIER;
+    else
+        rc = rules_update(l, 3, k, klen, NULL, tier, len, tier == NULL);
+    pthread_mutex_unlock(&l->cfg);
+    return (rc == SL_ENOTFOUND && !tier) ? SL_OK : rc;
+}
+
+int sl_tier_list(sl_limiter *l, sl_tier_fn fn, void *ctx)
+{
+    if (!l || !fn)
+        return SL_EINVAL;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    int rc = 0;
+    char name[SL_MAX_ID_LEN + 1];
+    for (size_t i = 0; r->tiers && i <= r->tiers->mask && !rc; i++) {
+        const sl_ient *e = r->tiers->s[i];
+        if (!e)
+            continue;
+        memcpy(name, e->data, e->klen);
+        name[e->klen] = '\0';
+        rc = fn(ctx, name, &e->pol->src);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+/* ---- counters ---------------------------------------------------------------------------- */
+
+static void tenant_sum(const sl_tenant *t, sl_stats *s)
+{
+    for (int i = 0; i < STRIPES; i++) {
+        s->allowed += atomic_load_explicit(&t->s[i].allowed, memory_order_relaxed);
+        s->denied += atomic_load_explicit(&t->s[i].denied, memory_order_relaxed);
+        s->evicted += atomic_load_explicit(&t->s[i].evicted, memory_order_relaxed);
+    }
+}
+
+static int sum_cb(void *ctx, const void *key, size_t len, void *val)
+{
+    (void)key, (void)len;
+    tenant_sum(val, ctx);
+    return 0;
+}
+
+int sl_stats_get(sl_limiter *l, const char *tenant, size_t tenant_len, sl_stats *out)
+{
+    if (!l || !out || (tenant_len && !tenant))
+        return SL_EINVAL;
+    memset(out, 0, sizeof *out);
+    if (!tenant) {
+        tenant_sum(l->deflt_tenant, out);
+        sl_dir_foreach(l->tenants, sum_cb, out);
+        out->keys = sl_table_count(l->table);
+        out->reclaimed = atomic_load(&l->reclaimed);
+        return SL_OK;
+    }
+    char b[SL_KEY_MAX];
+    if (tenant_len > SL_MAX_ID_LEN)
+        return SL_EKEYLONG;
+    size_t n = sl_key_encode(b, tenant, tenant_len, NULL, 0, NULL, 0) - 2;
+    if (n == 0) {
+        tenant_sum(l->deflt_tenant, out);
+        return SL_OK;
+    }
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    sl_tenant *t = sl_dir_get(l->tenants, sl_table_hash(b + 2, n), b + 2, n);
+    if (t)
+        tenant_sum(t, out);
+    sl_ebr_leave(l->ebr);
+    return t ? SL_OK : SL_ENOTFOUND;
+}
+
+typedef struct list_ctx {
+    sl_tenant_fn fn;
+    void *ctx;
+} list_ctx;
+
+static int list_cb(void *ctx, const void *key, size_t len, void *val)
+{
+    list_ctx *c = ctx;
+    sl_stats s;
+    memset(&s, 0, sizeof s);
+    tenant_sum(val, &s);
+    return c->fn(c->ctx, key, len, &s);
+}
+
+int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx)
+{
+    if (!l || !fn)
+        return SL_EINVAL;
+    sl_stats s;
+    memset(&s, 0, sizeof s);
+    tenant_sum(l->deflt_tenant, &s);
+    int rc = fn(ctx, "default", 7, &s);
+    if (rc)
+        return rc;
+    list_ctx c = {fn, ctx};
+    return sl_dir_foreach(l->tenants, list_cb, &c);
+}

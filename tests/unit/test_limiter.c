@@ -1,0 +1,553 @@
+/* test_limiter.c — the public API end to end: errors, resolution order, rules, tiers,
+ * carry-over on policy change, stacked limits, leases, counters, eviction, reclaim, batch. */
+#include <math.h>
+#include <stdarg.h>
+#include <setjmp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "sluice.h"
+
+#define S SL_SECOND
+#define T0 (1000 * S) /* an arbitrary start time */
+
+static sl_limiter *open_default(size_t max_keys)
+{
+    sl_limiter *l = NULL;
+    sl_options o;
+    sl_options_init(&o);
+    o.max_keys = max_keys;
+    assert_int_equal(sl_open(&l, &o), SL_OK);
+    return l;
+}
+
+static sl_decision take(sl_limiter *l, const char *t, const char *a, const char *c,
+                        uint64_t cost, int64_t now)
+{
+    sl_key k = SL_KEY(t, a, c);
+    sl_decision d;
+    assert_int_equal(sl_take(l, &k, cost, now, &d), SL_OK);
+    return d;
+}
+
+static void test_version_and_errors(void **st)
+{
+    (void)st;
+    assert_int_equal(sl_version(), SLUICE_VERSION_HEX);
+    assert_string_equal(sl_version_string(), "0.1.0");
+    assert_non_null(strstr(sl_strerror(SL_ECOST), "cost"));
+    assert_string_equal(sl_strerror(SL_OK), "success");
+    assert_string_equal(sl_strerror(12345), "unknown error");
+    assert_string_equal(sl_err_name(SL_EKEYLONG), "SL_EKEYLONG");
+    /* every code has its own message */
+    for (int a = SL_ETOOMANY; a <= SL_EINVAL; a++)
+        for (int b = a + 1; b <= SL_EINVAL; b++)
+            assert_string_not_equal(sl_strerror(a), sl_strerror(b));
+}
+
+static void test_global_default_token_bucket(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    for (int i = 0; i < 5; i++) {
+        sl_decision d = take(l, "t", "a", "c", 1, T0);
+        assert_true(d.allowed);
+        assert_int_equal(d.limit, 5);
+        assert_int_equal(d.remaining, (uint64_t)(4 - i));
+        assert_int_equal(d.retry_after, 0);
+        assert_int_equal(d.reset_after, (int64_t)(i + 1) * S);
+    }
+    sl_decision d = take(l, "t", "a", "c", 1, T0);
+    assert_false(d.allowed);
+    assert_int_equal(d.remaining, 0);
+    assert_int_equal(d.retry_after, S);
+    assert_int_equal(d.reset_after, 5 * S);
+    d = take(l, "t", "a", "c", 1, T0 + S - 1); /* one ns short of the next token */
+    assert_false(d.allowed);
+    assert_int_equal(d.retry_after, 1);
+    d = take(l, "t", "a", "c", 1, T0 + S);
+    assert_true(d.allowed);
+    sl_policy p;
+    assert_int_equal(sl_default_get(l, &p), SL_OK);
+    assert_int_equal(p.nlimits, 1);
+    assert_int_equal(p.limits[0].algorithm, SL_TOKEN_BUCKET);
+    assert_true(p.limits[0].limit == 5 && p.limits[0].rate == 1.0);
+    sl_close(l);
+}
+
+static void test_invalid_inputs_change_nothing(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_decision d;
+    char big[300];
+    memset(big, 'x', sizeof big);
+    sl_key k = SL_KEY("t", "a", "c");
+    assert_int_equal(sl_take(NULL, &k, 1, T0, &d), SL_EINVAL);
+    assert_int_equal(sl_take(l, NULL, 1, T0, &d), SL_EINVAL);
+    assert_int_equal(sl_take(l, &k, 1, T0, NULL), SL_EINVAL);
+    assert_int_equal(sl_take(l, &k, 1, -5, &d), SL_EINVAL);
+    sl_key e = SL_KEY("t", "a", "");
+    assert_int_equal(sl_take(l, &e, 1, T0, &d), SL_EKEYEMPTY);
+    sl_key lc = {"t", 1, "a", 1, big, 256};
+    assert_int_equal(sl_take(l, &lc, 1, T0, &d), SL_EKEYLONG);
+    lc.client_len = 255; /* the longest allowed id */
+    assert_int_equal(sl_take(l, &lc, 1, T0, &d), SL_OK);
+    sl_key lt = {big, 256, "a", 1, "c", 1};
+    assert_int_equal(sl_take(l, &lt, 1, T0, &d), SL_EKEYLONG);
+    sl_key la = {"t", 1, big, 256, "c", 1};
+    assert_int_equal(sl_take(l, &la, 1, T0, &d), SL_EKEYLONG);
+    /* cost above capacity is an error, not a denial, and consumes nothing */
+    assert_int_equal(sl_take(l, &k, 6, T0, &d), SL_ECOST);
+    d = take(l, "t", "a", "c", 5, T0);
+    assert_true(d.allowed);
+
+    sl_policy bad[] = {
+        SL_POLICY_TOKEN_BUCKET(0, 1.0),      SL_POLICY_TOKEN_BUCKET(-1, 1.0),
+        SL_POLICY_TOKEN_BUCKET(NAN, 1.0),    SL_POLICY_TOKEN_BUCKET(INFINITY, 1.0),
+        SL_POLICY_TOKEN_BUCKET(2.5, 1.0),    SL_POLICY_TOKEN_BUCKET(5, 0),
+        SL_POLICY_TOKEN_BUCKET(5, -1),       SL_POLICY_TOKEN_BUCKET(5, NAN),
+        SL_POLICY_TOKEN_BUCKET(5, INFINITY), SL_POLICY_WINDOW(SL_FIXED_WINDOW, 5, 0),
+        SL_POLICY_WINDOW(SL_SLIDING_WINDOW, 5, NAN),
+        SL_POLICY_WINDOW(SL_SLIDING_LOG, 5, INFINITY),
+    };
+    int want[] = {SL_ECAPACITY, SL_ECAPACITY, SL_ECAPACITY, SL_ECAPACITY, SL_ECAPACITY,
+                  SL_ERATE,     SL_ERATE,     SL_ERATE,     SL_ERATE,     SL_EWINDOW,
+                  SL_EWINDOW,   SL_EWINDOW};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(sl_policy_validate(&bad[i]), want[i]);
+        assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &bad[i]), want[i]);
+        assert_int_equal(sl_default_set(l, &bad[i]), want[i]);
+        assert_int_equal(sl_tier_set(l, "gold", &bad[i]), want[i]);
+    }
+    sl_policy unk = SL_POLICY_TOKEN_BUCKET(5, 1);
+    unk.limits[0].algorithm = (sl_algorithm)99;
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &unk), SL_EALGORITHM);
+    sl_policy none = {0, {{0}}};
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &none), SL_ELIMITS);
+    none.nlimits = 5;
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &none), SL_ELIMITS);
+    sl_policy good = SL_POLICY_TOKEN_BUCKET(10, 1);
+    assert_int_equal(sl_rule_set(l, (sl_scope)9, &k, &good), SL_ESCOPE);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &e, &good), SL_EKEYEMPTY);
+    assert_int_equal(sl_tier_assign(l, &k, "nope"), SL_ETIER);
+    assert_int_equal(sl_tier_get(l, "nope", &good), SL_ETIER);
+    assert_int_equal(sl_tier_del(l, "nope"), SL_ETIER);
+    assert_int_equal(sl_rule_del(l, SL_SCOPE_ACTION, &k), SL_ENOTFOUND);
+
+    /* nothing above changed the configuration */
+    sl_policy got;
+    assert_int_equal(sl_rule_get(l, SL_SCOPE_ACTION, &k, &got), SL_ENOTFOUND);
+    assert_int_equal(sl_default_get(l, &got), SL_OK);
+    assert_true(got.limits[0].limit == 5);
+    sl_close(l);
+}
+
+static void test_resolution_order(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_policy p1 = SL_POLICY_TOKEN_BUCKET(1, 1), p2 = SL_POLICY_TOKEN_BUCKET(2, 1),
+              p3 = SL_POLICY_TOKEN_BUCKET(3, 1), p4 = SL_POLICY_TOKEN_BUCKET(4, 1),
+              p7 = SL_POLICY_TOKEN_BUCKET(7, 1), p9 = SL_POLICY_TOKEN_BUCKET(9, 1);
+    sl_key k = SL_KEY("acme", "login", "alice");
+    assert_int_equal(sl_default_set(l, &p1), SL_OK);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_TENANT, &k, &p2), SL_OK);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p3), SL_OK);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &p4), SL_OK);
+    assert_int_equal(sl_tier_set(l, "gold", &p7), SL_OK);
+    sl_key tc = SL_KEY("other", NULL, "bob");
+    assert_int_equal(sl_tier_assign(l, &tc, "gold"), SL_OK);
+    sl_key tc2 = SL_KEY("acme", NULL, "bob");
+    assert_int_equal(sl_tier_assign(l, &tc2, "gold"), SL_OK);
+
+    assert_int_equal(take(l, "acme", "login", "alice", 1, T0).limit, 4);  /* client override */
+    assert_int_equal(take(l, "acme", "login", "carol", 1, T0).limit, 3);  /* tenant+action */
+    assert_int_equal(take(l, "acme", "search", "alice", 1, T0).limit, 2); /* tenant default */
+    assert_int_equal(take(l, "acme", "search", "bob", 1, T0).limit, 2);   /* beats the tier */
+    assert_int_equal(take(l, "other", "x", "bob", 1, T0).limit, 7);       /* tier */
+    assert_int_equal(take(l, "other", "x", "carol", 1, T0).limit, 1);     /* global */
+
+    /* inline limits: used only when nothing above matches */
+    sl_request r[2] = {{SL_KEY("other", "x", "dave"), 1, &p9}, {SL_KEY("acme", "y", "dave"), 1, &p9}};
+    sl_decision d[2];
+    assert_int_equal(sl_take_batch(l, r, 2, T0, d), SL_OK);
+    assert_int_equal(d[0].err, SL_OK);
+    assert_int_equal(d[0].limit, 9);
+    assert_int_equal(d[1].limit, 2);
+
+    /* the tier cannot go while assigned; deleting rules falls through to the next level */
+    assert_int_equal(sl_tier_del(l, "gold"), SL_ETIERINUSE);
+    assert_int_equal(sl_rule_del(l, SL_SCOPE_CLIENT, &k), SL_OK);
+    assert_int_equal(take(l, "acme", "login", "alice", 1, T0).limit, 3);
+    assert_int_equal(sl_rule_del(l, SL_SCOPE_ACTION, &k), SL_OK);
+    assert_int_equal(take(l, "acme", "login", "alice", 1, T0).limit, 2);
+    assert_int_equal(sl_rule_del(l, SL_SCOPE_TENANT, &k), SL_OK);
+    assert_int_equal(take(l, "acme", "login", "bob", 1, T0).limit, 7);
+    assert_int_equal(sl_tier_assign(l, &tc, NULL), SL_OK);
+    assert_int_equal(sl_tier_assign(l, &tc2, NULL), SL_OK);
+    assert_int_equal(sl_tier_del(l, "gold"), SL_OK);
+    assert_int_equal(take(l, "acme", "login", "bob", 1, T0).limit, 1);
+    sl_close(l);
+}
+
+static int count_rules(void *ctx, sl_scope scope, const sl_key *k, const sl_policy *p)
+{
+    int *n = ctx;
+    (void)scope, (void)k;
+    assert_int_equal(p->nlimits, 1);
+    (*n)++;
+    return 0;
+}
+
+static int count_tiers(void *ctx, const char *name, const sl_policy *p)
+{
+    (void)p;
+    assert_true(strcmp(name, "gold") == 0 || strcmp(name, "free") == 0);
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static void test_rule_get_list_and_default_names(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_policy p = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 10, 60), got;
+    sl_key k = SL_KEY("default", "default", "c");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p), SL_OK);
+    sl_key k2 = SL_KEY("", "", "c"); /* "default" and "" name the same tenant and action */
+    assert_int_equal(sl_rule_get(l, SL_SCOPE_ACTION, &k2, &got), SL_OK);
+    assert_int_equal(got.limits[0].algorithm, SL_FIXED_WINDOW);
+    assert_true(got.limits[0].limit == 10 && got.limits[0].window == 60);
+    assert_int_equal(take(l, NULL, NULL, "c", 1, T0).limit, 10);
+    take(l, "default", "default", "c", 9, T0);
+    assert_false(take(l, "", "", "c", 1, T0).allowed); /* one key, two spellings */
+
+    sl_key k3 = SL_KEY("t", "a", "z");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k3, &p), SL_OK);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_TENANT, &k3, &p), SL_OK);
+    int n = 0;
+    assert_int_equal(sl_rule_list(l, count_rules, &n), SL_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(sl_tier_set(l, "gold", &p), SL_OK);
+    assert_int_equal(sl_tier_set(l, "free", &p), SL_OK);
+    assert_int_equal(sl_tier_set(l, "free", &p), SL_OK); /* replace, not add */
+    n = 0;
+    assert_int_equal(sl_tier_list(l, count_tiers, &n), SL_OK);
+    assert_int_equal(n, 2);
+    sl_close(l);
+}
+
+static void test_policy_change_keeps_tokens(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_policy p10 = SL_POLICY_TOKEN_BUCKET(10, 1), p20 = SL_POLICY_TOKEN_BUCKET(20, 1),
+              p3 = SL_POLICY_TOKEN_BUCKET(3, 1);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p10), SL_OK);
+    assert_int_equal(take(l, "t", "a", "c", 4, T0).remaining, 6);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p20), SL_OK);
+    sl_decision d;
+    assert_int_equal(sl_peek(l, &k, T0, &d), SL_OK); /* peek sees the carried state ... */
+    assert_int_equal(d.remaining, 5);
+    d = take(l, "t", "a", "c", 1, T0); /* ... and so does the take: 6 kept, not 20 */
+    assert_int_equal(d.limit, 20);
+    assert_int_equal(d.remaining, 5);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p3), SL_OK);
+    d = take(l, "t", "a", "c", 1, T0); /* 5 clamped to 3 */
+    assert_int_equal(d.remaining, 2);
+    /* a full key stays full */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p10), SL_OK);
+    take(l, "t", "a", "fresh", 1, T0);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p20), SL_OK);
+    assert_int_equal(take(l, "t", "a", "fresh", 1, T0 + 10 * S).remaining, 19);
+    /* another algorithm: the key starts anew */
+    sl_policy w = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 4, 10);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &w), SL_OK);
+    assert_int_equal(take(l, "t", "a", "c", 1, T0).remaining, 3);
+    sl_close(l);
+}
+
+static void test_stacked_limits_all_or_nothing(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_policy p = {2,
+                   {{SL_FIXED_WINDOW, 3, 0, 1.0, 0},
+                    {SL_TOKEN_BUCKET, 10, 0.001, 0, 0}}};
+    assert_int_equal(sl_default_set(l, &p), SL_OK);
+    int64_t t = 100 * S; /* a window boundary */
+    int admitted = 0;
+    for (int sec = 0; sec < 6; sec++) {
+        for (int i = 0; i < 8; i++) {
+            sl_decision d = take(l, "t", "a", "c", 1, t + sec * S);
+            admitted += d.allowed;
+            if (!d.allowed && sec < 3) {
+                assert_int_equal(d.limit_index, 0); /* the window denies */
+                assert_int_equal(d.retry_after, S);
+            }
+            if (!d.allowed && sec >= 4) {
+                assert_int_equal(d.limit_index, 1); /* the bucket is empty */
+                assert_true(d.retry_after > 900 * S);
+            }
+        }
+    }
+    /* 10 = the bucket's capacity: the window's denials consumed nothing from the bucket */
+    assert_int_equal(admitted, 10);
+    sl_close(l);
+}
+
+static void test_concurrency_leases(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_policy p = SL_POLICY_WINDOW(SL_CONCURRENCY, 2, 10);
+    assert_int_equal(sl_default_set(l, &p), SL_OK);
+    sl_decision a = take(l, "t", "a", "c", 1, T0), b = take(l, "t", "a", "c", 1, T0);
+    assert_true(a.allowed && b.allowed);
+    assert_true(a.lease && b.lease && a.lease != b.lease);
+    assert_false(take(l, "t", "a", "c", 1, T0).allowed);
+    sl_key k = SL_KEY("t", "a", "c");
+    assert_int_equal(sl_release(l, &k, a.lease, T0), SL_OK);
+    assert_int_equal(sl_release(l, &k, a.lease, T0), SL_ELEASE);
+    assert_int_equal(sl_release(l, &k, 999999, T0), SL_ELEASE);
+    sl_key other = SL_KEY("t", "a", "nobody");
+    assert_int_equal(sl_release(l, &other, b.lease, T0), SL_ELEASE);
+    assert_true(take(l, "t", "a", "c", 1, T0).allowed);
+    assert_false(take(l, "t", "a", "c", 1, T0).allowed);
+    assert_true(take(l, "t", "a", "c", 1, T0 + 10 * S).allowed); /* expiry frees */
+    sl_close(l);
+}
+
+static void test_peek_and_cost_zero_create_nothing(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_decision d;
+    sl_stats s;
+    assert_int_equal(sl_peek(l, &k, T0, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 4); /* what a take of 1 would leave */
+    assert_int_equal(sl_take(l, &k, 0, T0, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 5);
+    assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+    assert_int_equal(s.keys, 0);
+    assert_int_equal(s.allowed + s.denied, 0);
+    take(l, "t", "a", "c", 5, T0);
+    assert_int_equal(sl_peek(l, &k, T0, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.retry_after, S);
+    assert_int_equal(sl_peek(l, &k, T0, &d), SL_OK); /* peeking again changes nothing */
+    assert_int_equal(d.retry_after, S);
+    sl_close(l);
+}
+
+typedef struct seen {
+    int n, found_acme;
+} seen;
+
+static int list_tenants(void *ctx, const char *t, size_t len, const sl_stats *s)
+{
+    seen *x = ctx;
+    x->n++;
+    if (len == 4 && memcmp(t, "acme", 4) == 0) {
+        x->found_acme = 1;
+        assert_int_equal(s->allowed, 5);
+        assert_int_equal(s->denied, 2);
+    }
+    return 0;
+}
+
+static void test_counters(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    for (int i = 0; i < 7; i++)
+        take(l, "acme", "a", "c", 1, T0);
+    take(l, NULL, "a", "c", 1, T0);
+    sl_stats s;
+    assert_int_equal(sl_stats_get(l, "acme", 4, &s), SL_OK);
+    assert_int_equal(s.allowed, 5);
+    assert_int_equal(s.denied, 2);
+    assert_int_equal(sl_stats_get(l, "default", 7, &s), SL_OK);
+    assert_int_equal(s.allowed, 1);
+    assert_int_equal(sl_stats_get(l, "never", 5, &s), SL_ENOTFOUND);
+    assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+    assert_int_equal(s.allowed, 6);
+    assert_int_equal(s.denied, 2);
+    assert_int_equal(s.keys, 2);
+    seen x = {0, 0};
+    assert_int_equal(sl_stats_list(l, list_tenants, &x), SL_OK);
+    assert_true(x.found_acme);
+    assert_true(x.n >= 2);
+    sl_close(l);
+}
+
+static void test_max_keys_evicts_and_counts(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(10);
+    char c[32];
+    for (int i = 0; i < 100; i++) {
+        snprintf(c, sizeof c, "client-%d", i);
+        assert_true(take(l, "acme", "a", c, 1, T0).allowed);
+        sl_stats s;
+        assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+        assert_true(s.keys <= 10);
+    }
+    sl_stats s;
+    assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+    assert_int_equal(s.evicted + s.keys, 100);
+    assert_true(s.evicted >= 90);
+    assert_int_equal(sl_stats_get(l, "acme", 4, &s), SL_OK);
+    assert_true(s.evicted >= 90);
+    sl_close(l);
+}
+
+static void test_idle_full_keys_reclaimed(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    char c[32];
+    for (int i = 0; i < 100; i++) {
+        snprintf(c, sizeof c, "client-%d", i);
+        take(l, "t", "a", c, 1, T0);
+    }
+    assert_int_equal(sl_sweep(l, T0 + S / 2, 1000), 0); /* not full yet: kept */
+    assert_int_equal(sl_sweep(l, T0 + S, 1000), 100);   /* full again: nothing to lose */
+    sl_stats s;
+    assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+    assert_int_equal(s.keys, 0);
+    assert_int_equal(s.reclaimed, 100);
+    assert_int_equal(take(l, "t", "a", "client-3", 1, T0 + S).remaining, 4);
+    sl_close(l);
+}
+
+static void test_batch_matches_single_calls(void **st)
+{
+    (void)st;
+    sl_limiter *a = open_default(0), *b = open_default(0);
+    enum { N = 500 };
+    static sl_request r[N];
+    static sl_decision d[N];
+    static char names[N][16];
+    uint32_t x = 12345;
+    for (int i = 0; i < N; i++) {
+        x = x * 1103515245u + 12345u;
+        snprintf(names[i], sizeof names[i], "c%u", (x >> 16) % 37);
+        r[i].key = SL_KEY("t", "a", names[i]);
+        r[i].cost = (x >> 8) % 4;
+        if (i % 97 == 5)
+            r[i].key.client_len = 0; /* an invalid one in the middle */
+        if (i % 89 == 7)
+            r[i].cost = 6;
+    }
+    assert_int_equal(sl_take_batch(a, r, N, T0, d), SL_OK);
+    for (int i = 0; i < N; i++) {
+        sl_decision e;
+        int rc = sl_take(b, &r[i].key, r[i].cost, T0, &e);
+        assert_int_equal(d[i].err, rc);
+        if (rc == SL_OK) {
+            assert_int_equal(d[i].allowed, e.allowed);
+            assert_int_equal(d[i].remaining, e.remaining);
+            assert_int_equal(d[i].retry_after, e.retry_after);
+        }
+    }
+    assert_int_equal(sl_take_batch(a, NULL, 0, T0, NULL), SL_OK);
+    assert_int_equal(sl_take_batch(a, NULL, 1, T0, d), SL_EINVAL);
+    sl_close(a);
+    sl_close(b);
+}
+
+static int64_t fake_now;
+static int64_t fake_clock(void *ctx)
+{
+    (void)ctx;
+    return fake_now;
+}
+
+static void test_clock_injection_and_backwards_time(void **st)
+{
+    (void)st;
+    sl_limiter *l = NULL;
+    sl_options o;
+    sl_options_init(&o);
+    o.clock = fake_clock;
+    fake_now = T0;
+    assert_int_equal(sl_open(&l, &o), SL_OK);
+    assert_int_equal(sl_now(l), T0);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_decision d;
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    fake_now = T0 - 100 * S; /* the clock jumps back: no refill, no drain */
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.retry_after, S);
+    fake_now = T0 + S;
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed);
+    sl_close(l);
+
+    /* the internal clock is wall time, roughly */
+    assert_int_equal(sl_open(&l, NULL), SL_OK);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t wall = (int64_t)ts.tv_sec * S + ts.tv_nsec;
+    assert_true(llabs(sl_now(l) - wall) < S);
+    sl_close(l);
+}
+
+static void test_open_options(void **st)
+{
+    (void)st;
+    sl_limiter *l = NULL;
+    sl_options o;
+    sl_options_init(&o);
+    o.shards = 3;
+    assert_int_equal(sl_open(&l, &o), SL_EINVAL);
+    assert_null(l);
+    sl_policy bad = SL_POLICY_TOKEN_BUCKET(0, 1);
+    o.shards = 0;
+    o.default_policy = &bad;
+    assert_int_equal(sl_open(&l, &o), SL_ECAPACITY);
+    sl_policy good = SL_POLICY_WINDOW(SL_SLIDING_WINDOW, 3, 1);
+    o.default_policy = &good;
+    o.shards = 1;
+    assert_int_equal(sl_open(&l, &o), SL_OK);
+    assert_int_equal(take(l, "t", "a", "c", 1, T0).limit, 3);
+    sl_close(l);
+    assert_int_equal(sl_open(NULL, NULL), SL_EINVAL);
+    sl_close(NULL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_version_and_errors),
+        cmocka_unit_test(test_global_default_token_bucket),
+        cmocka_unit_test(test_invalid_inputs_change_nothing),
+        cmocka_unit_test(test_resolution_order),
+        cmocka_unit_test(test_rule_get_list_and_default_names),
+        cmocka_unit_test(test_policy_change_keeps_tokens),
+        cmocka_unit_test(test_stacked_limits_all_or_nothing),
+        cmocka_unit_test(test_concurrency_leases),
+        cmocka_unit_test(test_peek_and_cost_zero_create_nothing),
+        cmocka_unit_test(test_counters),
+        cmocka_unit_test(test_max_keys_evicts_and_counts),
+        cmocka_unit_test(test_idle_full_keys_reclaimed),
+        cmocka_unit_test(test_batch_matches_single_calls),
+        cmocka_unit_test(test_clock_injection_and_backwards_time),
+        cmocka_unit_test(test_open_options),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
