@@ -888,8 +888,20 @@ void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc,
     sl_algo_init(nc, nstate, n); /* the full state; below only non-full keys are adjusted */
 
     switch (oc->algorithm) {
-    case SL_TOKEN_BUCKET:
     case SL_LEAKY_BUCKET: {
+        /* Shaping: requests already admitted keep their departure times, so the queue keeps
+         * its drain time; new requests queue behind it (a shallower queue denies until it
+         * has drained enough). Keeping the free room instead would let new requests leave
+         * before queued ones and exceed the leak rate for a moment. */
+        gcra_st o;
+        memcpy(&o, ostate, sizeof o);
+        if (o.tat > n) {
+            gcra_st s = {o.tat, n};
+            memcpy(nstate, &s, sizeof s);
+        }
+        break;
+    }
+    case SL_TOKEN_BUCKET: {
         gcra_st o;
         memcpy(&o, ostate, sizeof o);
         int64_t backlog = o.tat > n ? o.tat - n : 0;

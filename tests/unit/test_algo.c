@@ -868,13 +868,22 @@ static void test_carry_token_bucket(void **st)
     assert_memory_equal(n.st, o.st, 16);
     key_free(&n);
     key_free(&o);
-    /* leaky: free room kept, clamped */
+    /* leaky: the queue keeps its drain time, so queued requests keep their departures and
+     * new ones leave after them */
     tkey l = key_new(lim(SL_LEAKY_BUCKET, 10, 10, 0, 0), 0);
     TAKE(l, 4, 0, 1, 6, 400 * MS, 0);
     n = carried(&l, lim(SL_LEAKY_BUCKET, 8, 10, 0, 0), 0);
     ck = take(&n, 1, 0);
-    EXPECT(ck, 1, 5, 300 * MS, 0);
-    assert_int_equal(ck.delay, 200 * MS);
+    EXPECT(ck, 1, 3, 500 * MS, 0);
+    assert_int_equal(ck.delay, 400 * MS);
+    key_free(&n);
+    /* a faster leak with a shallower queue (400 ms deep): full until it drains 50 ms */
+    n = carried(&l, lim(SL_LEAKY_BUCKET, 8, 20, 0, 0), 0);
+    ck = take(&n, 1, 0);
+    EXPECT(ck, 0, 0, 400 * MS, 50 * MS);
+    ck = take(&n, 1, 50 * MS);
+    EXPECT(ck, 1, 0, 400 * MS, 0);
+    assert_int_equal(ck.delay, 350 * MS);
     key_free(&n);
     key_free(&l);
 }
