@@ -25,7 +25,7 @@ typedef struct run {
     char names[MAXKEYS][16];
     _Atomic uint64_t admitted[MAXKEYS];
     _Atomic uint64_t denied;
-    _Atomic int go;
+    pthread_barrier_t go;
     int64_t deadline;
     _Atomic int stop_rules;
 } run;
@@ -40,8 +40,7 @@ static void *worker(void *p)
     worker_arg *a = p;
     run *r = a->r;
     uint32_t x = a->seed;
-    while (!atomic_load(&r->go))
-        ;
+    pthread_barrier_wait(&r->go);
     for (;;) {
         if (sl_now(r->l) >= r->deadline)
             break;
@@ -68,6 +67,7 @@ static double hammer(run *r, int nthreads, int nkeys, double secs)
     pthread_t th[256];
     worker_arg args[256];
     r->nkeys = nkeys;
+    pthread_barrier_init(&r->go, NULL, (unsigned)nthreads + 1);
     for (int i = 0; i < nkeys; i++)
         snprintf(r->names[i], sizeof r->names[i], "k%d", i);
     for (int i = 0; i < nthreads; i++) {
@@ -77,9 +77,10 @@ static double hammer(run *r, int nthreads, int nkeys, double secs)
     }
     int64_t start = sl_now(r->l);
     r->deadline = start + (int64_t)(secs * 1e9);
-    atomic_store(&r->go, 1);
+    pthread_barrier_wait(&r->go);
     for (int i = 0; i < nthreads; i++)
         pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&r->go);
     return (double)(sl_now(r->l) - start) / 1e9;
 }
 
