@@ -11,7 +11,10 @@
  * share of max_keys, evicts with the CLOCK approximation of least-recently-used.
  *
  * Functions named *_locked require the shard lock. Entry pointers are valid only while it
- * is held.
+ * is held, and only until the next upsert or remove on that shard (either may move entries).
+ *
+ * Every `hash` argument must be sl_table_hash(key, len): the table re-hashes stored keys when
+ * it resizes its index or removes an entry.
  */
 #ifndef SL_MEMORY_H
 #define SL_MEMORY_H
@@ -54,8 +57,10 @@ typedef struct sl_table_hooks {
 typedef struct sl_table sl_table;
 typedef struct sl_shard sl_shard;
 
-/* shards: power of two (0 = 256). max_keys 0 = unbounded. With max_keys the shard count is
- * lowered so that each shard's share is at least 1; the total never exceeds max_keys.
+/* shards: power of two, at most 65536 (0 = 256). max_keys 0 = unbounded. With max_keys the
+ * shard count is lowered so that each shard's share is at least 1; the shares add up to
+ * max_keys exactly (floor(max_keys / shards), one more for the first max_keys % shards), so
+ * the total never exceeds max_keys.
  * `hooks` is copied. NULL on out of memory or bad arguments. */
 sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *hooks);
 /* Calls hooks.drop(e, 2) for every entry, frees everything. */
@@ -69,9 +74,11 @@ void sl_shard_unlock(sl_shard *s);
 
 /* Find a key; sets the CLOCK bit. NULL when absent. */
 sl_entry *sl_shard_find_locked(sl_shard *s, uint64_t hash, const void *key, size_t len);
-/* Find or insert. A new entry is zeroed except for its key (policy 0, flags 0) and
- * *created = 1. Inserting may reclaim or evict other entries first (through the hooks).
- * NULL only when memory runs out (nothing changed). */
+/* Find or insert. An existing entry gets its CLOCK bit set and *created = 0. A new entry is
+ * zeroed except for its key (policy 0, flags 0 apart from SL_ENTRY_LONGKEY) and
+ * *created = 1. Inserting may reclaim or evict other entries first (through the hooks); a
+ * shard also never holds more than 2^24 - 1 entries, and at that size it evicts as if at
+ * max_keys. NULL only when memory runs out or len > UINT32_MAX (nothing changed). */
 sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, size_t len,
                                  int64_t now, int *created);
 /* Remove an entry found under the same lock hold (does not call hooks.drop). */
@@ -101,7 +108,21 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget);
 int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
 
 size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
-size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds */
+size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds (locks each shard) */
 size_t sl_table_capacity(sl_table *t);    /* the enforced bound (0 = unbounded) */
+
+/* ---- test hooks ---- */
+
+/* Replace the hash the table uses when it re-hashes stored keys (index resize, removal).
+ * Callers must then pass hashes from the same function. Set before the first insert. Lets
+ * tests force tag, home-slot and full 64-bit collisions. */
+void sl_table_set_hash_fn(sl_table *t, uint64_t (*fn)(const void *key, size_t len));
+/* Verify every invariant of every shard (index load and reachability, tags, shard choice,
+ * entry numbering, chunk and key-byte accounting). 0 when all hold, else a code > 0 naming
+ * the first broken one. Locks each shard in turn; leaves CLOCK bits as they were. */
+int sl_table_check(sl_table *t);
+/* Process-wide allocation failure injection for this module: after `n` more successful
+ * allocations every allocation fails; n < 0 turns it off (the default). */
+void sl_table_fail_allocs_after(long n);
 
 #endif

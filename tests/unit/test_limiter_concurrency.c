@@ -121,10 +121,14 @@ static void free_run(run *r)
 static void test_200_threads_100_keys(void **st)
 {
     (void)st;
-    sl_policy p = SL_POLICY_TOKEN_BUCKET(100, 200); /* 0.5 s of burst buffer per key */
+    /* 200 threads on 2 cores: a thread preempted while it holds a shard lock can keep that
+     * key's shard unavailable for a few hundred ms (every other thread is runnable ahead of
+     * it). A bucket 2 s deep absorbs such stalls, so a shortfall can only come from the
+     * limiter losing refill, which is what the lower bound is after. */
+    sl_policy p = SL_POLICY_TOKEN_BUCKET(400, 200);
     run *r = new_run(&p);
     double el = hammer(r, 200, 100, 2.0);
-    check_bounds(r, 100, 200, 2.0, el);
+    check_bounds(r, 400, 200, 2.0, el);
     free_run(r);
 }
 
