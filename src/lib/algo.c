@@ -765,10 +765,14 @@ void sl_algo_touch(const sl_climit *c, void *state, int64_t now)
 void sl_algo_commit(const sl_climit *c, void *state, uint64_t cost, int64_t now,
                     const sl_check *chk, uint64_t lease)
 {
-    (void)chk; /* recomputed: the decision is a pure function of (state, cost, now) */
+    /* `chk` is the check of this very state, cost and now (same lock hold); without one,
+     * check again, so that nothing is ever consumed on a denial. */
     sl_check k;
-    sl_algo_check(c, state, cost, now, &k);
-    if (!k.allowed) {
+    if (!chk) {
+        sl_algo_check(c, state, cost, now, &k);
+        chk = &k;
+    }
+    if (!chk->allowed) {
         sl_algo_touch(c, state, now);
         return;
     }
@@ -803,7 +807,7 @@ void sl_algo_commit(const sl_climit *c, void *state, uint64_t cost, int64_t now,
     case SL_BURST_RESERVE: {
         br_st s;
         memcpy(&s, state, sizeof s);
-        br_commit(c, &s, cost, now, k.via_reserve);
+        br_commit(c, &s, cost, now, chk->via_reserve);
         memcpy(state, &s, sizeof s);
         break;
     }

@@ -53,8 +53,10 @@ void sl_algo_init(const sl_climit *c, void *state, int64_t now);
 void sl_algo_check(const sl_climit *c, const void *state, uint64_t cost, int64_t now,
                    sl_check *out);
 
-/* Consume `cost` at `now` after every limit of the policy allowed it (the same `now` and the
- * `chk` that sl_algo_check produced). For concurrency, `lease` is the id to record. */
+/* Consume `cost` at `now` after every limit of the policy allowed it. `chk` is what
+ * sl_algo_check produced for this state, cost and `now` (nothing changed in between), or NULL
+ * to have it checked again; nothing is consumed when it was not allowed. For concurrency,
+ * `lease` is the id to record. */
 void sl_algo_commit(const sl_climit *c, void *state, uint64_t cost, int64_t now,
                     const sl_check *chk, uint64_t lease);
 

@@ -52,7 +52,10 @@ struct sl_limiter {
     int64_t anchor; /* wall - monotonic at open */
     _Atomic uint64_t next_lease;
     _Atomic uint64_t reclaimed, evicted;
+    uint64_t serial; /* unique per limiter in this process: keys the per-thread caches */
 };
+
+static _Atomic uint64_t g_serial = 1;
 
 /* ---- clock ------------------------------------------------------------------------------- */
 
@@ -142,16 +145,36 @@ static void *tenant_make(void *ctx, const void *key, size_t len)
     return t;
 }
 
+/* The last tenant this thread counted for, per limiter serial: most threads serve few
+ * tenants, and this skips a hash and a directory probe per decision. */
+#define TCACHE_NAME 48
+static _Thread_local struct {
+    uint64_t serial;
+    size_t len;
+    sl_tenant *t;
+    char name[TCACHE_NAME];
+} t_tenant;
+
 /* The counters of tenant (encoded: "" = default). Never NULL once the limiter is open. */
 static sl_tenant *tenant_of(sl_limiter *l, const char *name, size_t len)
 {
     if (len == 0)
         return l->deflt_tenant;
+    if (t_tenant.serial == l->serial && t_tenant.len == len && memcmp(t_tenant.name, name, len) == 0)
+        return t_tenant.t;
     uint64_t h = sl_table_hash(name, len);
     sl_tenant *t = sl_dir_get(l->tenants, h, name, len);
     if (!t)
         t = sl_dir_intern(l->tenants, h, name, len, tenant_make, NULL);
-    return t ? t : l->overflow_tenant;
+    if (!t)
+        return l->overflow_tenant;
+    if (len <= TCACHE_NAME) {
+        t_tenant.serial = l->serial;
+        t_tenant.len = len;
+        t_tenant.t = t;
+        memcpy(t_tenant.name, name, len);
+    }
+    return t;
 }
 
 /* ---- table hooks --------------------------------------------------------------------------- */
@@ -230,6 +253,7 @@ int sl_open(sl_limiter **out, const sl_options *opts)
     l->clock_ctx = o.clock_ctx;
     l->anchor = clock_ns(CLOCK_REALTIME) - clock_ns(CLOCK_MONOTONIC);
     atomic_init(&l->next_lease, 1);
+    l->serial = atomic_fetch_add(&g_serial, 1);
     if (!(l->ebr = sl_ebr_new()))
         goto fail_ebr;
     if (!(l->tenants = sl_dir_new(l->ebr, SL_MAX_TENANTS)))
@@ -326,14 +350,13 @@ static int key_check(const sl_key *k)
     return k->client_len ? SL_OK : SL_EKEYEMPTY;
 }
 
-static void prepare(sl_limiter *l, const sl_key *k, prep *p)
+static void prepare(const sl_key *k, prep *p)
 {
     if ((p->err = key_check(k)) != SL_OK)
         return;
     p->len = sl_key_encode(p->buf, k->tenant, k->tenant_len, k->action, k->action_len,
                            k->client, k->client_len);
     p->hash = sl_table_hash(p->buf, p->len);
-    sl_table_prefetch(l->table, p->hash);
 }
 
 /* Resolve the policy for an encoded key (see sluice.h for the order). Inside EBR. */
@@ -550,7 +573,7 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     if (rc != SL_OK)
         return rc;
     prep p;
-    prepare(l, key, &p);
+    prepare(key, &p);
     if (p.err != SL_OK)
         return p.err;
     if (sl_ebr_enter(l->ebr) != 0)
@@ -572,6 +595,13 @@ int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d)
 
 #define BATCH_AHEAD 8 /* requests prepared (hashed, prefetched) ahead of the one decided */
 
+static void prepare_ahead(sl_limiter *l, const sl_key *k, prep *p)
+{
+    prepare(k, p);
+    if (p->err == SL_OK)
+        sl_table_prefetch(l->table, p->hash);
+}
+
 int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
                   sl_decision *out)
 {
@@ -584,7 +614,7 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
         return SL_ENOMEM;
     prep ring[BATCH_AHEAD];
     for (size_t i = 0; i < n && i < BATCH_AHEAD; i++)
-        prepare(l, &reqs[i].key, &ring[i]);
+        prepare_ahead(l, &reqs[i].key, &ring[i]);
     for (size_t i = 0; i < n; i++) {
         prep *p = &ring[i % BATCH_AHEAD];
         sl_decision *d = &out[i];
@@ -595,7 +625,7 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
             memset(d, 0, sizeof *d);
         d->err = err;
         if (i + BATCH_AHEAD < n)
-            prepare(l, &reqs[i + BATCH_AHEAD].key, p);
+            prepare_ahead(l, &reqs[i + BATCH_AHEAD].key, p);
     }
     sl_ebr_leave(l->ebr);
     return SL_OK;
@@ -609,7 +639,7 @@ int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now)
     if (rc != SL_OK)
         return rc;
     prep p;
-    prepare(l, key, &p);
+    prepare(key, &p);
     if (p.err != SL_OK)
         return p.err;
     if (sl_ebr_enter(l->ebr) != 0)
