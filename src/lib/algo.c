@@ -9,7 +9,9 @@
  *  - check/commit use integer arithmetic only (128-bit where a product can exceed 64 bits);
  *    doubles only fill the `tokens` / `reserve` outputs.
  *  - Rates become `interval` = ceil(1e9 / rate) ns per unit, computed exactly from the binary
- *    value of the double, so rounding can only deny, never over-admit.
+ *    value of the double, so rounding can only deny, never over-admit -- except that a
+ *    quotient within 2^-50 (relative) above a whole number of ns is taken as that number:
+ *    1/60 per second is 60 s per unit, not 60 s + 1 ns.
  *  - State is plain data in a caller-provided, 8-byte-aligned block. Fixed-size states are
  *    loaded and stored with memcpy (the block may be declared as uint64_t[]; memcpy keeps us
  *    clear of strict-aliasing trouble and compiles to plain loads/stores).
@@ -105,6 +107,12 @@ static int rate_interval(double rate, int64_t *out)
     uint64_t m = split_double(rate, &sh); /* rate = m / 2^sh, 23 <= sh <= 78 */
     u128 num = (u128)1000000000u << sh;    /* < 2^108 */
     u128 n = (num + m - 1) / m;
+    /* A rate such as count/period = 1/60 is not exactly representable; its double may fall
+     * a hair below the intended value, making 1e9/rate a hair above a whole number of ns
+     * (60000000000.000004). Within 2^-50 relative -- far below the double's own precision
+     * of the caller's intent -- take the whole number, not the next one. */
+    if (n > 1 && num - (n - 1) * m <= (num >> 50))
+        n--;
     if (n > (u128)MAX_SPAN_NS)
         return SL_ERATE;
     *out = (int64_t)n;

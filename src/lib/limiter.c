@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "algo.h"
+#include "bytes.h"
 #include "dir.h"
 #include "ebr.h"
 #include "memory.h"
@@ -25,7 +26,7 @@
 #define SL_MAX_POLICIES (1u << 20) /* distinct policies over a limiter's life */
 #define REG_CHUNK 4096
 #define REG_CHUNKS (SL_MAX_POLICIES / REG_CHUNK)
-#define STRIPES 8                 /* counter stripes per tenant (spread contention) */
+#define STRIPES 8                 /* counter stripes per tenant: threads take turns */
 #define MAX_NOW (INT64_C(1) << 62)
 
 typedef struct stripe {
@@ -155,12 +156,24 @@ static _Thread_local struct {
     char name[TCACHE_NAME];
 } t_tenant;
 
+/* The counter stripe this thread adds to. By thread, not by key: two threads on one hot key
+ * then do not bounce a counter line between them on every decision. */
+static _Atomic unsigned g_next_stripe;
+static _Thread_local unsigned t_stripe; /* stripe + 1; 0 = not picked yet */
+
+static inline unsigned my_stripe(void)
+{
+    if (!t_stripe)
+        t_stripe = atomic_fetch_add_explicit(&g_next_stripe, 1, memory_order_relaxed) % STRIPES + 1;
+    return t_stripe - 1;
+}
+
 /* The counters of tenant (encoded: "" = default). Never NULL once the limiter is open. */
 static sl_tenant *tenant_of(sl_limiter *l, const char *name, size_t len)
 {
     if (len == 0)
         return l->deflt_tenant;
-    if (t_tenant.serial == l->serial && t_tenant.len == len && memcmp(t_tenant.name, name, len) == 0)
+    if (t_tenant.serial == l->serial && t_tenant.len == len && sl_equal(t_tenant.name, name, len))
         return t_tenant.t;
     uint64_t h = sl_table_hash(name, len);
     sl_tenant *t = sl_dir_get(l->tenants, h, name, len);
@@ -217,6 +230,12 @@ static void hook_drop(void *ctx, sl_entry *e, int why)
     }
 }
 
+static void hook_retire(void *ctx, void *p, void (*fn)(void *))
+{
+    sl_limiter *l = ctx;
+    sl_ebr_retire(l->ebr, p, fn);
+}
+
 /* ---- open / close ------------------------------------------------------------------------ */
 
 void sl_options_init(sl_options *o)
@@ -265,7 +284,8 @@ int sl_open(sl_limiter **out, const sl_options *opts)
     if (!(l->overflow_tenant = sl_dir_intern(l->tenants, sl_table_hash(SL_OVERFLOW_TENANT, 9),
                                              SL_OVERFLOW_TENANT, 9, tenant_make, NULL)))
         goto fail_table;
-    sl_table_hooks hooks = {l, hook_full_at, hook_drop};
+    sl_table_hooks hooks = {.ctx = l, .full_at = hook_full_at, .drop = hook_drop,
+                            .retire = hook_retire};
     if (!(l->table = sl_table_new(o.shards, o.max_keys, &hooks)))
         goto fail_table;
     sl_rules *r = calloc(1, sizeof *r);
@@ -436,20 +456,62 @@ static int attach_policy_locked(sl_limiter *l, sl_entry *e, const sl_cpolicy *cp
     return SL_OK;
 }
 
+/* Fill `d` from limit r's check (delay and reserve are left to the caller). */
+static inline void report(const sl_climit *lim, uint32_t r, const sl_check *c, int ok,
+                          uint64_t lease, sl_decision *d)
+{
+    d->err = SL_OK;
+    d->allowed = ok;
+    d->limit = lim->limit;
+    d->remaining = c->remaining;
+    d->reset_after = c->reset_after;
+    d->retry_after = ok ? 0 : c->retry_after;
+    d->delay = 0;
+    d->tokens = c->tokens;
+    d->reserve = 0;
+    d->lease = lease;
+    d->limit_index = r;
+    d->algorithm = lim->algorithm;
+    d->window = (lim->algorithm == SL_TOKEN_BUCKET || lim->algorithm == SL_LEAKY_BUCKET ||
+                 lim->algorithm == SL_BURST_RESERVE)
+                    ? lim->tau
+                    : lim->window;
+}
+
+static uint64_t new_lease(sl_limiter *l, const sl_cpolicy *cp)
+{
+    return cp->has_lease ? atomic_fetch_add_explicit(&l->next_lease, 1, memory_order_relaxed) : 0;
+}
+
 /* Check every limit against one `now`; commit all (take) or none. Fills `d`. */
 static void decide_state(sl_limiter *l, const sl_cpolicy *cp, char *st, uint64_t cost,
                          int64_t now, int take, sl_decision *d)
 {
     sl_check chk[SL_MAX_LIMITS];
+    uint64_t lease = 0;
+    if (cp->nlimits == 1) { /* the common case, without the loops */
+        const sl_climit *lim = &cp->lim[0];
+        sl_algo_check(lim, st, cost, now, &chk[0]);
+        int ok = chk[0].allowed;
+        if (take && ok && cost > 0) {
+            lease = new_lease(l, cp);
+            sl_algo_commit(lim, st, cost, now, &chk[0], lease);
+        } else if (take) {
+            sl_algo_touch(lim, st, now);
+        }
+        report(lim, 0, &chk[0], ok, lease, d);
+        d->delay = ok && chk[0].delay > 0 ? chk[0].delay : 0;
+        if (lim->algorithm == SL_BURST_RESERVE)
+            d->reserve = chk[0].reserve;
+        return;
+    }
     int ok = 1;
     for (uint32_t i = 0; i < cp->nlimits; i++) {
         sl_algo_check(&cp->lim[i], st + cp->offs[i], cost, now, &chk[i]);
         ok &= chk[i].allowed;
     }
-    uint64_t lease = 0;
     if (take && ok && cost > 0) {
-        if (cp->has_lease)
-            lease = atomic_fetch_add_explicit(&l->next_lease, 1, memory_order_relaxed);
+        lease = new_lease(l, cp);
         for (uint32_t i = 0; i < cp->nlimits; i++)
             sl_algo_commit(&cp->lim[i], st + cp->offs[i], cost, now, &chk[i], lease);
     } else if (take) {
@@ -467,25 +529,7 @@ static void decide_state(sl_limiter *l, const sl_cpolicy *cp, char *st, uint64_t
         if (better)
             r = i;
     }
-    memset(d, 0, sizeof *d);
-    d->allowed = ok;
-    d->limit = cp->lim[r].limit;
-    d->remaining = chk[r].remaining;
-    d->reset_after = chk[r].reset_after;
-    d->retry_after = ok ? 0 : chk[r].retry_after;
-    d->tokens = chk[r].tokens;
-    d->limit_index = r;
-    d->algorithm = cp->lim[r].algorithm;
-    switch (cp->lim[r].algorithm) {
-    case SL_TOKEN_BUCKET:
-    case SL_LEAKY_BUCKET:
-    case SL_BURST_RESERVE:
-        d->window = cp->lim[r].tau;
-        break;
-    default:
-        d->window = cp->lim[r].window;
-    }
-    d->lease = lease;
+    report(&cp->lim[r], r, &chk[r], ok, lease, d);
     for (uint32_t i = 0; i < cp->nlimits; i++) {
         if (ok && chk[i].delay > d->delay)
             d->delay = chk[i].delay;
@@ -550,7 +594,7 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
 
     if (take) {
         sl_tenant *t = tenant_of(l, p->buf + 2, (unsigned char)p->buf[0]);
-        stripe *st = &t->s[(p->hash >> 20) % STRIPES];
+        stripe *st = &t->s[my_stripe()];
         atomic_fetch_add_explicit(d->allowed ? &st->allowed : &st->denied, 1,
                                   memory_order_relaxed);
     }
@@ -576,6 +620,7 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     prepare(key, &p);
     if (p.err != SL_OK)
         return p.err;
+    sl_table_prefetch(l->table, p.hash); /* overlaps the slot's miss with resolving */
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     rc = decide(l, &p, cost, NULL, now, take && cost > 0, d);
@@ -593,7 +638,9 @@ int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d)
     return one(l, key, 1, now, 0, d);
 }
 
-#define BATCH_AHEAD 8 /* requests prepared (hashed, prefetched) ahead of the one decided */
+#define BATCH_AHEAD 8       /* requests prepared (hashed, slot prefetched) ahead */
+#define BATCH_ENTRY_AHEAD 4 /* requests whose entry is prefetched ahead (their slot has had
+                               BATCH_AHEAD - BATCH_ENTRY_AHEAD decisions' time to arrive) */
 
 static void prepare_ahead(sl_limiter *l, const sl_key *k, prep *p)
 {
@@ -618,6 +665,11 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
     for (size_t i = 0; i < n; i++) {
         prep *p = &ring[i % BATCH_AHEAD];
         sl_decision *d = &out[i];
+        if (i + BATCH_ENTRY_AHEAD < n) {
+            const prep *q = &ring[(i + BATCH_ENTRY_AHEAD) % BATCH_AHEAD];
+            if (q->err == SL_OK)
+                sl_table_prefetch_entry(l->table, q->hash);
+        }
         int err = p->err;
         if (err == SL_OK)
             err = decide(l, p, reqs[i].cost, reqs[i].inline_policy, now, reqs[i].cost > 0, d);

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bytes.h"
+
 int sl_policy_compile(const sl_policy *in, sl_policy *norm, sl_cpolicy *out)
 {
     if (!in)
@@ -186,12 +188,9 @@ size_t sl_key_encode(char *buf, const char *t, size_t tl, const char *a, size_t 
     al = al ? norm_default(a, al) : 0;
     buf[0] = (char)(unsigned char)tl;
     buf[1] = (char)(unsigned char)al;
-    if (tl)
-        memcpy(buf + 2, t, tl);
-    if (al)
-        memcpy(buf + 2 + tl, a, al);
-    if (cl)
-        memcpy(buf + 2 + tl + al, c, cl);
+    sl_copy(buf + 2, t, tl);
+    sl_copy(buf + 2 + tl, a, al);
+    sl_copy(buf + 2 + tl + al, c, cl);
     return 2 + tl + al + cl;
 }
 

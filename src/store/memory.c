@@ -3,22 +3,40 @@
  *
  * Layout of one shard:
  *
- *   index   uint32 slots[mask + 1]: 0 = empty, else tag << 24 | (entry number + 1), where the
- *           tag is hash bits 32..39 (the shard takes the top bits, the slot the low bits, so
- *           the tag is independent of both). Linear probing, load <= 7/8, backward-shift
- *           deletion: there are no tombstones, so a miss stops at the first empty slot.
- *   entries chunks of SL_CHUNK_ENTRIES sl_entry, numbered densely 0..count-1. Removal moves
- *           the last entry into the hole (its slot is found again by re-hashing its key), so
- *           growth never copies entries and a shard holds at most one spare chunk.
+ *   index   sl_index: its mask, then uint32 slots[mask + 1]: 0 = empty, else
+ *           tag << 24 | (entry number + 1), where the tag is hash bits 32..39 (the shard takes
+ *           the top bits, the slot the low bits, so the tag is independent of both). Linear
+ *           probing, load <= 7/8, backward-shift deletion: there are no tombstones, so a miss
+ *           stops at the first empty slot.
+ *   entries chunks of SL_CHUNK_ENTRIES sl_entry, numbered densely 0..count-1, reached through
+ *           an sl_chunkvec (its capacity, then the chunk pointers; NULL beyond nchunks).
+ *           Removal moves the last entry into the hole (its slot is found again by
+ *           re-hashing its key), so growth never copies entries and a shard holds at most one
+ *           spare chunk.
  *
  * Nothing is allocated except when a new key is inserted (and, rarely, when a shard's index
  * shrinks after mass removal). All memory an insert may need is obtained before anything
  * changes, so an allocation failure leaves the table exactly as it was.
  *
- * The index pointer and mask are C11 atomics only so that sl_table_prefetch may read them
- * without the lock (it computes an address and never dereferences it); every other field
- * is plain and protected by the shard lock, except `count`, which sl_table_count sums
- * without locks.
+ * Lockless readers. sl_table_prefetch reads the index pointer and s->mask (relaxed atomics)
+ * and only forms an address. sl_table_prefetch_entry goes further: it loads the index
+ * pointer (acquire), the mask from that allocation's header, slots of the home cache line,
+ * the chunk-vector pointer (acquire), its capacity from its header and one chunk pointer,
+ * and prefetches the entry (never dereferencing it). So that this is safe and data-race
+ * free:
+ *   - a reader bounds every read by the header of the array it loaded, never by shard
+ *     fields that may belong to another array;
+ *   - index and chunk vectors are filled before they are published with a release store,
+ *     and never resized in place (no realloc: alloc, copy, publish, retire);
+ *   - every store to a slot of a published index or an element of a published chunk
+ *     vector is a relaxed atomic store (a plain mov on x86); the locked paths keep plain
+ *     loads, since every writer holds the lock too;
+ *   - replaced indexes and chunk vectors and freed chunks go to hooks.retire, which frees
+ *     them once no reader can still hold them (EBR in the limiter); a freed chunk's vector
+ *     element is set to NULL first. A sweep retires the chunks it frees in one shard as one
+ *     list (sl_grave), so that mass reclaim costs one retire per shard, not per chunk.
+ * Every other field is plain and protected by the shard lock, except `count`, which
+ * sl_table_count sums without locks.
  */
 #include "memory.h"
 
@@ -29,6 +47,8 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bytes.h"
 
 /* XXH3 compiled into this file (same function as libxxhash's XXH3_64bits): short keys hash
  * without a call through the PLT. */
@@ -53,16 +73,28 @@
 
 _Static_assert(sizeof(sl_entry) == 48, "sl_entry must stay 48 bytes");
 
+/* One allocation: the mask in front of the slots, so that a lockless reader bounds its probe
+ * by the mask of the very array it loaded. Never resized; replaced whole and retired. */
+typedef struct sl_index {
+    uint32_t mask;   /* slots - 1; set before publication, never changed */
+    uint32_t slot[]; /* 0 = empty, else tag << 24 | (entry number + 1) */
+} sl_index;
+
+/* Likewise the chunk-pointer array with its capacity in front. */
+typedef struct sl_chunkvec {
+    uint32_t cap;       /* elements; set before publication, never changed */
+    sl_entry *chunk[];  /* nchunks in use, NULL beyond */
+} sl_chunkvec;
+
 struct sl_shard {
     alignas(64) atomic_uint lock;
-    _Atomic uint32_t mask;    /* index slots - 1 */
-    _Atomic(uint32_t *) idx;  /* index slots */
-    sl_entry **chunks;        /* chunk_cap pointers, nchunks in use */
+    _Atomic uint32_t mask;        /* idx->mask, for the locked paths and sl_table_prefetch */
+    _Atomic(sl_index *) idx;
+    _Atomic(sl_chunkvec *) cv;    /* NULL until the first chunk */
     sl_table *t;
-    _Atomic uint32_t count;   /* entries 0..count-1 are live */
+    _Atomic uint32_t count;       /* entries 0..count-1 are live */
     uint32_t nchunks;
-    uint32_t chunk_cap;
-    uint32_t share;           /* most entries this shard may hold */
+    uint32_t share;               /* most entries this shard may hold */
     uint32_t hand;            /* CLOCK hand (entry number) */
     uint32_t sweep;           /* reclaim cursor (entry number) */
     size_t keybytes;          /* bytes of heap key copies */
@@ -109,10 +141,47 @@ static void *t_calloc(size_t n, size_t size)
     return alloc_denied() ? NULL : calloc(n, size);
 }
 
-static void *t_realloc(void *p, size_t n)
+/* Free memory a lockless reader may still be looking at (an index, a chunk vector or a
+ * chunk that is no longer reachable for new readers): through hooks.retire when set. */
+static void retire_with(const sl_table *t, void *p, void (*fn)(void *))
 {
-    return alloc_denied() ? NULL : realloc(p, n);
+    if (t->hooks.retire)
+        t->hooks.retire(t->hooks.ctx, p, fn);
+    else
+        fn(p);
 }
+
+static void retire(const sl_table *t, void *p)
+{
+    retire_with(t, p, free);
+}
+
+/* Chunks freed by a sweep, linked through their first word (no reader ever reads chunk
+ * memory, only prefetches it) and retired as one block: a sweep may free thousands of chunks
+ * while its caller is itself inside a read section, and retiring each on its own would make
+ * every retire walk an ever longer list of blocks that cannot be freed yet. */
+typedef struct sl_grave {
+    void *head;
+} sl_grave;
+
+static void free_chunk_list(void *p)
+{
+    while (p) {
+        void *next = *(void **)p;
+        free(p);
+        p = next;
+    }
+}
+
+static void grave_flush(const sl_table *t, sl_grave *g)
+{
+    if (g->head)
+        retire_with(t, g->head, free_chunk_list);
+    g->head = NULL;
+}
+
+/* A store into a published index or chunk vector: a lockless reader may load it. */
+#define SL_STORE_SHARED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 
 /* ---- lock ---- */
 
@@ -167,15 +236,31 @@ static inline void set_count(sl_shard *s, uint32_t n)
     atomic_store_explicit(&s->count, n, memory_order_relaxed);
 }
 
+/* Locked paths: the lock orders them after every writer, so relaxed loads (plain movs)
+ * suffice, and the mask comes from the shard line rather than the index header. */
 static inline uint32_t *index_of(const sl_shard *s, uint32_t *mask)
 {
     *mask = atomic_load_explicit(&s->mask, memory_order_relaxed);
-    return atomic_load_explicit(&s->idx, memory_order_relaxed);
+    return atomic_load_explicit(&s->idx, memory_order_relaxed)->slot;
+}
+
+static inline sl_chunkvec *chunks_of(const sl_shard *s)
+{
+    return atomic_load_explicit(&s->cv, memory_order_relaxed);
 }
 
 static inline sl_entry *entry_at(const sl_shard *s, uint32_t n)
 {
-    return &s->chunks[n >> SL_CHUNK_SHIFT][n & SL_CHUNK_MASK];
+    return &chunks_of(s)->chunk[n >> SL_CHUNK_SHIFT][n & SL_CHUNK_MASK];
+}
+
+/* A zeroed index of cap slots (a power of two), or NULL. */
+static sl_index *index_new(uint32_t cap)
+{
+    sl_index *ix = t_calloc(1, sizeof(sl_index) + (size_t)cap * sizeof(uint32_t));
+    if (ix)
+        ix->mask = cap - 1;
+    return ix;
 }
 
 static inline uint64_t rehash(const sl_table *t, const sl_entry *e)
@@ -188,8 +273,7 @@ static inline uint64_t rehash(const sl_table *t, const sl_entry *e)
 static inline bool key_equal(const sl_entry *e, const void *key, size_t len)
 {
     if (len <= SL_ENTRY_INLINE_KEY)
-        return !(e->flags & SL_ENTRY_LONGKEY) && e->klen == len &&
-               (len == 0 || memcmp(e->key.inl, key, len) == 0);
+        return !(e->flags & SL_ENTRY_LONGKEY) && e->klen == len && sl_equal(e->key.inl, key, len);
     return (e->flags & SL_ENTRY_LONGKEY) && e->key.ext.len == len &&
            memcmp(e->key.ext.ptr, key, len) == 0;
 }
@@ -213,21 +297,22 @@ static inline uint32_t first_empty(const uint32_t *idx, uint32_t mask, uint64_t 
     return p;
 }
 
-/* Fill a fresh zeroed index of newmask + 1 slots from the entries and publish it. */
-static void index_fill_locked(sl_shard *s, uint32_t *ni, uint32_t newmask)
+/* Fill a fresh zeroed index from the entries, publish it, retire the old one. The new index
+ * is private until the release store, so it is filled with plain stores. */
+static void index_fill_locked(sl_shard *s, sl_index *ni)
 {
-    uint32_t n = count_of(s);
+    uint32_t n = count_of(s), newmask = ni->mask;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t h = rehash(s->t, entry_at(s, i));
-        ni[first_empty(ni, newmask, h)] = SL_SLOT(SL_TAG(h), i);
+        ni->slot[first_empty(ni->slot, newmask, h)] = SL_SLOT(SL_TAG(h), i);
     }
-    uint32_t mask;
-    uint32_t *old = index_of(s, &mask);
+    sl_index *old = atomic_load_explicit(&s->idx, memory_order_relaxed);
     /* sl_table_prefetch may pair the old pointer with the new mask (or the reverse): it only
-     * forms an address for a prefetch, which cannot fault. */
-    atomic_store_explicit(&s->idx, ni, memory_order_relaxed);
+     * forms an address for a prefetch, which cannot fault. sl_table_prefetch_entry takes the
+     * mask from the index it loaded. */
+    atomic_store_explicit(&s->idx, ni, memory_order_release);
     atomic_store_explicit(&s->mask, newmask, memory_order_relaxed);
-    free(old);
+    retire(s->t, old);
 }
 
 /* After mass removal: halve the index (or more) once its load falls below 1/8, so that a
@@ -242,9 +327,9 @@ static void index_shrink_locked(sl_shard *s)
     uint32_t ncap = SL_MIN_SLOTS;
     while (ncap < 2 * n)
         ncap *= 2;
-    uint32_t *ni = t_calloc(ncap, sizeof *ni);
+    sl_index *ni = index_new(ncap);
     if (ni)
-        index_fill_locked(s, ni, ncap - 1);
+        index_fill_locked(s, ni);
 }
 
 /* Backward-shift deletion: empty slot `hole`, then pull later members of its probe run back
@@ -264,17 +349,18 @@ static void index_delete_locked(sl_shard *s, uint32_t *idx, uint32_t mask, uint3
         uint32_t home = (uint32_t)rehash(s->t, entry_at(s, SL_SLOT_ENTRY(v))) & mask;
         /* The key at j may move to i when i lies on its probe path home..j. */
         if (((j - home) & mask) >= ((j - i) & mask)) {
-            idx[i] = v;
+            SL_STORE_SHARED(&idx[i], v);
             i = j;
         }
     }
-    idx[i] = 0;
+    SL_STORE_SHARED(&idx[i], 0);
 }
 
 /* Remove entry n whose index slot is p: free its key copy, delete the slot, move the last
  * entry into the hole. A trailing chunk is freed when a second one falls empty: keeping one
- * spare means a count oscillating around a chunk boundary does not malloc/free each time. */
-static void remove_at_locked(sl_shard *s, uint32_t n, uint32_t p)
+ * spare means a count oscillating around a chunk boundary does not malloc/free each time.
+ * The chunk is retired at once, or put in `grave` (when not NULL) for the caller to retire. */
+static void remove_at_locked(sl_shard *s, uint32_t n, uint32_t p, sl_grave *grave)
 {
     uint32_t mask;
     uint32_t *idx = index_of(s, &mask);
@@ -289,29 +375,38 @@ static void remove_at_locked(sl_shard *s, uint32_t n, uint32_t p)
     if (n != last) {
         sl_entry *l = entry_at(s, last);
         uint32_t q = slot_of_locked(idx, mask, rehash(s->t, l), last);
-        idx[q] = (idx[q] & 0xFF000000u) | (n + 1u);
+        SL_STORE_SHARED(&idx[q], (idx[q] & 0xFF000000u) | (n + 1u));
         *e = *l;
     }
     set_count(s, last);
     uint32_t used = (last + SL_CHUNK_MASK) >> SL_CHUNK_SHIFT;
-    if (s->nchunks > used + 1)
-        free(s->chunks[--s->nchunks]);
+    if (s->nchunks > used + 1) {
+        sl_chunkvec *cv = chunks_of(s);
+        sl_entry *c = cv->chunk[--s->nchunks];
+        SL_STORE_SHARED(&cv->chunk[s->nchunks], NULL); /* unlink, then retire */
+        if (grave) {
+            *(void **)c = grave->head;
+            grave->head = c;
+        } else {
+            retire(s->t, c);
+        }
+    }
     if (s->hand >= last)
         s->hand = 0;
     if (s->sweep >= last)
         s->sweep = 0;
 }
 
-static void remove_entry_locked(sl_shard *s, uint32_t n)
+static void remove_entry_locked(sl_shard *s, uint32_t n, sl_grave *grave)
 {
     uint32_t mask;
     uint32_t *idx = index_of(s, &mask);
-    remove_at_locked(s, n, slot_of_locked(idx, mask, rehash(s->t, entry_at(s, n)), n));
+    remove_at_locked(s, n, slot_of_locked(idx, mask, rehash(s->t, entry_at(s, n)), n), grave);
 }
 
 /* Examine the entry at the sweep cursor; reclaim it if it is idle and full. Returns 1 when
  * reclaimed (the cursor then stays: the entry moved into the hole is examined next). */
-static int reclaim_one_locked(sl_shard *s, int64_t now)
+static int reclaim_one_locked(sl_shard *s, int64_t now, sl_grave *grave)
 {
     const sl_table_hooks *hk = &s->t->hooks;
     uint32_t c = s->sweep;
@@ -321,7 +416,7 @@ static int reclaim_one_locked(sl_shard *s, int64_t now)
     if (hk->full_at(hk->ctx, e) <= now) {
         if (hk->drop)
             hk->drop(hk->ctx, e, 0);
-        remove_entry_locked(s, c);
+        remove_entry_locked(s, c, grave);
         s->sweep = c;
         return 1;
     }
@@ -348,7 +443,7 @@ static void evict_one_locked(sl_shard *s)
     }
     if (hk->drop)
         hk->drop(hk->ctx, e, 1);
-    remove_entry_locked(s, h);
+    remove_entry_locked(s, h, NULL);
     s->hand = h + 1;
 }
 
@@ -390,12 +485,13 @@ sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *h
     unsigned i;
     for (i = 0; i < shards; i++) {
         sl_shard *s = &t->shards[i];
-        uint32_t *idx = t_calloc(SL_MIN_SLOTS, sizeof *idx);
+        sl_index *idx = index_new(SL_MIN_SLOTS);
         if (!idx)
             goto fail_shards;
         atomic_init(&s->lock, 0);
         atomic_init(&s->idx, idx);
         atomic_init(&s->mask, SL_MIN_SLOTS - 1);
+        atomic_init(&s->cv, NULL);
         atomic_init(&s->count, 0);
         s->t = t;
         size_t share = max_keys ? base + (i < extra) : SL_MAX_ENTRIES;
@@ -426,9 +522,11 @@ void sl_table_free(sl_table *t)
             if (e->flags & SL_ENTRY_LONGKEY)
                 free(e->key.ext.ptr);
         }
+        /* No lockless reader may be left (see memory.h): free directly, not through retire. */
+        sl_chunkvec *cv = chunks_of(s);
         for (uint32_t j = 0; j < s->nchunks; j++)
-            free(s->chunks[j]);
-        free(s->chunks);
+            free(cv->chunk[j]);
+        free(cv);
         free(atomic_load(&s->idx));
     }
     free(t->shards);
@@ -453,7 +551,43 @@ void sl_table_prefetch(sl_table *t, uint64_t hash)
     uint32_t mask = atomic_load_explicit(&s->mask, memory_order_relaxed);
     /* Integer arithmetic: the pair (idx, mask) may be torn by a concurrent resize, and the
      * address is only ever prefetched, never dereferenced. */
-    __builtin_prefetch((const void *)(idx + (uintptr_t)(hash & mask) * sizeof(uint32_t)), 0, 3);
+    __builtin_prefetch((const void *)(idx + offsetof(sl_index, slot) +
+                                      (uintptr_t)(hash & mask) * sizeof(uint32_t)),
+                       0, 3);
+}
+
+/* Lockless, inside the caller's retire read section (memory.h). Every bound comes from the
+ * header of the array just loaded; the values read may be stale (a slot of an index already
+ * replaced, an entry number already moved), which costs at most a useless prefetch. */
+void sl_table_prefetch_entry(sl_table *t, uint64_t hash)
+{
+    sl_shard *s = &t->shards[hash >> t->shift & t->smask];
+    const sl_index *ix = atomic_load_explicit(&s->idx, memory_order_acquire);
+    uint32_t mask = ix->mask, tag = SL_TAG(hash), v;
+    const uint32_t *p = &ix->slot[(uint32_t)hash & mask], *end = &ix->slot[mask] + 1;
+    /* The home slot, then the rest of its cache line (already fetched by sl_table_prefetch)
+     * while the probe run goes on; the first tag match wins. */
+    for (;;) {
+        v = __atomic_load_n(p, __ATOMIC_RELAXED);
+        if (!v)
+            return;
+        if (v >> 24 == tag)
+            break;
+        if (++p == end || ((uintptr_t)p & 63u) == 0)
+            return;
+    }
+    uint32_t n = SL_SLOT_ENTRY(v), c = n >> SL_CHUNK_SHIFT;
+    const sl_chunkvec *cv = atomic_load_explicit(&s->cv, memory_order_acquire);
+    if (!cv || c >= cv->cap)
+        return;
+    const sl_entry *chunk = __atomic_load_n(&cv->chunk[c], __ATOMIC_RELAXED);
+    if (!chunk)
+        return;
+    /* 48-byte entries straddle cache lines: fetch both ends (for writing: the decision
+     * updates the state). */
+    const char *e = (const char *)&chunk[n & SL_CHUNK_MASK];
+    __builtin_prefetch(e, 1, 3);
+    __builtin_prefetch(e + sizeof(sl_entry) - 1, 1, 3);
 }
 
 sl_entry *sl_shard_find_locked(sl_shard *s, uint64_t hash, const void *key, size_t len)
@@ -496,35 +630,45 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
     uint32_t ncap = mask + 1;
     while (need > SL_MAX_LOAD(ncap))
         ncap *= 2;
+    sl_chunkvec *cv = chunks_of(s);
+    uint32_t chunk_cap = cv ? cv->cap : 0;
     bool new_chunk = need > s->nchunks * SL_CHUNK_ENTRIES;
-    bool new_array = new_chunk && s->nchunks == s->chunk_cap;
+    bool new_array = new_chunk && s->nchunks == chunk_cap;
 
     char *kcopy = NULL;
     sl_entry *chunk = NULL;
-    uint32_t *ni = NULL;
+    sl_index *ni = NULL;
+    sl_chunkvec *ncv = NULL;
     if (len > SL_ENTRY_INLINE_KEY && !(kcopy = t_malloc(len)))
         goto fail;
     if (new_chunk && !(chunk = t_malloc(SL_CHUNK_BYTES)))
         goto fail;
-    if (ncap != mask + 1 && !(ni = t_calloc(ncap, sizeof *ni)))
+    if (ncap != mask + 1 && !(ni = index_new(ncap)))
         goto fail;
-    if (new_array) { /* last: realloc cannot be undone, everything after it must succeed */
-        uint32_t cap = s->chunk_cap ? s->chunk_cap * 2 : 4;
-        sl_entry **a = t_realloc(s->chunks, cap * sizeof *a);
-        if (!a)
+    if (new_array) { /* a copy, not realloc: readers may be in the old one */
+        uint32_t cap = chunk_cap ? chunk_cap * 2 : 4;
+        if (!(ncv = t_malloc(sizeof(sl_chunkvec) + (size_t)cap * sizeof(sl_entry *))))
             goto fail;
-        s->chunks = a;
-        s->chunk_cap = cap;
+        ncv->cap = cap;
+        for (uint32_t i = 0; i < cap; i++)
+            ncv->chunk[i] = i < s->nchunks ? cv->chunk[i] : NULL;
     }
-    if (chunk)
-        s->chunks[s->nchunks++] = chunk;
+    /* Everything is in hand: from here on nothing fails. */
+    if (ncv) {
+        ncv->chunk[s->nchunks++] = chunk; /* still private: a plain store */
+        atomic_store_explicit(&s->cv, ncv, memory_order_release);
+        if (cv)
+            retire(s->t, cv);
+    } else if (chunk) {
+        SL_STORE_SHARED(&cv->chunk[s->nchunks++], chunk);
+    }
     if (ni)
-        index_fill_locked(s, ni, ncap - 1);
+        index_fill_locked(s, ni);
 
     /* Bounded housekeeping: reclaim idle full keys at the cursor, then make room. */
     if (s->t->hooks.full_at)
         for (unsigned i = 0; i < SL_HOUSEKEEP_PER_INSERT && count_of(s) > 0; i++)
-            reclaim_one_locked(s, now);
+            reclaim_one_locked(s, now, NULL);
     if (count_of(s) >= s->share)
         evict_one_locked(s);
 
@@ -543,12 +687,13 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
         e->klen = (uint8_t)len;
     }
     uint32_t *idx = index_of(s, &mask);
-    idx[first_empty(idx, mask, hash)] = SL_SLOT(SL_TAG(hash), n);
+    SL_STORE_SHARED(&idx[first_empty(idx, mask, hash)], SL_SLOT(SL_TAG(hash), n));
     set_count(s, n + 1);
     *created = 1;
     return e;
 
-fail:
+fail: /* nothing was published: free directly */
+    free(ncv);
     free(ni);
     free(chunk);
     free(kcopy);
@@ -568,7 +713,7 @@ void sl_shard_remove_locked(sl_shard *s, sl_entry *e)
         if (!v)
             abort(); /* not an entry of this shard */
         if (v >> 24 == tag && entry_at(s, SL_SLOT_ENTRY(v)) == e) {
-            remove_at_locked(s, SL_SLOT_ENTRY(v), p);
+            remove_at_locked(s, SL_SLOT_ENTRY(v), p, NULL);
             index_shrink_locked(s);
             return;
         }
@@ -586,6 +731,7 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
         if (count_of(s) == 0)
             continue;
         sl_shard_lock(s);
+        sl_grave grave = {NULL};
         size_t todo = count_of(s);
         if (todo <= budget)
             s->sweep = 0; /* a whole pass from 0 examines every entry exactly once */
@@ -595,7 +741,7 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
         while (todo > 0) {
             size_t batch = todo < SL_SWEEP_BATCH ? todo : SL_SWEEP_BATCH;
             for (size_t k = 0; k < batch && count_of(s) > 0; k++)
-                reclaimed += (size_t)reclaim_one_locked(s, now);
+                reclaimed += (size_t)reclaim_one_locked(s, now, &grave);
             todo -= batch;
             if (todo > 0) { /* let waiters in between batches */
                 sl_shard_unlock(s);
@@ -603,6 +749,7 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
             }
         }
         index_shrink_locked(s);
+        grave_flush(t, &grave);
         sl_shard_unlock(s);
     }
     return reclaimed;
@@ -642,7 +789,9 @@ size_t sl_table_bytes(sl_table *t)
         uint32_t mask;
         sl_shard_lock(s);
         (void)index_of(s, &mask);
-        b += ((size_t)mask + 1) * sizeof(uint32_t) + (size_t)s->chunk_cap * sizeof(sl_entry *) +
+        sl_chunkvec *cv = chunks_of(s);
+        b += sizeof(sl_index) + ((size_t)mask + 1) * sizeof(uint32_t) +
+             (cv ? sizeof(sl_chunkvec) + (size_t)cv->cap * sizeof(sl_entry *) : 0) +
              (size_t)s->nchunks * SL_CHUNK_BYTES + s->keybytes;
         sl_shard_unlock(s);
     }
@@ -664,6 +813,7 @@ int sl_table_check(sl_table *t)
         sl_shard_lock(s);
         uint32_t mask;
         const uint32_t *idx = index_of(s, &mask);
+        const sl_chunkvec *cv = chunks_of(s);
         uint32_t n = count_of(s), cap = mask + 1, used = 0;
         size_t keybytes = 0;
         if (cap < SL_MIN_SLOTS || (cap & mask) || n > SL_MAX_LOAD(cap))
@@ -672,8 +822,13 @@ int sl_table_check(sl_table *t)
             rc = 2; /* over the share */
         else if (s->nchunks * SL_CHUNK_ENTRIES < n ||
                  s->nchunks > ((n + SL_CHUNK_MASK) >> SL_CHUNK_SHIFT) + 1 ||
-                 s->nchunks > s->chunk_cap)
+                 s->nchunks > (cv ? cv->cap : 0))
             rc = 3; /* chunk accounting */
+        else if (atomic_load_explicit(&s->idx, memory_order_relaxed)->mask != mask)
+            rc = 11; /* the index header disagrees with the shard */
+        for (uint32_t j = 0; cv && j < cv->cap && !rc; j++)
+            if ((cv->chunk[j] != NULL) != (j < s->nchunks))
+                rc = 12; /* a chunk in use missing, or a stale pointer beyond nchunks */
         for (uint32_t p = 0; p < cap && !rc; p++) {
             uint32_t v = idx[p];
             if (!v)

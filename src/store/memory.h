@@ -13,6 +13,14 @@
  * Functions named *_locked require the shard lock. Entry pointers are valid only while it
  * is held, and only until the next upsert or remove on that shard (either may move entries).
  *
+ * Two functions read without the lock. sl_table_prefetch only forms the address of the
+ * key's index slot. sl_table_prefetch_entry reads the index and the chunk-pointer array (it
+ * never dereferences an entry), so the memory it reads must outlive it: the table hands every
+ * such block it replaces or frees (old index and chunk-pointer arrays, freed entry chunks)
+ * to hooks.retire, which frees it once no reader can still hold it (the limiter retires
+ * through its epoch-based reclamation, and callers of sl_table_prefetch_entry are inside
+ * sl_ebr_enter/leave). The lockless reads are C11 atomics, so ThreadSanitizer checks them.
+ *
  * Every `hash` argument must be sl_table_hash(key, len): the table re-hashes stored keys when
  * it resizes its index or removes an entry.
  */
@@ -52,6 +60,15 @@ typedef struct sl_table_hooks {
     /* The entry is leaving the table: free what its state owns. why: 0 reclaimed (idle and
      * full), 1 evicted by max_keys, 2 table being freed. Called with the shard lock held. */
     void (*drop)(void *ctx, sl_entry *e, int why);
+    /* Call fn(p) once no thread can be inside a lockless read (sl_table_prefetch_entry) that
+     * might have seen p; e.g. sl_ebr_retire(ebr, p, fn). p is already unreachable for new
+     * readers; its memory is fn's (fn may read it: a sweep retires the chunks it frees as one
+     * list). The table retires every block such a reader may touch (replaced index and
+     * chunk-pointer arrays, freed entry chunks) and nothing else; sl_table_free frees
+     * directly. Called with the shard lock held: must not call back into the table.
+     * NULL: such blocks are freed at once, and sl_table_prefetch_entry must then not be
+     * used (it could read freed memory whenever another thread changes the shard). */
+    void (*retire)(void *ctx, void *p, void (*fn)(void *));
 } sl_table_hooks;
 
 typedef struct sl_table sl_table;
@@ -63,7 +80,8 @@ typedef struct sl_shard sl_shard;
  * the total never exceeds max_keys.
  * `hooks` is copied. NULL on out of memory or bad arguments. */
 sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *hooks);
-/* Calls hooks.drop(e, 2) for every entry, frees everything. */
+/* Calls hooks.drop(e, 2) for every entry, frees everything (directly, not through
+ * hooks.retire: no thread may be using the table any more, lockless readers included). */
 void sl_table_free(sl_table *t);
 
 uint64_t sl_table_hash(const void *key, size_t len); /* XXH3 64 */
@@ -95,9 +113,18 @@ static inline const char *sl_entry_key(const sl_entry *e, size_t *len)
     return e->key.inl;
 }
 
-/* Start bringing the key's index slot (and shard) into cache. Needs no lock; safe while
- * other threads resize (it only computes an address). */
+/* Start bringing the key's index slot (and shard) into cache. Needs no lock and no read
+ * section; safe while other threads resize (it only computes an address). */
 void sl_table_prefetch(sl_table *t, uint64_t hash);
+
+/* Second stage, some time after sl_table_prefetch(t, hash): read the key's home slot (and
+ * the following slots of the same 64-byte cache line while they are non-empty) for a slot
+ * whose tag matches, and start bringing that entry into cache. Answers nothing, changes
+ * nothing, never dereferences an entry; the slot it finds may be stale or belong to another
+ * key with the same tag, which costs at most a useless prefetch. Needs no lock, but must be
+ * called inside the read section that hooks.retire honours (sl_ebr_enter/leave for
+ * sl_ebr_retire), and only on a table with a retire hook. */
+void sl_table_prefetch_entry(sl_table *t, uint64_t hash);
 
 /* Reclaim idle full keys, examining at most `budget` entries across shards (round robin).
  * Returns the number reclaimed. Takes each shard lock briefly. */

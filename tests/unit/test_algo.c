@@ -175,8 +175,11 @@ static void test_compile_values(void **st)
         int64_t interval;
     } r[] = {
         {3, 333333334},          {7, 142857143},      {10000, 100000},  {1e9, 1},
-        {2.5, 400000000},        {0.1, 10000000000},  {1.0 / 3, 3000000001}, /* 1/3 rounds low */
-        {1.0 / 86400, 86400000000001},                 {1, 1000000000},
+        {2.5, 400000000},        {0.1, 10000000000},  {1, 1000000000},
+        /* These doubles fall a hair below the intended rate; the quotient lands within
+         * 2^-50 above a whole ns and is taken as that (not whole + 1 ns). */
+        {1.0 / 3, 3000000000},   {1.0 / 60, 60000000000}, {1.0 / 86400, 86400000000000},
+        {30.0 / 60, 2000000000},
     };
     for (size_t i = 0; i < sizeof r / sizeof r[0]; i++) {
         sl_limit l = lim(SL_TOKEN_BUCKET, 2, r[i].rate, 0, 0);

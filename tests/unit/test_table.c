@@ -1,6 +1,8 @@
 /* test_table.c — the in-memory store's table on its own: keys of every shape, index growth,
  * forced collisions, swap-remove, reclaim of idle full keys, the max_keys bound with CLOCK
- * eviction, memory per key, and out-of-memory at every allocation of an insert.
+ * eviction, memory per key, and out-of-memory at every allocation of an insert. The retire
+ * hook: exactly the blocks a lockless reader may touch go through it, and the table never
+ * touches one again (retired blocks are poisoned and held until the test frees them).
  *
  * sl_table_check (a test hook in memory.c) verifies every structural invariant; the tests
  * call it after each phase. */
@@ -21,12 +23,20 @@
 
 /* ---- hooks: full_at = state[1] (as int64), drops counted by reason ---- */
 
+typedef struct held {
+    void *p;
+    void (*fn)(void *);
+} held;
+
 typedef struct hk {
     size_t drops[3];
     size_t full_calls;
     int64_t now;         /* the `now` of the current operation (drop(e,0) must be full) */
     const char *protect; /* a key that must never be dropped for reason 0 or 1 */
     size_t protect_len;
+    size_t retired;      /* retire hook calls */
+    held *held;          /* retired blocks not freed yet (retire_hold) */
+    size_t nheld, capheld;
 } hk;
 
 static int64_t full_at_state(void *ctx, const sl_entry *e)
@@ -58,10 +68,42 @@ static void drop_count(void *ctx, sl_entry *e, int why)
     h->drops[why]++;
 }
 
+/* Retire hook standing in for a grace period that has not ended yet: the block is poisoned
+ * (a table still reading it would see garbage) and held until release_held. Only plain
+ * blocks are poisoned: a sweep's chunk list (fn != free) is read by its fn. */
+static void retire_hold(void *ctx, void *p, void (*fn)(void *))
+{
+    hk *h = ctx;
+    if (!p || !fn)
+        fail_msg("retire(%p, %p)", p, (void *)fn);
+    for (size_t i = 0; i < h->nheld; i++)
+        if (h->held[i].p == p)
+            fail_msg("block %p retired twice", p);
+    if (h->nheld == h->capheld) {
+        h->capheld = h->capheld ? 2 * h->capheld : 64;
+        h->held = realloc(h->held, h->capheld * sizeof *h->held);
+        assert_non_null(h->held);
+    }
+    if (fn == free)
+        memset(p, 0xA5, malloc_usable_size(p));
+    h->held[h->nheld++] = (held){p, fn};
+    h->retired++;
+}
+
+/* The grace period ends: free what was retired. */
+static void release_held(hk *h)
+{
+    for (size_t i = 0; i < h->nheld; i++)
+        h->held[i].fn(h->held[i].p);
+    free(h->held);
+    h->held = NULL;
+    h->nheld = h->capheld = 0;
+}
+
 static sl_table *mk(unsigned shards, size_t max_keys, hk *h, int reclaim)
 {
     memset(h, 0, sizeof *h);
-    sl_table_hooks hooks = {h, reclaim ? full_at_state : full_never, drop_count};
+    sl_table_hooks hooks = {h, reclaim ? full_at_state : full_never, drop_count, NULL};
     sl_table *t = sl_table_new(shards, max_keys, &hooks);
     assert_non_null(t);
     return t;
@@ -152,7 +194,7 @@ static void test_new_arguments(void **st)
 {
     (void)st;
     hk h = {0};
-    sl_table_hooks hooks = {&h, full_never, drop_count};
+    sl_table_hooks hooks = {&h, full_never, drop_count, NULL};
     assert_null(sl_table_new(3, 0, &hooks));
     assert_null(sl_table_new(100, 0, &hooks));
     assert_null(sl_table_new(1u << 17, 0, &hooks));
@@ -745,6 +787,7 @@ static void oom_inserts(sl_table *t, hk *h, unsigned n, int64_t now)
         for (long budget = 0;; budget++) {
             size_t count = sl_table_count(t), bytes = sl_table_bytes(t);
             size_t drops = h->drops[0] + h->drops[1], calls = h->full_calls;
+            size_t retired = h->retired;
             sl_table_fail_allocs_after(budget);
             int c;
             sl_entry *e = put(t, k, len, now, &c);
@@ -758,6 +801,7 @@ static void oom_inserts(sl_table *t, hk *h, unsigned n, int64_t now)
             assert_int_equal(sl_table_bytes(t), bytes);
             assert_int_equal(h->drops[0] + h->drops[1], drops);
             assert_int_equal(h->full_calls, calls);
+            assert_int_equal(h->retired, retired); /* nothing replaced or freed either */
             assert_null(get(t, k, len));
             if (budget > 8)
                 fail_msg("insert needs more than 8 allocations");
@@ -771,7 +815,7 @@ static void test_out_of_memory(void **st)
 {
     (void)st;
     hk h;
-    sl_table_hooks hooks = {&h, full_never, drop_count};
+    sl_table_hooks hooks = {&h, full_never, drop_count, NULL};
     for (long budget = 0;; budget++) { /* sl_table_new cleans up at every failure point */
         sl_table_fail_allocs_after(budget);
         sl_table *t = sl_table_new(64, 0, &hooks);
@@ -794,6 +838,113 @@ static void test_out_of_memory(void **st)
     oom_inserts(t, &h, 2000, 10);
     assert_true(h.drops[0] > 0);
     sl_table_free(t);
+    /* With a retire hook (chunk arrays are copied, not realloc'd): a failed insert replaces
+     * and retires nothing; the successful ones grow the index and the chunk array. */
+    memset(&h, 0, sizeof h);
+    sl_table_hooks rh = {&h, full_never, drop_count, retire_hold};
+    t = sl_table_new(1, 0, &rh);
+    assert_non_null(t);
+    oom_inserts(t, &h, 3000, 0);
+    assert_int_equal(h.retired, 9 + 4); /* index 8 -> 4096 slots, chunk array 4 -> 64 */
+    sl_table_free(t);
+    release_held(&h);
+}
+
+/* Every index and chunk-pointer array the table replaces, and every chunk it frees, goes
+ * through hooks.retire exactly once, and the table never touches it again: retired blocks
+ * are poisoned while held, so a later read of one would break lookups or sl_table_check.
+ * sl_table_prefetch_entry runs throughout (single-threaded here: it must stay in bounds,
+ * which AddressSanitizer checks; the concurrent case is in test_table_concurrency.c). */
+static void test_retire_hook(void **st)
+{
+    (void)st;
+    hk h = {0};
+    sl_table_hooks hooks = {&h, full_never, drop_count, retire_hold};
+    sl_table *t = sl_table_new(1, 0, &hooks);
+    assert_non_null(t);
+    char k[300];
+    const unsigned n = 20000;
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = key_of(k, i);
+        sl_entry *e = put(t, k, len, 0, NULL);
+        assert_non_null(e);
+        e->state[0] = i;
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+        len = key_of(k, (unsigned)(rnd() % (i + 1)));
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+        sl_table_prefetch_entry(t, rnd());
+        if (i % 2000 == 0)
+            assert_int_equal(sl_table_check(t), 0);
+    }
+    /* 20000 keys: the index doubled 8 -> 32768 (12 old indexes), 313 chunks, their array
+     * grew 4 -> 512 (7 old arrays; the first array replaced nothing). No chunk was freed. */
+    assert_int_equal(h.retired, 12 + 7);
+    for (unsigned i = 0; i < n; i++) { /* still held and poisoned: nothing uses them */
+        size_t len = key_of(k, i);
+        sl_entry *e = get(t, k, len);
+        assert_non_null(e);
+        assert_int_equal(e->state[0], i);
+    }
+    assert_int_equal(sl_table_check(t), 0);
+    release_held(&h);
+
+    /* Remove everything: 312 chunks freed (one spare stays), the index shrinks. */
+    size_t before = h.retired;
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = key_of(k, i);
+        assert_true(del(t, k, len));
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+        len = key_of(k, (unsigned)(i + rnd() % (n - i)));
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+        if (i % 2000 == 0)
+            assert_int_equal(sl_table_check(t), 0);
+    }
+    assert_int_equal(sl_table_count(t), 0);
+    assert_int_equal(sl_table_check(t), 0);
+    assert_true(h.retired - before >= 312 + 3); /* chunks, and at least three shrinks */
+    assert_true(sl_table_bytes(t) < 16384);
+
+    /* Fill again (the chunk array is reused: chunks are stored into a published array). */
+    for (unsigned i = 0; i < 1000; i++) {
+        size_t len = key_of(k, i);
+        assert_non_null(put(t, k, len, 0, NULL));
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+    }
+    assert_int_equal(sl_table_check(t), 0);
+    for (unsigned i = 0; i < 1000; i++) {
+        size_t len = key_of(k, i);
+        assert_non_null(get(t, k, len));
+    }
+    before = h.retired;
+    sl_table_free(t); /* frees directly: no reader may be left */
+    assert_int_equal(h.retired, before);
+    release_held(&h);
+
+    /* A sweep retires the chunks it frees in a shard as one block (a list), not one each. */
+    memset(&h, 0, sizeof h);
+    hooks.full_at = full_at_state;
+    t = sl_table_new(1, 0, &hooks);
+    assert_non_null(t);
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = key_of(k, i);
+        sl_entry *e = put(t, k, len, 0, NULL);
+        assert_non_null(e);
+        e->state[1] = 5; /* full at 5: not reclaimable by the inserts (now = 0) */
+    }
+    before = h.retired;
+    h.now = 5;
+    assert_int_equal(sl_table_sweep(t, 5, SIZE_MAX), n);
+    assert_int_equal(h.drops[0], n);
+    assert_int_equal(h.retired - before, 2); /* the list of 312 chunks, the old index */
+    assert_int_equal(sl_table_check(t), 0);
+    for (unsigned i = 0; i < 100; i++) {
+        size_t len = key_of(k, i);
+        assert_non_null(put(t, k, len, 0, NULL));
+        sl_table_prefetch_entry(t, sl_table_hash(k, len));
+    }
+    assert_int_equal(sl_table_check(t), 0);
+    sl_table_free(t);
+    release_held(&h); /* frees the chunk list too (LeakSanitizer checks all of it) */
 }
 
 int main(void)
@@ -811,6 +962,7 @@ int main(void)
         cmocka_unit_test(test_memory_per_key),
         cmocka_unit_test(test_foreach_and_prefetch),
         cmocka_unit_test(test_out_of_memory),
+        cmocka_unit_test(test_retire_hook),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -3,7 +3,10 @@
  * reclaim, eviction or sl_table_free, each of which hands the counter to a total. At the end
  * the totals must add up exactly: a lost update, an entry moved without its state, a double
  * drop or a missed drop breaks the sum. Prefetchers, a sweeper and a thread that grows and
- * shrinks shard indexes run alongside (ThreadSanitizer checks the lock-free paths). */
+ * shrinks shard indexes run alongside (ThreadSanitizer checks the lock-free paths).
+ * sl_table_prefetch_entry, which reads indexes and chunk arrays without the lock, runs
+ * against a writer that replaces and frees them, with retire through EBR. */
+#include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
 #include <setjmp.h>
@@ -14,9 +17,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
+#include "ebr.h"
 #include "memory.h"
 
 #define NOW 1 /* every operation runs at now = 1; reclaimable entries are full at 0 */
@@ -168,7 +173,7 @@ static void run(unsigned shards, size_t max_keys, unsigned nworkers, unsigned op
         atomic_store(&g_drops[i], 0);
     }
     atomic_store(&g_stop, 0);
-    sl_table_hooks hooks = {NULL, full_at, drop};
+    sl_table_hooks hooks = {NULL, full_at, drop, NULL};
     sl_table *t = sl_table_new(shards, max_keys, &hooks);
     assert_non_null(t);
     worker w[16] = {0};
@@ -258,7 +263,7 @@ static void test_hot_keys_many_threads(void **st)
     (void)st;
     for (int i = 0; i < 3; i++)
         atomic_store(&g_dropped[i], 0);
-    sl_table_hooks hooks = {NULL, full_at, drop};
+    sl_table_hooks hooks = {NULL, full_at, drop, NULL};
     g_hot = sl_table_new(1, 0, &hooks); /* one shard, one lock */
     assert_non_null(g_hot);
     enum { N = 64 };
@@ -326,6 +331,172 @@ static void test_prefetch_during_resizes(void **st)
     sl_table_free(t);
 }
 
+/* ---- sl_table_prefetch_entry during growth, shrinking and chunk churn ---- */
+
+#define PE_KEYS 6000       /* writer's keys: 3000 per shard, indexes 8 <-> 4096 slots */
+#define PE_ROUNDS 40       /* at most this many fill + empty rounds ... */
+#define PE_SECONDS 1.0     /* ... and no more rounds after this long (at least 2 run) */
+#define PE_READERS 3
+
+static sl_ebr *g_ebr;
+static uint64_t g_pe_hash[PE_KEYS]; /* written before the threads start */
+static _Atomic uint64_t g_retired, g_freed, g_pe_calls;
+static pthread_barrier_t g_pe_start;
+
+typedef struct held {
+    void *p;
+    void (*fn)(void *);
+} held;
+
+/* Runs when EBR decides no reader can hold the block any more: poison it first, so that a
+ * reader still using it would see garbage (and ThreadSanitizer a write racing its read).
+ * Only plain blocks: a list of chunks (fn != free) is read by its fn. */
+static void poison_then_free(void *arg)
+{
+    held *h = arg;
+    if (h->fn == free)
+        memset(h->p, 0xA5, malloc_usable_size(h->p));
+    h->fn(h->p);
+    free(h);
+    atomic_fetch_add(&g_freed, 1);
+}
+
+/* hooks.retire, as the limiter wires it: sl_ebr_retire. */
+static void retire_ebr(void *ctx, void *p, void (*fn)(void *))
+{
+    held *h = malloc(sizeof *h);
+    if (!h)
+        abort();
+    *h = (held){p, fn};
+    atomic_fetch_add(&g_retired, 1);
+    sl_ebr_retire(ctx, h, poison_then_free);
+}
+
+static double seconds_since(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) * 1e-9;
+}
+
+static int64_t pe_full_at(void *ctx, const sl_entry *e)
+{
+    (void)ctx;
+    return (int64_t)e->state[1];
+}
+
+/* Fills the table with PE_KEYS keys and empties it again, round after round: indexes double
+ * and shrink, chunks and chunk arrays come and go. Even rounds remove key by key (in a
+ * different order each time), odd rounds reclaim everything with one sweep (which retires
+ * the chunks it frees as one list per shard). */
+static void *pe_writer(void *arg)
+{
+    sl_table *t = arg;
+    char k[32];
+    pthread_barrier_wait(&g_pe_start);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned round = 0; round < PE_ROUNDS; round++) {
+        for (int pass = 0; pass < (round % 2 == 0 ? 2 : 1); pass++)
+            for (unsigned j = 0; j < PE_KEYS; j++) {
+                unsigned i = pass == 0 ? j : (j * 7919u + round * 101u) % PE_KEYS;
+                size_t len = (size_t)sprintf(k, "pe:%u", i);
+                uint64_t h = sl_table_hash(k, len);
+                if (h != g_pe_hash[i])
+                    atomic_store(&g_bad, 7);
+                sl_shard *s = sl_table_shard(t, h);
+                sl_shard_lock(s);
+                if (pass == 0) {
+                    int created;
+                    sl_entry *e = sl_shard_upsert_locked(s, h, k, len, NOW, &created);
+                    if (!e || !created)
+                        atomic_store(&g_bad, 8);
+                    else
+                        e->state[1] = NOW + 1; /* full (reclaimable) from NOW + 1 on */
+                } else {
+                    sl_entry *e = sl_shard_find_locked(s, h, k, len);
+                    if (e)
+                        sl_shard_remove_locked(s, e);
+                    else
+                        atomic_store(&g_bad, 9);
+                }
+                sl_shard_unlock(s);
+            }
+        if (round % 2 == 1 && sl_table_sweep(t, NOW + 1, SIZE_MAX) != PE_KEYS)
+            atomic_store(&g_bad, 11);
+        if (round >= 1 && seconds_since(&t0) > PE_SECONDS)
+            break;
+    }
+    atomic_store(&g_stop, 1);
+    return NULL;
+}
+
+/* Prefetches the entries of the writer's keys (and of random hashes) inside read sections,
+ * as sl_take_batch does. Short sections, so that EBR gets to free blocks meanwhile. */
+static void *pe_reader(void *arg)
+{
+    sl_table *t = arg;
+    uint64_t x = 0x9E3779B97F4A7C15ull ^ (uintptr_t)arg ^ (uint64_t)pthread_self(), n = 0;
+    pthread_barrier_wait(&g_pe_start);
+    while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
+        if (sl_ebr_enter(g_ebr) != 0) {
+            atomic_store(&g_bad, 10);
+            break;
+        }
+        for (int i = 0; i < 32; i++, n++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            uint64_t h = (x & 3) ? g_pe_hash[(x >> 16) % PE_KEYS] : x;
+            sl_table_prefetch(t, h);
+            sl_table_prefetch_entry(t, h);
+        }
+        sl_ebr_leave(g_ebr);
+    }
+    atomic_fetch_add(&g_pe_calls, n);
+    return NULL;
+}
+
+static void test_prefetch_entry_during_churn(void **st)
+{
+    (void)st;
+    atomic_store(&g_stop, 0);
+    atomic_store(&g_bad, 0);
+    g_ebr = sl_ebr_new();
+    assert_non_null(g_ebr);
+    sl_table_hooks hooks = {g_ebr, pe_full_at, NULL, retire_ebr};
+    sl_table *t = sl_table_new(2, 0, &hooks);
+    assert_non_null(t);
+    char k[32];
+    for (unsigned i = 0; i < PE_KEYS; i++)
+        g_pe_hash[i] = sl_table_hash(k, (size_t)sprintf(k, "pe:%u", i));
+    assert_int_equal(pthread_barrier_init(&g_pe_start, NULL, PE_READERS + 1), 0);
+    pthread_t w, r[PE_READERS];
+    for (int i = 0; i < PE_READERS; i++)
+        assert_int_equal(pthread_create(&r[i], NULL, pe_reader, t), 0);
+    assert_int_equal(pthread_create(&w, NULL, pe_writer, t), 0);
+    pthread_join(w, NULL);
+    for (int i = 0; i < PE_READERS; i++)
+        pthread_join(r[i], NULL);
+    pthread_barrier_destroy(&g_pe_start);
+
+    assert_int_equal(atomic_load(&g_bad), 0);
+    assert_int_equal(sl_table_count(t), 0);
+    assert_int_equal(sl_table_check(t), 0);
+    uint64_t retired = atomic_load(&g_retired);
+    printf("# prefetch_entry: %llu calls by %d readers; %llu blocks retired, %llu freed while "
+           "running\n",
+           (unsigned long long)atomic_load(&g_pe_calls), PE_READERS,
+           (unsigned long long)retired, (unsigned long long)atomic_load(&g_freed));
+    assert_true(atomic_load(&g_pe_calls) > 0);
+    /* Two rounds at least, per shard: 2 x 9 doublings, ~46 chunks freed one by one (even
+     * round), a chunk list (odd round), shrinks. */
+    assert_true(retired >= 2 * (2 * 9 + 40));
+    assert_int_equal(sl_ebr_collect(g_ebr), 0); /* no reader left: everything is freed */
+    assert_int_equal(atomic_load(&g_freed), retired);
+    sl_table_free(t);
+    assert_int_equal(atomic_load(&g_retired), retired); /* freeing the table retires nothing */
+    sl_ebr_free(g_ebr);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -333,6 +504,7 @@ int main(void)
         cmocka_unit_test(test_counters_add_up_with_eviction),
         cmocka_unit_test(test_hot_keys_many_threads),
         cmocka_unit_test(test_prefetch_during_resizes),
+        cmocka_unit_test(test_prefetch_entry_during_churn),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
