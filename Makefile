@@ -1,6 +1,7 @@
 # sluice — top-level driver around CMake. Outputs go to build/ (plain), build/asan, build/tsan.
 #   make            build libsluice (build/libsluice.so, build/libsluice.a)
-#   make run        install deps, build, run the C API tour (examples/tour.c)
+#   make run        install deps, build, run sluiced in the foreground on 127.0.0.1
+#                   (RESP on 6390, HTTP on 8080, in-memory store; Ctrl-C stops it)
 #   make test       install deps, build, run every test: plain suite, ASan+UBSan suite, and
 #                   the concurrency tests under TSan
 #   make test SANITIZE=address|thread   one sanitizer variant (thread: the concurrency tests)
@@ -32,9 +33,13 @@ $(BUILD)/CMakeCache.txt:
 build: $(BUILD)/CMakeCache.txt
 	@$(CMAKE) --build $(BUILD) -j $(JOBS)
 
-# Until sluiced exists (next issue), `make run` runs the C API tour.
+RUN_ARGS ?=
 run: deps build
-	@./$(BUILD)/tour
+	@echo "sluiced on 127.0.0.1 (Ctrl-C stops it). Try, from another terminal:"
+	@echo "  redis-cli -p 6390 SL.TAKE acme login alice"
+	@echo "  redis-cli -p 6390 CL.THROTTLE user123 15 30 60 1"
+	@echo "  curl -s -X POST localhost:8080/api/check_and_consume -d '{\"tenant_id\":\"acme\",\"client_id\":\"alice\",\"action_type\":\"login\"}'"
+	@exec ./$(BUILD)/sluiced $(RUN_ARGS)
 
 ifeq ($(SANITIZE),)
 test: deps

@@ -214,9 +214,11 @@ SL_API int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t 
  * value is SL_OK unless an argument is NULL. */
 typedef struct sl_request {
     sl_key key;
-    uint64_t cost;            /* 0 = peek */
+    uint64_t cost;            /* units to take; 0 takes nothing (always allowed, shows what
+                                 is left) */
     const sl_policy *inline_policy; /* used only when no rule, tenant default or tier
                                        matches; NULL = none. Not kept after the call. */
+    int peek;                 /* 1: as sl_peek: would `cost` pass? Nothing is consumed */
 } sl_request;
 SL_API int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
                          sl_decision *out);

@@ -7,6 +7,10 @@ PKGS=(
   build-essential cmake pkg-config          # toolchain
   libxxhash-dev                             # hashing (src/store)
   libcmocka-dev                             # unit tests
+  libuv1-dev libjansson-dev node-llhttp     # sluiced: event loops, JSON, HTTP parser sources
+  redis-server redis-tools python3-redis    # integration tests: real Redis, redis-cli,
+  nodejs node-redis curl                    #   redis-benchmark, redis-py, npm redis, curl
+  prometheus                                # integration tests: promtool check metrics
   golang-go golang-golang-x-time-dev        # bench: the Go x/time/rate peer
   valgrind                                  # bench: instruction counts
 )

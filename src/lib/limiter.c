@@ -672,7 +672,8 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
         }
         int err = p->err;
         if (err == SL_OK)
-            err = decide(l, p, reqs[i].cost, reqs[i].inline_policy, now, reqs[i].cost > 0, d);
+            err = decide(l, p, reqs[i].cost, reqs[i].inline_policy, now,
+                         !reqs[i].peek && reqs[i].cost > 0, d);
         if (err != SL_OK)
             memset(d, 0, sizeof *d);
         d->err = err;

@@ -175,7 +175,8 @@ static void test_resolution_order(void **st)
     assert_int_equal(take(l, "other", "x", "carol", 1, T0).limit, 1);     /* global */
 
     /* inline limits: used only when nothing above matches */
-    sl_request r[2] = {{SL_KEY("other", "x", "dave"), 1, &p9}, {SL_KEY("acme", "y", "dave"), 1, &p9}};
+    sl_request r[2] = {{.key = SL_KEY("other", "x", "dave"), .cost = 1, .inline_policy = &p9},
+                       {.key = SL_KEY("acme", "y", "dave"), .cost = 1, .inline_policy = &p9}};
     sl_decision d[2];
     assert_int_equal(sl_take_batch(l, r, 2, T0, d), SL_OK);
     assert_int_equal(d[0].err, SL_OK);
@@ -450,11 +451,15 @@ static void test_batch_matches_single_calls(void **st)
             r[i].key.client_len = 0; /* an invalid one in the middle */
         if (i % 89 == 7)
             r[i].cost = 6;
+        r[i].peek = i % 7 == 3 ? 1 : 0;
+        if (r[i].peek)
+            r[i].cost = 1; /* sl_peek asks about one unit */
     }
     assert_int_equal(sl_take_batch(a, r, N, T0, d), SL_OK);
     for (int i = 0; i < N; i++) {
         sl_decision e;
-        int rc = sl_take(b, &r[i].key, r[i].cost, T0, &e);
+        int rc = r[i].peek ? sl_peek(b, &r[i].key, T0, &e)
+                           : sl_take(b, &r[i].key, r[i].cost, T0, &e);
         assert_int_equal(d[i].err, rc);
         if (rc == SL_OK) {
             assert_int_equal(d[i].allowed, e.allowed);

@@ -1,0 +1,524 @@
+/*
+ * admission.c — admission control (see admission.h).
+ */
+#include "admission.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "metrics.h"
+#include "net.h"
+
+#define BATCH 64            /* requests decided per sl_take_batch call */
+#define RUN_MAX 512        /* requests decided per sd_sched_run: the loop must go on reading */
+#define MAX_TQ 65536        /* tenant queues a worker keeps; idle ones are dropped beyond */
+#define WEIGHT_MAX 1000
+
+/* ---- tenant weights (process-wide, read-mostly) ------------------------------------------ */
+
+typedef struct weight_ent {
+    struct weight_ent *next;
+    unsigned weight;
+    size_t len;
+    char name[];
+} weight_ent;
+
+static pthread_mutex_t g_wlock = PTHREAD_MUTEX_INITIALIZER;
+static weight_ent *g_weights; /* a list: tenants with a weight other than 1 are few */
+
+void sd_admission_init(sd_admission *a)
+{
+    atomic_init(&a->max_global_concurrent, 10000);
+    atomic_init(&a->max_tenant_queue, 1000);
+    atomic_init(&a->max_queue_wait_ms, 1000);
+    atomic_init(&a->in_progress, 0);
+    atomic_init(&a->admitted, 0);
+    atomic_init(&a->rejected_full, 0);
+    atomic_init(&a->rejected_expired, 0);
+    atomic_init(&a->queued_now, 0);
+    atomic_init(&a->weights_version, 1);
+}
+
+int sd_weight_set(sd_admission *a, const char *tenant, size_t len, unsigned weight)
+{
+    if (weight < 1 || weight > WEIGHT_MAX || len > SL_MAX_ID_LEN)
+        return -1;
+    pthread_mutex_lock(&g_wlock);
+    weight_ent **pp = &g_weights;
+    while (*pp && !((*pp)->len == len && memcmp((*pp)->name, tenant, len) == 0))
+        pp = &(*pp)->next;
+    int rc = 0;
+    if (*pp && weight == 1) { /* 1 is the default: forget the entry */
+        weight_ent *e = *pp;
+        *pp = e->next;
+        free(e);
+    } else if (*pp) {
+        (*pp)->weight = weight;
+    } else if (weight != 1) {
+        weight_ent *e = malloc(sizeof *e + len);
+        if (!e) {
+            rc = -1;
+        } else {
+            e->next = g_weights;
+            e->weight = weight;
+            e->len = len;
+            memcpy(e->name, tenant, len);
+            g_weights = e;
+        }
+    }
+    atomic_fetch_add(&a->weights_version, 1);
+    pthread_mutex_unlock(&g_wlock);
+    return rc;
+}
+
+unsigned sd_weight_get(sd_admission *a, const char *tenant, size_t len)
+{
+    (void)a;
+    unsigned w = 1;
+    pthread_mutex_lock(&g_wlock);
+    for (weight_ent *e = g_weights; e; e = e->next)
+        if (e->len == len && memcmp(e->name, tenant, len) == 0)
+            w = e->weight;
+    pthread_mutex_unlock(&g_wlock);
+    return w;
+}
+
+void sd_weight_list(sd_admission *a, sd_weight_fn fn, void *ctx)
+{
+    (void)a;
+    pthread_mutex_lock(&g_wlock);
+    for (weight_ent *e = g_weights; e; e = e->next)
+        if (fn(ctx, e->name, e->len, e->weight))
+            break;
+    pthread_mutex_unlock(&g_wlock);
+}
+
+/* ---- per-worker tenant queues ------------------------------------------------------------- */
+
+struct sd_tq {
+    sd_tq *hnext;          /* hash chain */
+    sd_tq *anext;          /* active ring order */
+    sd_item *head, *tail;  /* waiting requests, oldest first */
+    size_t len;
+    unsigned deficit;      /* requests this tenant may still take in its current turn */
+    unsigned weight;
+    uint64_t wversion;
+    int active;
+    uint64_t hash;
+    size_t nlen;
+    char name[];
+};
+
+struct sd_sched {
+    sd_admission *a;
+    sl_limiter *lim;
+    sd_tq **tab;
+    size_t nbuckets, ntq;
+    sd_tq *act_head, *act_tail;
+    size_t waiting;
+    size_t waiting_reported; /* this worker's share of a->queued_now */
+    sd_conn *dirty;
+    sd_item *batch[BATCH];
+    sl_request reqs[BATCH];
+    sl_decision ds[BATCH];
+};
+
+static uint64_t name_hash(const char *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a: tenant names are short */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)p[i]) * 1099511628211ull;
+    return h;
+}
+
+sd_sched *sd_sched_new(sd_admission *a, sl_limiter *lim)
+{
+    sd_sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->a = a;
+    s->lim = lim;
+    s->nbuckets = 256;
+    s->tab = calloc(s->nbuckets, sizeof *s->tab);
+    if (!s->tab) {
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static void item_free(sd_item *it)
+{
+    resp_buf_free(&it->lit);
+    free(it);
+}
+
+void sd_sched_free(sd_sched *s)
+{
+    if (!s)
+        return;
+    for (size_t b = 0; b < s->nbuckets; b++)
+        for (sd_tq *q = s->tab[b], *n; q; q = n) {
+            n = q->hnext;
+            for (sd_item *it = q->head, *x; it; it = x) {
+                x = it->qnext;
+                if (!it->c) /* orphans belong to the queue; live items to their conns */
+                    item_free(it);
+            }
+            free(q);
+        }
+    free(s->tab);
+    free(s);
+}
+
+/* Drop every inactive tenant queue (a worker that saw a flood of tenant names). */
+static void purge_idle(sd_sched *s)
+{
+    for (size_t b = 0; b < s->nbuckets; b++) {
+        sd_tq **pp = &s->tab[b];
+        while (*pp) {
+            sd_tq *q = *pp;
+            if (!q->active && q->len == 0) {
+                *pp = q->hnext;
+                free(q);
+                s->ntq--;
+            } else {
+                pp = &q->hnext;
+            }
+        }
+    }
+}
+
+static void grow(sd_sched *s)
+{
+    size_t nb = s->nbuckets * 2;
+    sd_tq **t = calloc(nb, sizeof *t);
+    if (!t)
+        return; /* longer chains; still correct */
+    for (size_t b = 0; b < s->nbuckets; b++)
+        for (sd_tq *q = s->tab[b], *n; q; q = n) {
+            n = q->hnext;
+            q->hnext = t[q->hash & (nb - 1)];
+            t[q->hash & (nb - 1)] = q;
+        }
+    free(s->tab);
+    s->tab = t;
+    s->nbuckets = nb;
+}
+
+static sd_tq *tenant_queue(sd_sched *s, const char *name, size_t len)
+{
+    uint64_t h = name_hash(name, len);
+    for (sd_tq *q = s->tab[h & (s->nbuckets - 1)]; q; q = q->hnext)
+        if (q->hash == h && q->nlen == len && memcmp(q->name, name, len) == 0)
+            return q;
+    if (s->ntq >= MAX_TQ)
+        purge_idle(s);
+    if (s->ntq >= s->nbuckets)
+        grow(s);
+    sd_tq *q = calloc(1, sizeof *q + len);
+    if (!q)
+        return NULL;
+    q->hash = h;
+    q->nlen = len;
+    memcpy(q->name, name, len);
+    q->hnext = s->tab[h & (s->nbuckets - 1)];
+    s->tab[h & (s->nbuckets - 1)] = q;
+    s->ntq++;
+    return q;
+}
+
+static unsigned weight_of(sd_sched *s, sd_tq *q)
+{
+    uint64_t v = atomic_load_explicit(&s->a->weights_version, memory_order_acquire);
+    if (q->wversion != v) {
+        q->weight = sd_weight_get(s->a, q->name, q->nlen);
+        q->wversion = v;
+    }
+    return q->weight;
+}
+
+/* ---- items and connections ------------------------------------------------------------------ */
+
+sd_item *sd_item_new(sd_conn *c, const char *t, size_t tl, const char *a, size_t al,
+                     const char *cl, size_t cll)
+{
+    sd_item *it = malloc(sizeof *it + tl + al + cll);
+    if (!it)
+        return NULL;
+    memset(it, 0, sizeof *it);
+    it->c = c;
+    it->keylen = tl + al + cll;
+    if (tl)
+        memcpy(it->key, t, tl);
+    if (al)
+        memcpy(it->key + tl, a, al);
+    if (cll)
+        memcpy(it->key + tl + al, cl, cll);
+    it->req.key = (sl_key){it->key, tl, it->key + tl, al, it->key + tl + al, cll};
+    it->state = SD_ITEM_WAITING;
+    if (c->items_tail)
+        c->items_tail->next = it;
+    else
+        c->items = it;
+    c->items_tail = it;
+    c->items_waiting++;
+    return it;
+}
+
+resp_buf *sd_reply_buf(sd_conn *c)
+{
+    if (!c->items)
+        return &c->out;
+    sd_item *t = c->items_tail;
+    if (t->state == SD_ITEM_LITERAL)
+        return &t->lit;
+    sd_item *it = calloc(1, sizeof *it);
+    if (!it) {
+        c->out.oom = 1; /* the connection closes; nothing can be answered in order now */
+        return &c->out;
+    }
+    it->c = c;
+    it->state = SD_ITEM_LITERAL;
+    t->next = it;
+    c->items_tail = it;
+    return &it->lit;
+}
+
+static void mark_dirty(sd_sched *s, sd_conn *c)
+{
+    if (!c->dirty) {
+        c->dirty = 1;
+        c->dirty_next = s->dirty;
+        s->dirty = c;
+    }
+}
+
+/* An item leaves the waiting state (decided or rejected). */
+static void finish(sd_sched *s, sd_item *it, int state)
+{
+    it->state = state;
+    if (it->c) {
+        it->c->items_waiting--;
+        mark_dirty(s, it->c);
+    } else {
+        item_free(it); /* its connection is gone */
+    }
+}
+
+void sd_conn_drain(sd_conn *c)
+{
+    sd_item *it;
+    while ((it = c->items) && it->state != SD_ITEM_WAITING) {
+        if (it->state == SD_ITEM_LITERAL)
+            resp_raw(&c->out, it->lit.p ? it->lit.p : "", it->lit.len);
+        else
+            c->proto->emit(c, it, &c->out);
+        c->items = it->next;
+        if (!c->items)
+            c->items_tail = NULL;
+        item_free(it);
+    }
+}
+
+void sd_conn_forget(sd_conn *c)
+{
+    for (sd_item *it = c->items, *n; it; it = n) {
+        n = it->next;
+        if (it->state == SD_ITEM_WAITING)
+            it->c = NULL; /* still in a tenant queue: freed when it leaves it */
+        else
+            item_free(it);
+    }
+    c->items = c->items_tail = NULL;
+    c->items_waiting = 0;
+}
+
+/* ---- queueing and the round-robin ----------------------------------------------------------- */
+
+static void activate(sd_sched *s, sd_tq *q)
+{
+    if (q->active)
+        return;
+    q->active = 1;
+    q->deficit = 0;
+    q->anext = NULL;
+    if (s->act_tail)
+        s->act_tail->anext = q;
+    else
+        s->act_head = q;
+    s->act_tail = q;
+}
+
+void sd_sched_submit(sd_sched *s, sd_item *it, int64_t now_ms)
+{
+    sd_tq *q = tenant_queue(s, it->req.key.tenant, it->req.key.tenant_len);
+    if (!q) {
+        atomic_fetch_add_explicit(&s->a->rejected_full, 1, memory_order_relaxed);
+        finish(s, it, SD_ITEM_REJECTED_FULL);
+        return;
+    }
+    it->tq = q;
+    it->enq_ms = now_ms;
+    it->qnext = NULL;
+    if (q->tail)
+        q->tail->qnext = it;
+    else
+        q->head = it;
+    q->tail = it;
+    q->len++;
+    s->waiting++;
+    activate(s, q);
+}
+
+/* The next request by weighted deficit round-robin: the tenant at the head of the ring takes
+ * up to `weight` requests, then goes to the back. */
+static sd_item *pop(sd_sched *s)
+{
+    sd_tq *q = s->act_head;
+    if (!q)
+        return NULL;
+    if (q->deficit == 0)
+        q->deficit = weight_of(s, q);
+    sd_item *it = q->head;
+    q->head = it->qnext;
+    if (!q->head)
+        q->tail = NULL;
+    q->len--;
+    s->waiting--;
+    q->deficit--;
+    if (q->len == 0 || q->deficit == 0) {
+        s->act_head = q->anext;
+        if (!s->act_head)
+            s->act_tail = NULL;
+        q->anext = NULL;
+        q->active = 0;
+        if (q->len) /* turn used up, still waiting: to the back of the ring */
+            activate(s, q);
+    }
+    return it;
+}
+
+/* Reserve up to `want` slots of the global in-progress cap. */
+static int64_t reserve(sd_admission *a, int64_t want)
+{
+    int64_t cap = atomic_load_explicit(&a->max_global_concurrent, memory_order_relaxed);
+    int64_t cur = atomic_load_explicit(&a->in_progress, memory_order_relaxed);
+    for (;;) {
+        int64_t r = cap - cur < want ? cap - cur : want;
+        if (r <= 0)
+            return 0;
+        if (atomic_compare_exchange_weak_explicit(&a->in_progress, &cur, cur + r,
+                                                  memory_order_acq_rel, memory_order_relaxed))
+            return r;
+    }
+}
+
+static void report(sd_sched *s, void (*ready)(sd_conn *c))
+{
+    while (s->dirty) {
+        sd_conn *c = s->dirty;
+        s->dirty = c->dirty_next;
+        c->dirty = 0;
+        c->dirty_next = NULL;
+        ready(c);
+    }
+}
+
+/* Reject what waited too long, and what is over its tenant's queue bound (newest first, so
+ * the oldest keep their place). */
+static void reject_excess(sd_sched *s, int64_t now_ms)
+{
+    int64_t maxq = atomic_load_explicit(&s->a->max_tenant_queue, memory_order_relaxed);
+    int64_t wait = atomic_load_explicit(&s->a->max_queue_wait_ms, memory_order_relaxed);
+    for (sd_tq *q = s->act_head; q; q = q->anext) {
+        while (q->head && now_ms - q->head->enq_ms >= wait) {
+            sd_item *it = q->head;
+            q->head = it->qnext;
+            q->len--;
+            s->waiting--;
+            atomic_fetch_add_explicit(&s->a->rejected_expired, 1, memory_order_relaxed);
+            finish(s, it, SD_ITEM_REJECTED_EXPIRED);
+        }
+        if (!q->head)
+            q->tail = NULL;
+        if (q->len > (size_t)maxq) {
+            /* keep the first maxq, reject the rest */
+            sd_item *keep = q->head;
+            for (int64_t i = 1; i < maxq; i++)
+                keep = keep->qnext;
+            sd_item *it = maxq ? keep->qnext : q->head;
+            if (maxq) {
+                keep->qnext = NULL;
+                q->tail = keep;
+            } else {
+                q->head = q->tail = NULL;
+            }
+            while (it) {
+                sd_item *n = it->qnext;
+                q->len--;
+                s->waiting--;
+                atomic_fetch_add_explicit(&s->a->rejected_full, 1, memory_order_relaxed);
+                finish(s, it, SD_ITEM_REJECTED_FULL);
+                it = n;
+            }
+        }
+    }
+    /* tenants emptied above leave the ring */
+    sd_tq **pp = &s->act_head, *last = NULL;
+    while (*pp) {
+        sd_tq *q = *pp;
+        if (q->len == 0) {
+            *pp = q->anext;
+            q->anext = NULL;
+            q->active = 0;
+        } else {
+            last = q;
+            pp = &q->anext;
+        }
+    }
+    s->act_tail = last;
+}
+
+size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
+{
+    size_t done = 0;
+    while (s->waiting && done < RUN_MAX) {
+        int64_t want = s->waiting < BATCH ? (int64_t)s->waiting : BATCH;
+        int64_t got = reserve(s->a, want);
+        if (got == 0)
+            break; /* the cap is reached by other workers: wait for the next turn */
+        int n = 0;
+        while (n < got) {
+            sd_item *it = pop(s);
+            if (!it)
+                break;
+            if (!it->c) { /* orphan: its connection closed while it waited */
+                item_free(it);
+                continue;
+            }
+            s->batch[n] = it;
+            s->reqs[n] = it->req;
+            n++;
+        }
+        int64_t t0 = sd_mono_ns();
+        sl_take_batch(s->lim, s->reqs, (size_t)n, SL_NOW, s->ds);
+        if (n)
+            sd_metrics_decision(sd_mono_ns() - t0);
+        atomic_fetch_sub_explicit(&s->a->in_progress, got, memory_order_release);
+        atomic_fetch_add_explicit(&s->a->admitted, (uint64_t)n, memory_order_relaxed);
+        for (int i = 0; i < n; i++) {
+            s->batch[i]->d = s->ds[i];
+            finish(s, s->batch[i], SD_ITEM_DONE);
+        }
+        done += (size_t)n;
+        report(s, ready); /* this batch's replies go out before the next is decided */
+    }
+    reject_excess(s, now_ms);
+    report(s, ready);
+    atomic_fetch_add_explicit(&s->a->queued_now, s->waiting - s->waiting_reported,
+                              memory_order_relaxed); /* modular: may subtract */
+    s->waiting_reported = s->waiting;
+    return s->waiting;
+}

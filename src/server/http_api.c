@@ -1,0 +1,1319 @@
+/*
+ * http_api.c — the HTTP/JSON endpoints of sluiced: routing, JSON in and out, decisions
+ * through admission control.
+ *
+ * Decisions (POST /api/check_and_consume, GET /api/status/...) become items of the worker's
+ * admission scheduler, which decides the pipelined requests of every connection together in
+ * sl_take_batch calls and hands each back to sd_api_emit. Everything else is answered at once
+ * into sd_reply_buf(c), behind any undecided item of the connection (see http_api.h).
+ *
+ * Every error body is {"error": "..."}. Library errors are named as the RESP front end names
+ * them: "<message> (SL_E...)".
+ */
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "http_api.h"
+
+#define MAX_SEGS 8        /* path segments; no route has more */
+#define ADMISSION_MAX 1000000000 /* admission settings: a bound far above any use */
+#if JSON_INTEGER_IS_LONG_LONG
+#define JSON_INTEGER_MAX LLONG_MAX
+#else
+#define JSON_INTEGER_MAX LONG_MAX
+#endif
+
+/* ---- JSON output ------------------------------------------------------------------------ */
+
+static void jraw(resp_buf *o, const char *s)
+{
+    resp_raw(o, s, strlen(s));
+}
+
+
+/* A JSON string. Ids are arbitrary bytes: those that are not UTF-8 become U+FFFD. */
+static void jstr(resp_buf *o, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    resp_raw(o, "\"", 1);
+    for (size_t i = 0; i < n;) {
+        size_t k = sd_utf8_len(u + i, n - i);
+        if (k == 0) {
+            resp_raw(o, "\xef\xbf\xbd", 3);
+            i++;
+        } else if (u[i] == '"' || u[i] == '\\') {
+            resp_raw(o, "\\", 1);
+            resp_raw(o, s + i++, 1);
+        } else if (u[i] < 0x20) {
+            char esc[8];
+            snprintf(esc, sizeof esc, "\\u%04x", u[i++]);
+            resp_raw(o, esc, 6);
+        } else {
+            resp_raw(o, s + i, k);
+            i += k;
+        }
+    }
+    resp_raw(o, "\"", 1);
+}
+
+static void jcstr(resp_buf *o, const char *s)
+{
+    jstr(o, s, strlen(s));
+}
+
+/* An id where "" means the default tenant or action. */
+static void jid(resp_buf *o, const char *s, size_t n)
+{
+    if (n == 0)
+        jcstr(o, "default");
+    else
+        jstr(o, s, n);
+}
+
+/* The shortest of %.15g..%.17g that reads back as the same double. */
+static void jnum(resp_buf *o, double v)
+{
+    char buf[40];
+    if (!isfinite(v)) {
+        jraw(o, "null");
+        return;
+    }
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(buf, sizeof buf, "%.*g", prec, v);
+        if (strtod(buf, NULL) == v)
+            break;
+    }
+    jraw(o, buf);
+}
+
+static void jint(resp_buf *o, int64_t v)
+{
+    char buf[24];
+    snprintf(buf, sizeof buf, "%" PRId64, v);
+    jraw(o, buf);
+}
+
+/* `"key": ` preceded by ", " unless it is the first member (*n counts members). */
+static void jkey(resp_buf *o, int *n, const char *key)
+{
+    if ((*n)++)
+        resp_raw(o, ", ", 2);
+    jcstr(o, key);
+    resp_raw(o, ": ", 2);
+}
+
+/* The same with an id as the key ("" is "default"). */
+static void jkey_id(resp_buf *o, int *n, const char *key, size_t len)
+{
+    if ((*n)++)
+        resp_raw(o, ", ", 2);
+    jid(o, key, len);
+    resp_raw(o, ": ", 2);
+}
+
+static void jlimit(resp_buf *o, const sl_limit *l)
+{
+    int n = 0;
+    resp_raw(o, "{", 1);
+    jkey(o, &n, "algorithm");
+    jcstr(o, sl_algorithm_name(l->algorithm));
+    switch (l->algorithm) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET:
+        jkey(o, &n, "capacity");
+        jnum(o, l->limit);
+        jkey(o, &n, "refill_rate");
+        jnum(o, l->rate);
+        break;
+    case SL_BURST_RESERVE:
+        jkey(o, &n, "max_requests");
+        jnum(o, l->limit);
+        jkey(o, &n, "window_duration_seconds");
+        jraw(o, "1");
+        jkey(o, &n, "reserve_rate");
+        jnum(o, l->rate);
+        jkey(o, &n, "reserve_cap");
+        jnum(o, l->reserve_cap);
+        break;
+    default: /* windows, concurrency */
+        jkey(o, &n, "max_requests");
+        jnum(o, l->limit);
+        jkey(o, &n, "window_duration_seconds");
+        jnum(o, l->window);
+        break;
+    }
+    resp_raw(o, "}", 1);
+}
+
+/* A policy in a form PUT accepts: one limit as an object, stacked limits as {"limits": []}. */
+static void jpolicy(resp_buf *o, const sl_policy *p)
+{
+    if (p->nlimits == 1)
+        return jlimit(o, &p->limits[0]);
+    jraw(o, "{\"limits\": [");
+    for (unsigned i = 0; i < p->nlimits; i++) {
+        if (i)
+            resp_raw(o, ", ", 2);
+        jlimit(o, &p->limits[i]);
+    }
+    jraw(o, "]}");
+}
+
+/* ---- requests and replies ------------------------------------------------------------- */
+
+typedef struct seg {
+    const char *p;
+    size_t len;
+} seg;
+
+/* One request being answered. */
+typedef struct ctx {
+    sd_conn *c;
+    const sd_http_req *r;
+    sd_endpoint ep;
+    seg arg[MAX_SEGS]; /* the path segments the route's '*'s matched, decoded */
+    int nargs;
+} ctx;
+
+static int64_t ceil_div(int64_t ns, int64_t unit)
+{
+    return ns <= 0 ? 0 : (ns + unit - 1) / unit;
+}
+
+/* Answer now (after the connection's undecided items). `headers`: complete lines or NULL. */
+static void reply(ctx *x, int status, const char *headers, const resp_buf *body)
+{
+    if (body->oom) {
+        x->c->out.oom = 1; /* the connection closes: a truncated reply must not go out */
+        return;
+    }
+    sd_http_reply(sd_reply_buf(x->c), x->r->tag, x->ep, status, NULL, headers,
+                  headers ? strlen(headers) : 0, body->p, body->len);
+}
+
+static void reply_error(ctx *x, int status, const char *headers, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void reply_error(ctx *x, int status, const char *headers, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    resp_buf o = {0};
+    jraw(&o, "{\"error\": ");
+    jcstr(&o, msg);
+    jraw(&o, "}");
+    reply(x, status, headers, &o);
+    resp_buf_free(&o);
+}
+
+static int lib_status(int rc)
+{
+    switch (rc) {
+    case SL_ENOTFOUND:
+    case SL_ELEASE:
+        return 404;
+    case SL_ETIERINUSE:
+        return 409;
+    case SL_ENOMEM:
+        return 503;
+    default:
+        return 400;
+    }
+}
+
+static void reply_lib(ctx *x, int rc)
+{
+    reply_error(x, lib_status(rc), NULL, "%s (%s)", sl_strerror(rc), sl_err_name(rc));
+}
+
+/* Reply with a JSON body built in `o`, then free it. */
+static void reply_json(ctx *x, int status, resp_buf *o)
+{
+    reply(x, status, NULL, o);
+    resp_buf_free(o);
+}
+
+static void reply_policy(ctx *x, const sl_policy *p)
+{
+    resp_buf o = {0};
+    jpolicy(&o, p);
+    reply_json(x, 200, &o);
+}
+
+static void reply_deleted(ctx *x)
+{
+    resp_buf o = {0};
+    jraw(&o, "{\"deleted\": true}");
+    reply_json(x, 200, &o);
+}
+
+/* ---- JSON input ------------------------------------------------------------------------- */
+
+/* The body as a JSON object, or NULL with the 400 already sent. */
+static json_t *body_object(ctx *x)
+{
+    json_error_t e;
+    json_t *v = json_loadb(x->r->body, x->r->body_len, JSON_REJECT_DUPLICATES, &e);
+    if (!v) {
+        reply_error(x, 400, NULL, "invalid JSON at line %d, column %d: %s", e.line, e.column,
+                    e.text);
+        return NULL;
+    }
+    if (!json_is_object(v)) {
+        json_decref(v);
+        reply_error(x, 400, NULL, "the request body must be a JSON object");
+        return NULL;
+    }
+    return v;
+}
+
+static int in_list(const char *key, const char *const *list)
+{
+    for (; *list; list++)
+        if (strcmp(key, *list) == 0)
+            return 1;
+    return 0;
+}
+
+/* Every member of `o` is in `allowed`; else -1 naming the first one that is not. */
+static int only_fields(const json_t *o, const char *const *allowed, const char *where,
+                       char *err, size_t errlen)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)o, key, v)
+    {
+        if (!in_list(key, allowed)) {
+            snprintf(err, errlen, "%sunknown field \"%.64s\"", where, key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A required string member. */
+static int str_field(const json_t *o, const char *name, const char **p, size_t *n, char *err,
+                     size_t errlen)
+{
+    const json_t *v = json_object_get(o, name);
+    if (!v) {
+        snprintf(err, errlen, "missing field \"%s\"", name);
+        return -1;
+    }
+    if (!json_is_string(v)) {
+        snprintf(err, errlen, "field \"%s\" must be a string", name);
+        return -1;
+    }
+    *p = json_string_value(v);
+    *n = json_string_length(v);
+    return 0;
+}
+
+/* An optional whole-number member in [min, max]; *have says whether it was there. */
+static int int_field(const json_t *o, const char *name, json_int_t min, json_int_t max,
+                     json_int_t *out, int *have, char *err, size_t errlen)
+{
+    const json_t *v = json_object_get(o, name);
+    *have = v != NULL;
+    if (!v)
+        return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
+        if (max == JSON_INTEGER_MAX)
+            snprintf(err, errlen, "field \"%s\" must be a whole number >= %" JSON_INTEGER_FORMAT,
+                     name, min);
+        else
+            snprintf(err, errlen,
+                     "field \"%s\" must be a whole number from %" JSON_INTEGER_FORMAT
+                     " to %" JSON_INTEGER_FORMAT, name, min, max);
+        return -1;
+    }
+    *out = json_integer_value(v);
+    return 0;
+}
+
+/* An optional number member. */
+static int num_field(const json_t *o, const char *where, const char *name, double *out,
+                     int *have, char *err, size_t errlen)
+{
+    const json_t *v = json_object_get(o, name);
+    *have = v != NULL;
+    if (v && !json_is_number(v)) {
+        snprintf(err, errlen, "%sfield \"%s\" must be a number", where, name);
+        return -1;
+    }
+    if (v)
+        *out = json_number_value(v);
+    return 0;
+}
+
+/* ---- policies from JSON ---- */
+
+static const char *const k_bucket_fields[] = {"algorithm", "max_requests",
+                                              "window_duration_seconds", "burst", "capacity",
+                                              "refill_rate", NULL};
+static const char *const k_window_fields[] = {"algorithm", "max_requests",
+                                              "window_duration_seconds", NULL};
+static const char *const k_reserve_fields[] = {"algorithm", "max_requests",
+                                               "window_duration_seconds", "reserve_rate",
+                                               "reserve_cap", NULL};
+static const char *const k_any_limit_field[] = {"algorithm", "max_requests",
+                                                "window_duration_seconds", "burst", "capacity",
+                                                "refill_rate", "reserve_rate", "reserve_cap",
+                                                NULL};
+
+typedef struct limit_in {
+    double v[8]; /* by k_any_limit_field index (0, "algorithm", unused) */
+    int have[8];
+} limit_in;
+enum { F_MAX = 1, F_WINDOW, F_BURST, F_CAPACITY, F_REFILL, F_RESERVE_RATE, F_RESERVE_CAP };
+
+static int need(const limit_in *in, int f, const char *where, char *err, size_t errlen)
+{
+    if (in->have[f])
+        return 0;
+    snprintf(err, errlen, "%smissing field \"%s\"", where, k_any_limit_field[f]);
+    return -1;
+}
+
+/* One limit object. */
+static int limit_from_json(const json_t *o, const char *where, sl_limit *l, char *err,
+                           size_t errlen)
+{
+    if (!json_is_object(o)) {
+        snprintf(err, errlen, "%sa policy must be a JSON object", where);
+        return -1;
+    }
+    memset(l, 0, sizeof *l);
+    l->algorithm = SL_TOKEN_BUCKET;
+    const json_t *a = json_object_get(o, "algorithm");
+    if (a && (!json_is_string(a) ||
+              sl_algorithm_parse(json_string_value(a), json_string_length(a), &l->algorithm) !=
+                  SL_OK)) {
+        snprintf(err, errlen,
+                 "%sfield \"algorithm\" must be one of token_bucket, leaky_bucket, "
+                 "fixed_window, sliding_window, sliding_log, burst_reserve, concurrency",
+                 where);
+        return -1;
+    }
+    sl_algorithm alg = l->algorithm;
+    const char *const *fields = alg == SL_TOKEN_BUCKET || alg == SL_LEAKY_BUCKET ? k_bucket_fields
+                                : alg == SL_BURST_RESERVE                        ? k_reserve_fields
+                                                                                 : k_window_fields;
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)o, key, v)
+    {
+        if (in_list(key, fields))
+            continue;
+        if (in_list(key, k_any_limit_field))
+            snprintf(err, errlen, "%sfield \"%s\" does not apply to algorithm %s", where, key,
+                     sl_algorithm_name(alg));
+        else
+            snprintf(err, errlen, "%sunknown field \"%.64s\"", where, key);
+        return -1;
+    }
+    limit_in in;
+    memset(&in, 0, sizeof in);
+    for (int f = F_MAX; f <= F_RESERVE_CAP; f++)
+        if (num_field(o, where, k_any_limit_field[f], &in.v[f], &in.have[f], err, errlen) != 0)
+            return -1;
+    if (in.have[F_WINDOW] && !(in.v[F_WINDOW] > 0)) {
+        snprintf(err, errlen, "%sfield \"window_duration_seconds\" must be > 0", where);
+        return -1;
+    }
+    switch (alg) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET:
+        if (in.have[F_CAPACITY] || in.have[F_REFILL]) {
+            if (in.have[F_MAX] || in.have[F_WINDOW] || in.have[F_BURST]) {
+                snprintf(err, errlen,
+                         "%suse either capacity and refill_rate, or max_requests and "
+                         "window_duration_seconds (and burst)", where);
+                return -1;
+            }
+            if (need(&in, F_CAPACITY, where, err, errlen) || need(&in, F_REFILL, where, err, errlen))
+                return -1;
+            l->limit = in.v[F_CAPACITY];
+            l->rate = in.v[F_REFILL];
+            return 0;
+        }
+        if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen))
+            return -1;
+        l->limit = in.have[F_BURST] ? in.v[F_BURST] : in.v[F_MAX];
+        l->rate = in.v[F_MAX] / in.v[F_WINDOW];
+        return 0;
+    case SL_BURST_RESERVE:
+        if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen) ||
+            need(&in, F_RESERVE_RATE, where, err, errlen) ||
+            need(&in, F_RESERVE_CAP, where, err, errlen))
+            return -1;
+        l->limit = in.v[F_MAX] / in.v[F_WINDOW];
+        l->rate = in.v[F_RESERVE_RATE];
+        l->reserve_cap = in.v[F_RESERVE_CAP];
+        return 0;
+    default:
+        if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen))
+            return -1;
+        l->limit = in.v[F_MAX];
+        l->window = in.v[F_WINDOW];
+        return 0;
+    }
+}
+
+static int invalid_policy(int rc, const char *where, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%sinvalid policy: %s (%s)", where, sl_strerror(rc), sl_err_name(rc));
+    return -1;
+}
+
+/* A policy object: one limit, or {"limits": [ ... ]}. Validated. `where` prefixes errors. */
+static int policy_from_json(const json_t *v, const char *where, sl_policy *p, char *err,
+                            size_t errlen)
+{
+    memset(p, 0, sizeof *p);
+    if (!json_is_object(v)) {
+        snprintf(err, errlen, "%sa policy must be a JSON object", where);
+        return -1;
+    }
+    const json_t *lims = json_object_get(v, "limits");
+    if (!lims) {
+        p->nlimits = 1;
+        if (limit_from_json(v, where, &p->limits[0], err, errlen) != 0)
+            return -1;
+    } else {
+        const char *key;
+        json_t *other;
+        json_object_foreach((json_t *)v, key, other)
+        {
+            if (strcmp(key, "limits") != 0) {
+                snprintf(err, errlen, "%sfield \"%.64s\" cannot be used with \"limits\"",
+                         where, key);
+                return -1;
+            }
+        }
+        if (!json_is_array(lims) || json_array_size(lims) < 1 ||
+            json_array_size(lims) > SL_MAX_LIMITS) {
+            snprintf(err, errlen, "%sfield \"limits\" must be an array of 1 to %d limits",
+                     where, SL_MAX_LIMITS);
+            return -1;
+        }
+        p->nlimits = (unsigned)json_array_size(lims);
+        for (unsigned i = 0; i < p->nlimits; i++) {
+            char w[96];
+            snprintf(w, sizeof w, "%slimits[%u]: ", where, i);
+            if (limit_from_json(json_array_get(lims, i), w, &p->limits[i], err, errlen) != 0)
+                return -1;
+            sl_policy one = {1, {p->limits[i]}};
+            int rc = sl_policy_validate(&one);
+            if (rc != SL_OK)
+                return invalid_policy(rc, w, err, errlen);
+        }
+    }
+    int rc = sl_policy_validate(p);
+    return rc == SL_OK ? 0 : invalid_policy(rc, where, err, errlen);
+}
+
+/* The body as a policy, or -1 with the 400 sent. */
+static int body_policy(ctx *x, sl_policy *p)
+{
+    json_t *root = body_object(x);
+    if (!root)
+        return -1;
+    char err[512];
+    int rc = policy_from_json(root, "", p, err, sizeof err);
+    json_decref(root);
+    if (rc != 0)
+        reply_error(x, 400, NULL, "%s", err);
+    return rc;
+}
+
+/* ---- decisions through admission control ------------------------------------------------ */
+
+enum { F_CLOSE = 1, F_KEEP_ALIVE_10 = 2, F_HEAD = 4 }; /* sd_item.flags: the sd_http_tag */
+
+/* Submit one decision. Ids longer than the library takes are refused here, with the
+ * library's error, rather than copied into an item. */
+static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol)
+{
+    for (int i = 0; i < 3; i++)
+        if (key[i].len > SL_MAX_ID_LEN)
+            return reply_lib(x, SL_EKEYLONG);
+    sd_conn *c = x->c;
+    sd_item *it = sd_item_new(c, key[0].p, key[0].len, key[1].p, key[1].len, key[2].p,
+                              key[2].len);
+    if (!it)
+        return reply_error(x, 503, NULL, "out of memory");
+    const sd_http_tag *t = &x->r->tag;
+    it->kind = (int)x->ep;
+    it->flags = (t->close ? F_CLOSE : 0) | (t->keep_alive_10 ? F_KEEP_ALIVE_10 : 0) |
+                (t->head ? F_HEAD : 0);
+    it->req.cost = cost;
+    if (pol) {
+        it->pol = *pol;
+        it->req.inline_policy = &it->pol;
+    }
+    sd_sched_submit(c->sched, it, c->last_active_ms);
+}
+
+/* "RateLimit-Policy" and "RateLimit" as draft-ietf-httpapi-ratelimit-headers-11 (May 2026)
+ * defines them: Lists of Structured Field Items, a String naming the policy with Integer
+ * parameters q (quota), w (window, seconds, > 0), r (available quota), t (seconds until the
+ * quota is restored). Plus Retry-After (RFC 9110, delay-seconds) on 429. */
+static int rate_headers(char *h, size_t len, const sl_decision *d, int denied)
+{
+    int64_t w = ceil_div(d->window, SL_SECOND);
+    char wpart[32] = "";
+    if (w > 0)
+        snprintf(wpart, sizeof wpart, ";w=%" PRId64, w);
+    int n = snprintf(h, len,
+                     "RateLimit-Policy: \"default\";q=%" PRIu64 "%s\r\n"
+                     "RateLimit: \"default\";r=%" PRIu64 ";t=%" PRId64 "\r\n",
+                     d->limit, wpart, d->remaining, ceil_div(d->reset_after, SL_SECOND));
+    if (denied)
+        n += snprintf(h + n, len - (size_t)n, "Retry-After: %" PRId64 "\r\n",
+                      ceil_div(d->retry_after, SL_SECOND));
+    return n;
+}
+
+/* The response to a decision (check: 200 or 429; status: 200). `now`: the limiter's clock,
+ * which is wall time (anchored at start), for reset_time_seconds. */
+static void decision_reply(resp_buf *out, sd_http_tag tag, sd_endpoint ep,
+                           const sl_decision *d, int64_t now)
+{
+    char body[640], head[320];
+    int n;
+    if (d->err != SL_OK) {
+        n = snprintf(body, sizeof body, "{\"error\": \"%s (%s)\"}", sl_strerror(d->err),
+                     sl_err_name(d->err));
+        return sd_http_reply(out, tag, ep, lib_status(d->err), NULL, NULL, 0, body, (size_t)n);
+    }
+    int denied = ep == SD_EP_CHECK && !d->allowed;
+    int h = rate_headers(head, sizeof head, d, denied);
+    n = snprintf(body, sizeof body,
+                 "{\"allowed\": %s, \"remaining_requests\": %" PRIu64
+                 ", \"reset_time_seconds\": %" PRId64 ", \"retry_after_seconds\": %" PRId64
+                 ", \"limit\": %" PRIu64 ", \"status\": \"processed\"",
+                 d->allowed ? "true" : "false", d->remaining,
+                 ceil_div(now + d->reset_after, SL_SECOND),
+                 d->allowed ? 0 : ceil_div(d->retry_after, SL_SECOND), d->limit);
+    if (d->lease)
+        n += snprintf(body + n, sizeof body - (size_t)n, ", \"lease_id\": %" PRIu64, d->lease);
+    else if (d->algorithm == SL_CONCURRENCY && ep == SD_EP_CHECK)
+        n += snprintf(body + n, sizeof body - (size_t)n, ", \"lease_id\": null");
+    if (d->algorithm == SL_LEAKY_BUCKET && d->allowed)
+        n += snprintf(body + n, sizeof body - (size_t)n, ", \"delay_seconds\": %.9g",
+                      (double)d->delay / 1e9);
+    n += snprintf(body + n, sizeof body - (size_t)n, "}");
+    sd_http_reply(out, tag, ep, denied ? 429 : 200, NULL, head, (size_t)h, body, (size_t)n);
+}
+
+void sd_api_emit(sd_conn *c, sd_item *it, resp_buf *out)
+{
+    sd_http_tag tag = {(it->flags & F_CLOSE) != 0, (it->flags & F_KEEP_ALIVE_10) != 0,
+                       (it->flags & F_HEAD) != 0};
+    sd_endpoint ep = (sd_endpoint)it->kind;
+    if (it->state == SD_ITEM_REJECTED_FULL || it->state == SD_ITEM_REJECTED_EXPIRED) {
+        char body[160];
+        int n = snprintf(body, sizeof body,
+                         "{\"status\": \"rejected\", \"error\": \"%s; retry later\"}",
+                         it->state == SD_ITEM_REJECTED_FULL
+                             ? "overloaded: too many requests of this tenant waiting"
+                             : "overloaded: the request waited too long for admission");
+        static const char retry[] = "Retry-After: 1\r\n";
+        return sd_http_reply(out, tag, ep, 503, NULL, retry, sizeof retry - 1, body, (size_t)n);
+    }
+    sl_limiter *l = c->srv->lim;
+    int64_t now = sl_now(l); /* the decision was made moments ago, in this loop iteration */
+    sl_decision d = it->d;
+    if (ep == SD_EP_STATUS && d.err == SL_OK) {
+        /* A cost-0 decision always passes: whether the next request would is sl_peek's
+         * answer (which reports the units left after it, so only these two fields). */
+        sl_decision next;
+        if (sl_peek(l, &it->req.key, now, &next) == SL_OK) {
+            d.allowed = next.allowed;
+            d.retry_after = next.retry_after;
+        }
+    }
+    decision_reply(out, tag, ep, &d, now);
+}
+
+/* ---- decisions ---------------------------------------------------------------------------- */
+
+static int key_fields(const json_t *o, seg key[3], char *err, size_t errlen)
+{
+    return str_field(o, "tenant_id", &key[0].p, &key[0].len, err, errlen) ||
+           str_field(o, "action_type", &key[1].p, &key[1].len, err, errlen) ||
+           str_field(o, "client_id", &key[2].p, &key[2].len, err, errlen);
+}
+
+/* POST /api/check_and_consume */
+static void h_check(ctx *x, int method)
+{
+    (void)method;
+    static const char *const fields[] = {"tenant_id", "client_id", "action_type", "cost",
+                                         "max_requests", "window_duration_seconds", NULL};
+    json_t *o = body_object(x);
+    if (!o)
+        return;
+    char err[512];
+    seg key[3];
+    json_int_t cost = 1;
+    int have_cost, have_max, have_win;
+    double max = 0, win = 0;
+    sl_policy pol;
+    if (only_fields(o, fields, "", err, sizeof err) || key_fields(o, key, err, sizeof err) ||
+        int_field(o, "cost", 0, JSON_INTEGER_MAX, &cost, &have_cost, err, sizeof err) ||
+        num_field(o, "", "max_requests", &max, &have_max, err, sizeof err) ||
+        num_field(o, "", "window_duration_seconds", &win, &have_win, err, sizeof err))
+        goto bad;
+    if (have_max != have_win) {
+        snprintf(err, sizeof err, "field \"%s\" is required with \"%s\"",
+                 have_max ? "window_duration_seconds" : "max_requests",
+                 have_max ? "max_requests" : "window_duration_seconds");
+        goto bad;
+    }
+    if (have_max) {
+        if (!(win > 0)) {
+            snprintf(err, sizeof err, "field \"window_duration_seconds\" must be > 0");
+            goto bad;
+        }
+        pol = SL_POLICY_TOKEN_BUCKET(max, max / win);
+        int rc = sl_policy_validate(&pol);
+        if (rc != SL_OK) {
+            invalid_policy(rc, "max_requests/window_duration_seconds: ", err, sizeof err);
+            goto bad;
+        }
+    }
+    submit(x, key, (uint64_t)cost, have_max ? &pol : NULL); /* copies the key */
+    json_decref(o);
+    return;
+bad:
+    json_decref(o);
+    reply_error(x, 400, NULL, "%s", err);
+}
+
+/* GET /api/status/{tenant}/{client}/{action}: the key as it is, consuming nothing and creating
+ * no key. Decided in order with the connection's other requests, as a decision of cost 0
+ * (which gives the units left now); sd_api_emit adds whether a check of cost 1 would pass. */
+static void h_status(ctx *x, int method)
+{
+    (void)method;
+    seg key[3] = {x->arg[0], x->arg[2], x->arg[1]};
+    submit(x, key, 0, NULL);
+}
+
+/* POST /api/release */
+static void h_release(ctx *x, int method)
+{
+    (void)method;
+    static const char *const fields[] = {"tenant_id", "client_id", "action_type", "lease_id",
+                                         NULL};
+    json_t *o = body_object(x);
+    if (!o)
+        return;
+    char err[512];
+    seg key[3];
+    json_int_t lease = 0;
+    int have = 0, bad = only_fields(o, fields, "", err, sizeof err) ||
+                        key_fields(o, key, err, sizeof err) ||
+                        int_field(o, "lease_id", 1, JSON_INTEGER_MAX, &lease, &have, err,
+                                  sizeof err);
+    if (!bad && !have) {
+        snprintf(err, sizeof err, "missing field \"lease_id\"");
+        bad = 1;
+    }
+    if (bad) {
+        json_decref(o);
+        return reply_error(x, 400, NULL, "%s", err);
+    }
+    sl_key k = {key[0].p, key[0].len, key[1].p, key[1].len, key[2].p, key[2].len};
+    int rc = sl_release(x->c->srv->lim, &k, (uint64_t)lease, SL_NOW);
+    json_decref(o);
+    if (rc != SL_OK)
+        return reply_lib(x, rc);
+    resp_buf b = {0};
+    jraw(&b, "{\"released\": true}");
+    reply_json(x, 200, &b);
+}
+
+/* ---- small endpoints -------------------------------------------------------------------- */
+
+/* GET /api/health */
+static void h_health(ctx *x, int method)
+{
+    (void)method;
+    resp_buf o = {0};
+    jraw(&o, "{\"status\": \"ok\", \"version\": ");
+    jcstr(&o, sl_version_string());
+    jraw(&o, "}");
+    reply_json(x, 200, &o);
+}
+
+/* GET /metrics */
+static void h_metrics(ctx *x, int method)
+{
+    (void)method;
+    resp_buf o = {0};
+    sd_metrics_render(x->c->srv, &o);
+    if (o.oom)
+        x->c->out.oom = 1;
+    else
+        sd_http_reply(sd_reply_buf(x->c), x->r->tag, x->ep, 200, "text/plain; version=0.0.4; charset=utf-8",
+                      NULL, 0, o.p, o.len);
+    resp_buf_free(&o);
+}
+
+/* ---- configuration ------------------------------------------------------------------------ */
+
+typedef struct members {
+    resp_buf *o;
+    int n;
+} members;
+
+static int weight_item(void *arg, const char *tenant, size_t len, unsigned weight)
+{
+    members *m = arg;
+    jkey_id(m->o, &m->n, tenant, len);
+    jint(m->o, weight);
+    return 0;
+}
+
+/* The members of GET|PUT /api/config/global: the default policy and admission control. */
+static void global_body(sd_server *srv, resp_buf *o, int *n)
+{
+    sl_policy p;
+    sl_default_get(srv->lim, &p);
+    jkey(o, n, "default_policy");
+    jpolicy(o, &p);
+    jkey(o, n, "max_global_concurrent_requests");
+    jint(o, atomic_load(&srv->adm.max_global_concurrent));
+    jkey(o, n, "max_tenant_queue_size");
+    jint(o, atomic_load(&srv->adm.max_tenant_queue));
+    jkey(o, n, "max_queue_wait_ms");
+    jint(o, atomic_load(&srv->adm.max_queue_wait_ms));
+    jkey(o, n, "tenant_weights");
+    members w = {o, 0};
+    resp_raw(o, "{", 1);
+    sd_weight_list(&srv->adm, weight_item, &w);
+    resp_raw(o, "}", 1);
+}
+
+typedef struct list_ctx {
+    resp_buf *o;
+    int n;
+    const char *tenant; /* filter (GET /api/config/tenant/{t}); NULL = all */
+    size_t tenant_len;
+    sl_scope scope;     /* with a tenant: the scope listed */
+} list_ctx;
+
+static const char *const k_scopes[] = {"", "tenant", "action", "client"};
+
+static int rule_item(void *arg, sl_scope scope, const sl_key *k, const sl_policy *p)
+{
+    list_ctx *x = arg;
+    resp_buf *o = x->o;
+    int n = 0;
+    if (x->n++)
+        resp_raw(o, ", ", 2);
+    resp_raw(o, "{", 1);
+    jkey(o, &n, "scope");
+    jcstr(o, k_scopes[scope]);
+    jkey(o, &n, "tenant_id");
+    jid(o, k->tenant, k->tenant_len);
+    if (scope != SL_SCOPE_TENANT) {
+        jkey(o, &n, "action_type");
+        jid(o, k->action, k->action_len);
+    }
+    if (scope == SL_SCOPE_CLIENT) {
+        jkey(o, &n, "client_id");
+        jstr(o, k->client, k->client_len);
+    }
+    jkey(o, &n, "policy");
+    jpolicy(o, p);
+    resp_raw(o, "}", 1);
+    return 0;
+}
+
+static int tier_item(void *arg, const char *name, const sl_policy *p)
+{
+    list_ctx *x = arg;
+    if (x->n++)
+        resp_raw(x->o, ", ", 2);
+    jcstr(x->o, name);
+    resp_raw(x->o, ": ", 2);
+    jpolicy(x->o, p);
+    return 0;
+}
+
+static void tiers_object(sl_limiter *l, resp_buf *o)
+{
+    list_ctx lx = {o, 0, NULL, 0, 0};
+    resp_raw(o, "{", 1);
+    sl_tier_list(l, tier_item, &lx);
+    resp_raw(o, "}", 1);
+}
+
+/* GET /api/config */
+static void h_config(ctx *x, int method)
+{
+    (void)method;
+    sd_server *srv = x->c->srv;
+    resp_buf o = {0};
+    int n = 0;
+    resp_raw(&o, "{", 1);
+    global_body(srv, &o, &n);
+    jkey(&o, &n, "rules");
+    resp_raw(&o, "[", 1);
+    list_ctx lx = {&o, 0, NULL, 0, 0};
+    sl_rule_list(srv->lim, rule_item, &lx);
+    resp_raw(&o, "]", 1);
+    jkey(&o, &n, "tiers");
+    tiers_object(srv->lim, &o);
+    resp_raw(&o, "}", 1);
+    reply_json(x, 200, &o);
+}
+
+/* GET|PUT /api/config/global. PUT checks every field before it changes anything. */
+static void h_global(ctx *x, int method)
+{
+    sd_server *srv = x->c->srv;
+    if (method == SD_HTTP_PUT) {
+        static const char *const fields[] = {"max_global_concurrent_requests",
+                                             "max_tenant_queue_size", "max_queue_wait_ms",
+                                             "default_policy", NULL};
+        json_t *o = body_object(x);
+        if (!o)
+            return;
+        char err[512];
+        json_int_t global = 0, queue_size = 0, wait_ms = 0;
+        int have_global, have_queue, have_wait;
+        sl_policy p;
+        const json_t *pv = json_object_get(o, "default_policy");
+        if (only_fields(o, fields, "", err, sizeof err) ||
+            int_field(o, "max_global_concurrent_requests", 1, ADMISSION_MAX, &global,
+                      &have_global, err, sizeof err) ||
+            int_field(o, "max_tenant_queue_size", 0, ADMISSION_MAX, &queue_size, &have_queue,
+                      err, sizeof err) ||
+            int_field(o, "max_queue_wait_ms", 1, 3600000, &wait_ms, &have_wait, err,
+                      sizeof err) ||
+            (pv && policy_from_json(pv, "default_policy: ", &p, err, sizeof err))) {
+            json_decref(o);
+            return reply_error(x, 400, NULL, "%s", err);
+        }
+        json_decref(o);
+        int rc = pv ? sl_default_set(srv->lim, &p) : SL_OK; /* the only step that can fail */
+        if (rc != SL_OK)
+            return reply_lib(x, rc);
+        if (have_global)
+            atomic_store(&srv->adm.max_global_concurrent, (int64_t)global);
+        if (have_queue)
+            atomic_store(&srv->adm.max_tenant_queue, (int64_t)queue_size);
+        if (have_wait)
+            atomic_store(&srv->adm.max_queue_wait_ms, (int64_t)wait_ms);
+        sd_info("config: global settings changed by %s", x->c->peer);
+    }
+    resp_buf o = {0};
+    int n = 0;
+    resp_raw(&o, "{", 1);
+    global_body(srv, &o, &n);
+    resp_raw(&o, "}", 1);
+    reply_json(x, 200, &o);
+}
+
+static int same_tenant(const sl_key *k, const char *t, size_t tl)
+{
+    size_t kl = k->tenant_len;
+    const char *kt = k->tenant;
+    if (kl == 7 && memcmp(kt, "default", 7) == 0)
+        kl = 0;
+    if (tl == 7 && memcmp(t, "default", 7) == 0)
+        tl = 0;
+    return kl == tl && memcmp(kt, t, tl) == 0;
+}
+
+static int tenant_rule_item(void *arg, sl_scope scope, const sl_key *k, const sl_policy *p)
+{
+    list_ctx *x = arg;
+    resp_buf *o = x->o;
+    if (scope != x->scope || !same_tenant(k, x->tenant, x->tenant_len))
+        return 0;
+    if (x->n++)
+        resp_raw(o, ", ", 2);
+    if (scope == SL_SCOPE_ACTION) {
+        jid(o, k->action, k->action_len);
+        resp_raw(o, ": ", 2);
+        jpolicy(o, p);
+        return 0;
+    }
+    int n = 0;
+    resp_raw(o, "{", 1);
+    jkey(o, &n, "client_id");
+    jstr(o, k->client, k->client_len);
+    jkey(o, &n, "action_type");
+    jid(o, k->action, k->action_len);
+    jkey(o, &n, "policy");
+    jpolicy(o, p);
+    resp_raw(o, "}", 1);
+    return 0;
+}
+
+/* PUT/DELETE (and GET) of one rule. */
+static void rule_method(ctx *x, int method, sl_scope scope, const sl_key *k)
+{
+    sl_limiter *l = x->c->srv->lim;
+    sl_policy p;
+    int rc;
+    if (method == SD_HTTP_GET) {
+        if ((rc = sl_rule_get(l, scope, k, &p)) != SL_OK)
+            return reply_lib(x, rc);
+        return reply_policy(x, &p);
+    }
+    if (method == SD_HTTP_DELETE) {
+        if ((rc = sl_rule_del(l, scope, k)) != SL_OK)
+            return reply_lib(x, rc);
+        return reply_deleted(x);
+    }
+    if (body_policy(x, &p) != 0)
+        return;
+    if ((rc = sl_rule_set(l, scope, k, &p)) != SL_OK)
+        return reply_lib(x, rc);
+    reply_policy(x, &p);
+}
+
+/* GET|PUT|DELETE /api/config/tenant/{t}: GET shows every rule of the tenant; PUT and DELETE
+ * set the tenant's default. */
+static void h_tenant(ctx *x, int method)
+{
+    const seg *t = &x->arg[0];
+    sl_key k = {t->p, t->len, NULL, 0, NULL, 0};
+    if (method != SD_HTTP_GET)
+        return rule_method(x, method, SL_SCOPE_TENANT, &k);
+    sl_limiter *l = x->c->srv->lim;
+    resp_buf o = {0};
+    int n = 0;
+    sl_policy p;
+    resp_raw(&o, "{", 1);
+    jkey(&o, &n, "tenant_id");
+    jid(&o, t->p, t->len);
+    jkey(&o, &n, "default_policy");
+    int rc = sl_rule_get(l, SL_SCOPE_TENANT, &k, &p);
+    if (rc == SL_OK)
+        jpolicy(&o, &p);
+    else
+        jraw(&o, "null");
+    list_ctx lx = {&o, 0, t->p, t->len, SL_SCOPE_ACTION};
+    jkey(&o, &n, "actions");
+    resp_raw(&o, "{", 1);
+    sl_rule_list(l, tenant_rule_item, &lx);
+    resp_raw(&o, "}", 1);
+    lx.n = 0;
+    lx.scope = SL_SCOPE_CLIENT;
+    jkey(&o, &n, "clients");
+    resp_raw(&o, "[", 1);
+    sl_rule_list(l, tenant_rule_item, &lx);
+    resp_raw(&o, "]}", 2);
+    if (rc != SL_OK && rc != SL_ENOTFOUND) {
+        resp_buf_free(&o);
+        return reply_lib(x, rc);
+    }
+    reply_json(x, 200, &o);
+}
+
+/* /api/config/tenant/{t}/action/{a} */
+static void h_action_rule(ctx *x, int method)
+{
+    sl_key k = {x->arg[0].p, x->arg[0].len, x->arg[1].p, x->arg[1].len, NULL, 0};
+    rule_method(x, method, SL_SCOPE_ACTION, &k);
+}
+
+/* /api/config/tenant/{t}/client/{c}/action/{a} */
+static void h_client_rule(ctx *x, int method)
+{
+    sl_key k = {x->arg[0].p, x->arg[0].len, x->arg[2].p, x->arg[2].len, x->arg[1].p,
+                x->arg[1].len};
+    rule_method(x, method, SL_SCOPE_CLIENT, &k);
+}
+
+/* A tier name as the library takes it (NUL-terminated); -1 with the 400 sent. */
+static int tier_name(ctx *x, const char *s, size_t n, char *out)
+{
+    if (n == 0 || n > SL_MAX_ID_LEN || memchr(s, 0, n)) {
+        reply_error(x, 400, NULL, "tier names are 1 to %d bytes without NUL", SL_MAX_ID_LEN);
+        return -1;
+    }
+    memcpy(out, s, n);
+    out[n] = 0;
+    return 0;
+}
+
+/* The tier named in the path does not exist. */
+static void reply_no_tier(ctx *x)
+{
+    reply_error(x, 404, NULL, "%s (%s)", sl_strerror(SL_ETIER), sl_err_name(SL_ETIER));
+}
+
+/* GET /api/config/tiers */
+static void h_tiers(ctx *x, int method)
+{
+    (void)method;
+    resp_buf o = {0};
+    jraw(&o, "{\"tiers\": ");
+    tiers_object(x->c->srv->lim, &o);
+    jraw(&o, "}");
+    reply_json(x, 200, &o);
+}
+
+/* GET|PUT|DELETE /api/config/tiers/{name} */
+static void h_tier(ctx *x, int method)
+{
+    sl_limiter *l = x->c->srv->lim;
+    char name[SL_MAX_ID_LEN + 1];
+    if (tier_name(x, x->arg[0].p, x->arg[0].len, name) != 0)
+        return;
+    sl_policy p;
+    int rc;
+    if (method == SD_HTTP_GET) {
+        if ((rc = sl_tier_get(l, name, &p)) != SL_OK)
+            return rc == SL_ETIER ? reply_no_tier(x) : reply_lib(x, rc);
+        return reply_policy(x, &p);
+    }
+    if (method == SD_HTTP_DELETE) {
+        if ((rc = sl_tier_del(l, name)) != SL_OK)
+            return rc == SL_ETIER ? reply_no_tier(x) : reply_lib(x, rc);
+        return reply_deleted(x);
+    }
+    if (body_policy(x, &p) != 0)
+        return;
+    if ((rc = sl_tier_set(l, name, &p)) != SL_OK)
+        return reply_lib(x, rc);
+    reply_policy(x, &p);
+}
+
+/* PUT|DELETE /api/config/tenant/{t}/client/{c}/tier, body {"tier": "gold"} */
+static void h_assign(ctx *x, int method)
+{
+    sl_key k = {x->arg[0].p, x->arg[0].len, NULL, 0, x->arg[1].p, x->arg[1].len};
+    sl_limiter *l = x->c->srv->lim;
+    int rc;
+    if (method == SD_HTTP_DELETE) {
+        if ((rc = sl_tier_assign(l, &k, NULL)) != SL_OK)
+            return reply_lib(x, rc);
+        return reply_deleted(x);
+    }
+    static const char *const fields[] = {"tier", NULL};
+    json_t *o = body_object(x);
+    if (!o)
+        return;
+    char err[512], name[SL_MAX_ID_LEN + 1];
+    seg t;
+    if (only_fields(o, fields, "", err, sizeof err) ||
+        str_field(o, "tier", &t.p, &t.len, err, sizeof err)) {
+        json_decref(o);
+        return reply_error(x, 400, NULL, "%s", err);
+    }
+    rc = tier_name(x, t.p, t.len, name);
+    json_decref(o);
+    if (rc != 0)
+        return;
+    if ((rc = sl_tier_assign(l, &k, name)) != SL_OK)
+        return rc == SL_ETIER ? reply_error(x, 400, NULL, "unknown tier \"%s\" (SL_ETIER)", name)
+                              : reply_lib(x, rc);
+    resp_buf b = {0};
+    int n = 0;
+    resp_raw(&b, "{", 1);
+    jkey(&b, &n, "tenant_id");
+    jid(&b, k.tenant, k.tenant_len);
+    jkey(&b, &n, "client_id");
+    jstr(&b, k.client, k.client_len);
+    jkey(&b, &n, "tier");
+    jcstr(&b, name);
+    resp_raw(&b, "}", 1);
+    reply_json(x, 200, &b);
+}
+
+/* ---- routing -------------------------------------------------------------------------------- */
+
+#define M(m) (1u << (m))
+typedef struct route {
+    const char *pattern; /* '*' matches one segment */
+    sd_endpoint ep;
+    unsigned methods;    /* M(SD_HTTP_...); GET implies HEAD */
+    void (*fn)(ctx *x, int method);
+} route;
+
+static const route k_routes[] = {
+    {"/api/check_and_consume", SD_EP_CHECK, M(SD_HTTP_POST), h_check},
+    {"/api/status/*/*/*", SD_EP_STATUS, M(SD_HTTP_GET), h_status},
+    {"/api/release", SD_EP_RELEASE, M(SD_HTTP_POST), h_release},
+    {"/api/health", SD_EP_HEALTH, M(SD_HTTP_GET), h_health},
+    {"/api/config", SD_EP_CONFIG, M(SD_HTTP_GET), h_config},
+    {"/api/config/global", SD_EP_CONFIG, M(SD_HTTP_GET) | M(SD_HTTP_PUT), h_global},
+    {"/api/config/tiers", SD_EP_CONFIG, M(SD_HTTP_GET), h_tiers},
+    {"/api/config/tiers/*", SD_EP_CONFIG, M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
+     h_tier},
+    {"/api/config/tenant/*", SD_EP_CONFIG, M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
+     h_tenant},
+    {"/api/config/tenant/*/action/*", SD_EP_CONFIG,
+     M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_action_rule},
+    {"/api/config/tenant/*/client/*/action/*", SD_EP_CONFIG,
+     M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_client_rule},
+    {"/api/config/tenant/*/client/*/tier", SD_EP_CONFIG, M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
+     h_assign},
+    {"/metrics", SD_EP_METRICS, M(SD_HTTP_GET), h_metrics},
+};
+#define NROUTES (sizeof k_routes / sizeof k_routes[0])
+
+static int hexval(char ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
+/* Split the path of a request-target into percent-decoded segments (decoded into `buf`,
+ * at least as long as the target). Splitting comes first, so "%2F" stays inside a segment.
+ * Returns the number of segments, or SPLIT_BAD_TARGET (not a path: "*", "host:port"),
+ * SPLIT_BAD_ESCAPE (a '%' without two hex digits), SPLIT_TOO_DEEP (more segments than any
+ * route has). */
+enum { SPLIT_BAD_TARGET = -1, SPLIT_BAD_ESCAPE = -2, SPLIT_TOO_DEEP = -3 };
+
+static int split_path(const char *t, size_t n, char *buf, seg *segs)
+{
+    size_t i = 0;
+    if ((n >= 7 && strncasecmp(t, "http://", 7) == 0) ||
+        (n >= 8 && strncasecmp(t, "https://", 8) == 0)) {
+        i = t[4] == ':' ? 7 : 8; /* absolute-form: skip the authority */
+        while (i < n && t[i] != '/' && t[i] != '?')
+            i++;
+    }
+    size_t end = i;
+    while (end < n && t[end] != '?' && t[end] != '#')
+        end++;
+    if (i >= end || t[i] != '/')
+        return i == end && i > 0 ? 0 : SPLIT_BAD_TARGET; /* "http://host": the root */
+    int ns = 0;
+    size_t out = 0;
+    while (i < end) {
+        i++; /* the '/' */
+        if (ns == MAX_SEGS)
+            return SPLIT_TOO_DEEP;
+        segs[ns].p = buf + out;
+        size_t start = out;
+        while (i < end && t[i] != '/') {
+            if (t[i] == '%') {
+                int hi = i + 2 < end ? hexval(t[i + 1]) : -1;
+                int lo = i + 2 < end ? hexval(t[i + 2]) : -1;
+                if (hi < 0 || lo < 0)
+                    return SPLIT_BAD_ESCAPE;
+                buf[out++] = (char)(hi * 16 + lo);
+                i += 3;
+            } else {
+                buf[out++] = t[i++];
+            }
+        }
+        segs[ns++].len = out - start;
+    }
+    return ns;
+}
+
+static int match(const char *pat, const seg *s, int ns, ctx *x)
+{
+    int i = 0;
+    x->nargs = 0;
+    const char *p = pat + 1;
+    for (;;) {
+        const char *slash = strchr(p, '/');
+        size_t len = slash ? (size_t)(slash - p) : strlen(p);
+        if (i >= ns)
+            return 0;
+        if (len == 1 && *p == '*')
+            x->arg[x->nargs++] = s[i];
+        else if (s[i].len != len || memcmp(s[i].p, p, len) != 0)
+            return 0;
+        i++;
+        if (!slash)
+            break;
+        p = slash + 1;
+    }
+    return i == ns;
+}
+
+/* Authorization: Bearer <admin_token>, compared in time independent of where it differs. */
+static int authorized(const ctx *x)
+{
+    const char *want = x->c->srv->cfg.admin_token;
+    if (!want[0])
+        return 1;
+    const char *a = x->r->auth;
+    size_t n = x->r->auth_len;
+    if (!a || n < 7 || strncasecmp(a, "Bearer ", 7) != 0)
+        return 0;
+    a += 7, n -= 7;
+    while (n && (*a == ' ' || *a == '\t'))
+        a++, n--;
+    while (n && (a[n - 1] == ' ' || a[n - 1] == '\t'))
+        n--;
+    size_t wl = strlen(want);
+    unsigned char diff = (unsigned char)(n != wl);
+    for (size_t i = 0; i < wl; i++)
+        diff |= (unsigned char)(want[i] ^ (i < n ? a[i] : 0));
+    return diff == 0;
+}
+
+static void allow_header(unsigned methods, char *h, size_t len)
+{
+    static const struct {
+        int m;
+        const char *name;
+    } names[] = {{SD_HTTP_GET, "GET, HEAD"}, {SD_HTTP_POST, "POST"}, {SD_HTTP_PUT, "PUT"},
+                 {SD_HTTP_DELETE, "DELETE"}};
+    size_t n = (size_t)snprintf(h, len, "Allow: ");
+    int first = 1;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (methods & M(names[i].m)) {
+            n += (size_t)snprintf(h + n, len - n, "%s%s", first ? "" : ", ", names[i].name);
+            first = 0;
+        }
+    snprintf(h + n, len - n, "\r\n");
+}
+
+void sd_api_dispatch(sd_conn *c, const sd_http_req *r)
+{
+    static _Thread_local char t_path[HTTP_MAX_HEAD]; /* decoded is never longer */
+    ctx x = {c, r, SD_EP_OTHER, {{0}}, 0};
+    seg segs[MAX_SEGS];
+    int ns = r->target_len <= sizeof t_path ? split_path(r->target, r->target_len, t_path, segs)
+                                            : SPLIT_BAD_TARGET;
+    if (ns == SPLIT_BAD_TARGET)
+        return reply_error(&x, 400, NULL, "the request target must be a path such as /api/health");
+    if (ns == SPLIT_BAD_ESCAPE)
+        return reply_error(&x, 400, NULL, "invalid percent-encoding in the request path");
+    const route *rt = NULL;
+    for (size_t i = 0; ns >= 0 && i < NROUTES && !rt; i++)
+        if (match(k_routes[i].pattern, segs, ns, &x))
+            rt = &k_routes[i];
+    if (!rt)
+        return reply_error(&x, 404, NULL, "no such endpoint");
+    x.ep = rt->ep;
+    int method = r->method == SD_HTTP_HEAD ? SD_HTTP_GET : r->method;
+    if (method < 0 || method > SD_HTTP_PUT || !(rt->methods & M(method))) {
+        char allow[96];
+        allow_header(rt->methods, allow, sizeof allow);
+        return reply_error(&x, 405, allow, "method not allowed (allowed: %.*s)",
+                           (int)strlen(allow) - 9, allow + 7);
+    }
+    if ((method == SD_HTTP_PUT || method == SD_HTTP_DELETE) && !authorized(&x))
+        return reply_error(&x, 401, "WWW-Authenticate: Bearer realm=\"sluiced\"\r\n",
+                           "configuration changes need Authorization: Bearer <admin token>");
+    rt->fn(&x, method);
+}

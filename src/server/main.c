@@ -1,0 +1,264 @@
+/*
+ * main.c — sluiced: settings (config file, then flags), logging, signals.
+ */
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "server.h"
+
+int sd_log_level = SD_LOG_INFO;
+static const char *const k_levels[] = {"error", "warn", "info", "debug"};
+
+void sd_log(int level, const char *fmt, ...)
+{
+    if (level > sd_log_level)
+        return;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    char line[1024];
+    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ",
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                     tm.tm_sec, ts.tv_nsec / 1000000, k_levels[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    line[len++] = '\n';
+    (void)!write(STDERR_FILENO, line, len); /* one write: lines of threads never interleave */
+}
+
+void sd_settings_init(sd_settings *s)
+{
+    memset(s, 0, sizeof *s);
+    snprintf(s->bind, sizeof s->bind, "127.0.0.1");
+    s->resp_port = 6390;
+    s->http_port = 8080;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    s->threads = n > 0 && n < 256 ? (int)n : 1;
+    s->log_level = SD_LOG_INFO;
+    s->max_connections = 10000;
+    s->idle_timeout_s = 300;
+    s->shutdown_timeout_ms = 5000;
+}
+
+static const char k_usage[] =
+    "usage: sluiced [options]\n"
+    "  --bind ADDR             address to listen on (default 127.0.0.1)\n"
+    "  --resp-port N           Redis-protocol port (default 6390; 0 = off)\n"
+    "  --http-port N           HTTP/JSON port (default 8080; 0 = off)\n"
+    "  --threads N             worker threads (default: the number of CPUs)\n"
+    "  --config FILE           JSON settings file; flags given here override it\n"
+    "  --data-dir DIR          where configuration and snapshots are kept\n"
+    "  --admin-token TOKEN     required (Authorization: Bearer) for HTTP config changes\n"
+    "  --requirepass PASSWORD  required (AUTH) on the Redis-protocol port\n"
+    "  --max-keys N            keys held at most; least recently used evicted (0 = no bound)\n"
+    "  --max-connections N     open connections at most (default 10000)\n"
+    "  --idle-timeout S        close connections idle S seconds (default 300; 0 = never)\n"
+    "  --shutdown-timeout MS   on SIGTERM, wait at most MS for in-flight requests (5000)\n"
+    "  --log-level LEVEL       error, warn, info (default) or debug\n"
+    "  --help, --version\n";
+
+/* ---- one setting, from a flag or the config file ---- */
+
+typedef struct opt {
+    const char *flag;  /* "--resp-port" */
+    const char *key;   /* "resp_port" in the config file */
+    char kind;         /* 'i' int, 's' string, 'z' size, 'l' log level */
+    size_t off;
+    long long min, max;
+    size_t cap;        /* strings: buffer size */
+} opt;
+
+#define OFF(f) offsetof(sd_settings, f)
+static const opt k_opts[] = {
+    {"--bind", "bind", 's', OFF(bind), 0, 0, sizeof(((sd_settings *)0)->bind)},
+    {"--resp-port", "resp_port", 'i', OFF(resp_port), 0, 65535, 0},
+    {"--http-port", "http_port", 'i', OFF(http_port), 0, 65535, 0},
+    {"--threads", "threads", 'i', OFF(threads), 1, 256, 0},
+    {"--data-dir", "data_dir", 's', OFF(data_dir), 0, 0, sizeof(((sd_settings *)0)->data_dir)},
+    {"--admin-token", "admin_token", 's', OFF(admin_token), 0, 0,
+     sizeof(((sd_settings *)0)->admin_token)},
+    {"--requirepass", "requirepass", 's', OFF(requirepass), 0, 0,
+     sizeof(((sd_settings *)0)->requirepass)},
+    {"--max-keys", "max_keys", 'z', OFF(max_keys), 0, (long long)1 << 40, 0},
+    {"--max-connections", "max_connections", 'i', OFF(max_connections), 1, 1000000, 0},
+    {"--idle-timeout", "idle_timeout_seconds", 'i', OFF(idle_timeout_s), 0, 86400 * 7, 0},
+    {"--shutdown-timeout", "shutdown_timeout_ms", 'i', OFF(shutdown_timeout_ms), 0, 600000, 0},
+    {"--log-level", "log_level", 'l', OFF(log_level), 0, 0, 0},
+};
+#define NOPTS (sizeof k_opts / sizeof k_opts[0])
+
+static _Noreturn void bad(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("sluiced: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(2);
+}
+
+/* Apply a textual value (flag) to a setting. */
+static void set_text(sd_settings *s, const opt *o, const char *v, const char *where)
+{
+    char *p = (char *)s + o->off;
+    if (o->kind == 's') {
+        if (strlen(v) >= o->cap)
+            bad("%s: value longer than %zu bytes", where, o->cap - 1);
+        memcpy(p, v, strlen(v) + 1);
+        return;
+    }
+    if (o->kind == 'l') {
+        for (int i = 0; i < 4; i++)
+            if (strcmp(v, k_levels[i]) == 0) {
+                *(int *)p = i;
+                return;
+            }
+        bad("%s: '%s' is not a log level (error, warn, info, debug)", where, v);
+    }
+    char *end;
+    errno = 0;
+    long long n = strtoll(v, &end, 10);
+    if (!*v || *end || errno || n < o->min || n > o->max)
+        bad("%s: '%s' is not a whole number from %lld to %lld", where, v, o->min, o->max);
+    if (o->kind == 'z')
+        *(size_t *)p = (size_t)n;
+    else
+        *(int *)p = (int)n;
+}
+
+static void load_config(sd_settings *s, const char *path)
+{
+    json_error_t e;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
+    if (!root)
+        bad("--config %s: line %d, column %d: %s", path, e.line, e.column, e.text);
+    if (!json_is_object(root))
+        bad("--config %s: the file must hold one JSON object", path);
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v)
+    {
+        const opt *o = NULL;
+        for (size_t i = 0; i < NOPTS; i++)
+            if (strcmp(k_opts[i].key, key) == 0)
+                o = &k_opts[i];
+        char where[600];
+        snprintf(where, sizeof where, "--config %s: field \"%s\"", path, key);
+        if (!o)
+            bad("%s: unknown setting", where);
+        if (o->kind == 's' || o->kind == 'l') {
+            if (!json_is_string(v))
+                bad("%s: must be a string", where);
+            set_text(s, o, json_string_value(v), where);
+        } else {
+            if (!json_is_integer(v))
+                bad("%s: must be a whole number", where);
+            char num[32];
+            snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+            set_text(s, o, num, where);
+        }
+    }
+    json_decref(root);
+}
+
+static void parse_args(sd_settings *s, int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) { /* the config file first: flags override it */
+        if (strcmp(argv[i], "--config") == 0) {
+            if (i + 1 >= argc)
+                bad("--config: missing file name");
+            load_config(s, argv[++i]);
+        } else if (strncmp(argv[i], "--config=", 9) == 0) {
+            load_config(s, argv[i] + 9);
+        }
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(k_usage, stdout);
+            exit(0);
+        }
+        if (strcmp(a, "--version") == 0) {
+            printf("sluiced %s\n", sl_version_string());
+            exit(0);
+        }
+        const char *eq = strchr(a, '=');
+        size_t flen = eq ? (size_t)(eq - a) : strlen(a);
+        if (flen == 8 && strncmp(a, "--config", 8) == 0) {
+            if (!eq)
+                i++;
+            continue;
+        }
+        const opt *o = NULL;
+        for (size_t k = 0; k < NOPTS; k++)
+            if (strlen(k_opts[k].flag) == flen && strncmp(k_opts[k].flag, a, flen) == 0)
+                o = &k_opts[k];
+        if (!o)
+            bad("unknown option '%s' (see --help)", a);
+        const char *v = eq ? eq + 1 : (i + 1 < argc ? argv[++i] : NULL);
+        if (!v)
+            bad("%s: missing value", o->flag);
+        set_text(s, o, v, o->flag);
+    }
+    if (!s->resp_port && !s->http_port)
+        bad("--resp-port and --http-port are both 0: nothing to serve");
+}
+
+int main(int argc, char **argv)
+{
+    static sd_server srv;
+    sd_settings_init(&srv.cfg);
+    parse_args(&srv.cfg, argc, argv);
+    sd_log_level = srv.cfg.log_level;
+
+    sl_options o;
+    sl_options_init(&o);
+    o.max_keys = srv.cfg.max_keys;
+    int rc = sl_open(&srv.lim, &o);
+    if (rc != SL_OK) {
+        sd_error("cannot open the limiter: %s", sl_strerror(rc));
+        return 1;
+    }
+    srv.started_ns = sl_now(srv.lim);
+    sd_admission_init(&srv.adm);
+
+    /* Signals are taken by this thread only (sigwait); workers inherit the mask. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (sd_net_start(&srv) != 0) {
+        sl_close(srv.lim);
+        return 1;
+    }
+    sd_info("sluiced %s ready: %d threads, in-memory store%s", sl_version_string(),
+            srv.cfg.threads, srv.cfg.requirepass[0] ? ", AUTH required" : "");
+    int sig = 0;
+    sigwait(&set, &sig);
+    sd_info("%s: stopping (in-flight requests get up to %d ms)",
+            sig == SIGINT ? "SIGINT" : "SIGTERM", srv.cfg.shutdown_timeout_ms);
+    sd_net_stop(&srv);
+    sd_net_wait(&srv);
+    sl_close(srv.lim);
+    sd_info("stopped");
+    return 0;
+}

@@ -1,0 +1,57 @@
+/*
+ * net.h — connections as the protocol code sees them.
+ *
+ * A worker reads into the connection's input buffer and calls its protocol's `feed`, which
+ * handles the complete requests in it (answering at once, or submitting decisions to the
+ * admission scheduler, up to SD_PIPELINE_MAX undecided) and says how many bytes it used.
+ * Replies go out in request order, as many as are ready in one write. While a write is
+ * pending, or too many requests are undecided, the connection is not read (backpressure: a
+ * client that does not read its replies stops being served, and buffers stay bounded).
+ */
+#ifndef SD_NET_H
+#define SD_NET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "resp.h"
+#include "server.h"
+
+#define SD_IN_MAX (1024 * 1024 + 2 * RESP_MAX_BULK) /* input a connection may buffer */
+/* Undecided requests one connection may have: `feed` stops parsing at this many (the rest
+ * stays in the input buffer, and the connection is not read, until some are decided). */
+#define SD_PIPELINE_MAX 256
+
+#include "admission.h"
+
+typedef struct sd_proto {
+    const char *name;
+    int (*open)(sd_conn *c);     /* allocate c->state; 0 or -1 (connection refused) */
+    size_t (*feed)(sd_conn *c);  /* see above */
+    void (*close)(sd_conn *c);   /* free c->state */
+    /* Write the reply of a finished (decided or rejected) item. */
+    void (*emit)(sd_conn *c, sd_item *it, resp_buf *out);
+} sd_proto;
+
+struct sd_conn {
+    sd_server *srv;
+    const sd_proto *proto;
+    void *state;          /* the protocol's */
+    uint64_t id;          /* unique in this process, from 1 */
+    char *in;
+    size_t in_len, in_cap;
+    resp_buf out;         /* replies not yet written (any protocol) */
+    int close_after_write;/* set by the protocol: QUIT, protocol error, HTTP Connection: close */
+    int64_t last_active_ms;
+    char peer[64];        /* "127.0.0.1:5432", for logs */
+    sd_sched *sched;      /* the worker's admission scheduler */
+    sd_item *items, *items_tail; /* requests whose replies are not written yet, in order */
+    size_t items_waiting;        /* of those, how many are not decided yet */
+    int dirty;                   /* on the scheduler's list of connections with new replies */
+    sd_conn *dirty_next;
+};
+
+extern const sd_proto sd_proto_resp;
+extern const sd_proto sd_proto_http;
+
+#endif

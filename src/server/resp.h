@@ -1,0 +1,75 @@
+/*
+ * resp.h — the Redis protocol (RESP2) on the wire: parse commands, write replies.
+ *
+ * A command is either a multibulk array of bulk strings (`*2\r\n$4\r\nPING\r\n...`, what every
+ * client library sends) or an inline line (`PING\r\n`, what a person types into telnet). The
+ * parser is stateless: it is handed the unread bytes of a connection and either parses one
+ * complete command, says it needs more bytes, or names the protocol error. Every size is
+ * checked against its limit *before* anything is buffered for it, so a client cannot make the
+ * server allocate by announcing a huge array or bulk string.
+ *
+ * Arguments point into the caller's buffer: they stay valid until the buffer is changed.
+ */
+#ifndef SL_RESP_H
+#define SL_RESP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define RESP_MAX_ARGS 256          /* arguments per command */
+#define RESP_MAX_BULK (64 * 1024)  /* bytes per argument */
+#define RESP_MAX_INLINE (64 * 1024) /* bytes per inline command line */
+
+typedef struct resp_arg {
+    const char *p;
+    size_t len;
+} resp_arg;
+
+typedef struct resp_cmd {
+    int argc;
+    resp_arg argv[RESP_MAX_ARGS];
+} resp_cmd;
+
+enum {
+    RESP_NEED_MORE = 0, /* no complete command yet */
+    RESP_ERROR = -1     /* protocol error: *err names it; the connection must be closed */
+};
+
+/* Parse one command from buf[0..len). Returns the number of bytes it took (> 0) and fills
+ * `cmd` (argc may be 0 for an empty inline line, which the caller skips), or RESP_NEED_MORE,
+ * or RESP_ERROR with *err set to a static message in Redis's wording. */
+long resp_parse(const char *buf, size_t len, resp_cmd *cmd, const char **err);
+
+/* ---- replies: appended to a growable buffer ---- */
+
+typedef struct resp_buf {
+    char *p;
+    size_t len, cap;
+    int oom; /* an append failed: the buffer is incomplete and the connection must close */
+} resp_buf;
+
+void resp_buf_free(resp_buf *b);
+void resp_buf_reset(resp_buf *b); /* len = 0, keeps the memory */
+void resp_raw(resp_buf *b, const char *s, size_t n);
+void resp_simple(resp_buf *b, const char *s);          /* +s */
+void resp_error(resp_buf *b, const char *fmt, ...)     /* -fmt (one line, no \r or \n) */
+    __attribute__((format(printf, 2, 3)));
+void resp_int(resp_buf *b, int64_t v);                 /* :v */
+void resp_bulk(resp_buf *b, const char *s, size_t n);  /* $n s */
+void resp_bulk_str(resp_buf *b, const char *s);
+void resp_null(resp_buf *b);                           /* $-1 */
+void resp_array(resp_buf *b, long n);                  /* *n (then n replies) */
+
+/* Argument helpers */
+int resp_arg_is(const resp_arg *a, const char *word); /* ASCII case-insensitive equality */
+/* Parse a whole argument as a decimal integer (optional '-'); 0 on success. */
+int resp_arg_int(const resp_arg *a, int64_t *out);
+/* Parse a whole argument as a finite decimal number; 0 on success. */
+int resp_arg_double(const resp_arg *a, double *out);
+
+/* Length of the valid UTF-8 sequence at s[0..n) (n >= 1), or 0 if none starts there
+ * (overlong forms, surrogates and code points above U+10FFFF are invalid too). Ids are
+ * arbitrary bytes; JSON and Prometheus output need UTF-8. */
+size_t sd_utf8_len(const unsigned char *s, size_t n);
+
+#endif

@@ -1,0 +1,808 @@
+/*
+ * resp_cmd.c — the RESP front end: commands and replies.
+ *
+ * Decision commands (SL.TAKE, SL.PEEK, CL.THROTTLE) become items of the worker's admission
+ * scheduler (admission.h), which decides them in batches at the end of the loop iteration and
+ * hands them back to resp_emit. Every other command is answered at once, into the buffer
+ * sd_reply_buf gives, which keeps replies in request order behind undecided items.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "net.h"
+#include "policy_text.h"
+
+#define SL_CELL_TENANT "cl" /* CL.THROTTLE keys live in this tenant (rules on it win) */
+
+typedef struct resp_state {
+    int authed;
+    int proto; /* 2 or 3 (HELLO 3) */
+    char name[256];
+    size_t name_len;
+} resp_state;
+
+enum { K_TAKE, K_PEEK, K_THROTTLE };
+enum { F_TOO_BIG = 1 }; /* CL.THROTTLE quantity above max_burst + 1: never passes */
+
+static _Thread_local resp_cmd t_cmd;
+
+/* ---- helpers ---- */
+
+static int64_t ceil_div(int64_t ns, int64_t unit)
+{
+    return ns <= 0 ? 0 : (ns + unit - 1) / unit;
+}
+
+static void arity(resp_buf *o, const resp_arg *name)
+{
+    char lower[64];
+    size_t n = name->len < sizeof lower - 1 ? name->len : sizeof lower - 1;
+    for (size_t i = 0; i < n; i++)
+        lower[i] = (char)((name->p[i] >= 'A' && name->p[i] <= 'Z') ? name->p[i] + 32 : name->p[i]);
+    resp_error(o, "ERR wrong number of arguments for '%.*s' command", (int)n, lower);
+}
+
+static void lib_error(resp_buf *o, int rc)
+{
+    resp_error(o, "ERR %s (%s)", sl_strerror(rc), sl_err_name(rc));
+}
+
+static sl_key key3(const resp_arg *t, const resp_arg *a, const resp_arg *c)
+{
+    sl_key k = {t ? t->p : NULL, t ? t->len : 0, a ? a->p : NULL, a ? a->len : 0,
+                c ? c->p : NULL, c ? c->len : 0};
+    return k;
+}
+
+/* A NUL-terminated copy of an argument (tier names); -1 if it does not fit. */
+static int cstr(const resp_arg *a, char *buf, size_t len)
+{
+    if (a->len >= len || memchr(a->p, 0, a->len))
+        return -1;
+    memcpy(buf, a->p, a->len);
+    buf[a->len] = 0;
+    return 0;
+}
+
+/* A null reply in the connection's protocol version. */
+static void nul(sd_conn *c)
+{
+    const resp_state *st = c->state;
+    if (st->proto == 3)
+        resp_raw(sd_reply_buf(c), "_\r\n", 3);
+    else
+        resp_null(sd_reply_buf(c));
+}
+
+/* ---- decisions: queued through admission control, answered by resp_emit ---- */
+
+static void resp_emit(sd_conn *c, sd_item *it, resp_buf *o)
+{
+    (void)c;
+    if (it->state == SD_ITEM_REJECTED_FULL)
+        return resp_error(o, "BUSY tenant queue full: too many requests waiting; retry later");
+    if (it->state == SD_ITEM_REJECTED_EXPIRED)
+        return resp_error(o, "BUSY request waited too long for admission; retry later");
+    const sl_decision *d = &it->d;
+    if (d->err != SL_OK)
+        return lib_error(o, d->err);
+    if (it->kind == K_THROTTLE) {
+        int too_big = it->flags & F_TOO_BIG;
+        int allowed = d->allowed && !too_big;
+        resp_array(o, 5);
+        resp_int(o, !allowed);
+        resp_int(o, (int64_t)d->limit);
+        resp_int(o, (int64_t)d->remaining);
+        resp_int(o, allowed || too_big ? -1 : ceil_div(d->retry_after, SL_SECOND));
+        resp_int(o, ceil_div(d->reset_after, SL_SECOND));
+        return;
+    }
+    resp_array(o, 6);
+    resp_int(o, d->allowed);
+    resp_int(o, (int64_t)d->limit);
+    resp_int(o, (int64_t)d->remaining);
+    resp_int(o, d->allowed ? -1 : ceil_div(d->retry_after, 1000000));
+    resp_int(o, ceil_div(d->reset_after, 1000000));
+    resp_int(o, (int64_t)d->lease);
+}
+
+static sd_item *submit_new(sd_conn *c, int kind, const resp_arg *t, const resp_arg *a,
+                           const resp_arg *cl)
+{
+    sd_item *it = sd_item_new(c, t ? t->p : NULL, t ? t->len : 0, a ? a->p : NULL,
+                              a ? a->len : 0, cl->p, cl->len);
+    if (!it) {
+        resp_error(sd_reply_buf(c), "ERR out of memory");
+        return NULL;
+    }
+    it->kind = kind;
+    return it;
+}
+
+/* SL.TAKE tenant action client [COST n] | SL.PEEK tenant action client */
+static void cmd_take(sd_conn *c, const resp_cmd *m, int peek)
+{
+    if (peek ? m->argc != 4 : (m->argc != 4 && m->argc != 6))
+        return arity(sd_reply_buf(c), &m->argv[0]);
+    int64_t cost = 1;
+    if (m->argc == 6) {
+        if (!resp_arg_is(&m->argv[4], "COST"))
+            return resp_error(sd_reply_buf(c), "ERR syntax error: expected COST <n>");
+        if (resp_arg_int(&m->argv[5], &cost) != 0 || cost < 0)
+            return resp_error(sd_reply_buf(c), "ERR COST must be a whole number >= 0");
+    }
+    sd_item *it = submit_new(c, peek ? K_PEEK : K_TAKE, &m->argv[1], &m->argv[2], &m->argv[3]);
+    if (!it)
+        return;
+    it->req.cost = peek ? 1 : (uint64_t)cost; /* SL.PEEK: would one more pass? (sl_peek) */
+    it->req.peek = peek;
+    sd_sched_submit(c->sched, it, c->last_active_ms);
+}
+
+/* CL.THROTTLE key max_burst count period [quantity] — redis-cell's command and reply. */
+static void cmd_throttle(sd_conn *c, const resp_cmd *m)
+{
+    if (m->argc != 5 && m->argc != 6)
+        return arity(sd_reply_buf(c), &m->argv[0]);
+    int64_t burst, count, period, qty = 1;
+    if (resp_arg_int(&m->argv[2], &burst) != 0 || burst < 0 || burst >= 1000000000)
+        return resp_error(sd_reply_buf(c), "ERR max_burst must be a whole number from 0 to 999999999");
+    if (resp_arg_int(&m->argv[3], &count) != 0 || count < 1 || count > 1000000000)
+        return resp_error(sd_reply_buf(c), "ERR count must be a whole number from 1 to 1000000000");
+    if (resp_arg_int(&m->argv[4], &period) != 0 || period < 1 || period > 366 * 86400)
+        return resp_error(sd_reply_buf(c), "ERR period must be a whole number of seconds from 1 to 31622400");
+    if (m->argc == 6 && (resp_arg_int(&m->argv[5], &qty) != 0 || qty < 0))
+        return resp_error(sd_reply_buf(c), "ERR quantity must be a whole number >= 0");
+    if (m->argv[1].len == 0)
+        return resp_error(sd_reply_buf(c), "ERR key must not be empty");
+    const resp_arg tenant = {SL_CELL_TENANT, 2};
+    sd_item *it = submit_new(c, K_THROTTLE, &tenant, NULL, &m->argv[1]);
+    if (!it)
+        return;
+    it->pol = SL_POLICY_TOKEN_BUCKET((double)(burst + 1), (double)count / (double)period);
+    it->req.inline_policy = &it->pol;
+    if (qty > burst + 1) {
+        it->flags |= F_TOO_BIG;
+        qty = 0; /* answer from a peek: nothing can be consumed */
+    }
+    it->req.cost = (uint64_t)qty;
+    sd_sched_submit(c->sched, it, c->last_active_ms);
+}
+
+/* SL.RELEASE tenant action client lease */
+static void cmd_release(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    if (m->argc != 5)
+        return arity(o, &m->argv[0]);
+    int64_t lease;
+    if (resp_arg_int(&m->argv[4], &lease) != 0 || lease <= 0)
+        return resp_error(o, "ERR lease must be a lease id from SL.TAKE");
+    sl_key k = key3(&m->argv[1], &m->argv[2], &m->argv[3]);
+    int rc = sl_release(c->srv->lim, &k, (uint64_t)lease, SL_NOW);
+    if (rc == SL_ELEASE)
+        return resp_int(o, 0);
+    if (rc != SL_OK)
+        return lib_error(o, rc);
+    resp_int(o, 1);
+}
+
+/* ---- rules, tiers, the default ---- */
+
+static void reply_policy(resp_buf *o, const sl_policy *p)
+{
+    char text[1024];
+    sd_policy_format(p, text, sizeof text);
+    resp_bulk_str(o, text);
+}
+
+/* Parses "TENANT t | ACTION t a | CLIENT t a c" at argv[i]; returns the index after it. */
+static int scope_args(const resp_cmd *m, int i, sl_scope *scope, sl_key *k)
+{
+    if (i >= m->argc)
+        return -1;
+    int need = resp_arg_is(&m->argv[i], "TENANT")   ? 1
+               : resp_arg_is(&m->argv[i], "ACTION") ? 2
+               : resp_arg_is(&m->argv[i], "CLIENT") ? 3
+                                                    : 0;
+    if (!need || i + need >= m->argc)
+        return -1;
+    *scope = need == 1 ? SL_SCOPE_TENANT : need == 2 ? SL_SCOPE_ACTION : SL_SCOPE_CLIENT;
+    const resp_arg *a = &m->argv[i + 1];
+    *k = key3(a, need >= 2 ? a + 1 : NULL, need >= 3 ? a + 2 : NULL);
+    return i + 1 + need;
+}
+
+typedef struct list_ctx {
+    resp_buf *o;
+    long n;
+    resp_buf items;
+} list_ctx;
+
+static int rule_item(void *ctx, sl_scope scope, const sl_key *k, const sl_policy *p)
+{
+    list_ctx *x = ctx;
+    static const char *names[] = {"", "tenant", "action", "client"};
+    resp_array(&x->items, 5);
+    resp_bulk_str(&x->items, names[scope]);
+    resp_bulk(&x->items, k->tenant, k->tenant_len);
+    resp_bulk(&x->items, k->action, k->action_len);
+    resp_bulk(&x->items, k->client, k->client_len);
+    reply_policy(&x->items, p);
+    x->n++;
+    return 0;
+}
+
+static int tier_item(void *ctx, const char *name, const sl_policy *p)
+{
+    list_ctx *x = ctx;
+    resp_array(&x->items, 2);
+    resp_bulk_str(&x->items, name);
+    reply_policy(&x->items, p);
+    x->n++;
+    return 0;
+}
+
+static void list_done(list_ctx *x)
+{
+    resp_array(x->o, x->n);
+    resp_raw(x->o, x->items.p ? x->items.p : "", x->items.len);
+    if (x->items.oom)
+        x->o->oom = 1;
+    resp_buf_free(&x->items);
+}
+
+static int parse_policy_at(resp_buf *o, const resp_cmd *m, int i, sl_policy *p)
+{
+    char err[256];
+    if (sd_policy_parse(m->argv + i, m->argc - i, p, err, sizeof err) != 0) {
+        resp_error(o, "ERR %s", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* SL.RULE SET <scope> <policy> | GET <scope> | DEL <scope> | LIST
+ *   scope: TENANT t | ACTION t a | CLIENT t a c */
+static void cmd_rule(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    sl_limiter *l = c->srv->lim;
+    if (m->argc < 2)
+        return arity(o, &m->argv[0]);
+    const resp_arg *sub = &m->argv[1];
+    if (resp_arg_is(sub, "LIST")) {
+        if (m->argc != 2)
+            return arity(o, &m->argv[0]);
+        list_ctx x = {o, 0, {0}};
+        sl_rule_list(l, rule_item, &x);
+        return list_done(&x);
+    }
+    sl_scope scope;
+    sl_key k;
+    int i = scope_args(m, 2, &scope, &k);
+    if (i < 0)
+        return resp_error(o, "ERR syntax error: expected TENANT t | ACTION t a | CLIENT t a c");
+    int rc;
+    if (resp_arg_is(sub, "SET")) {
+        sl_policy p;
+        if (parse_policy_at(o, m, i, &p) != 0)
+            return;
+        if ((rc = sl_rule_set(l, scope, &k, &p)) != SL_OK)
+            return lib_error(o, rc);
+        return resp_simple(o, "OK");
+    }
+    if (i != m->argc)
+        return arity(o, &m->argv[0]);
+    if (resp_arg_is(sub, "GET")) {
+        sl_policy p;
+        rc = sl_rule_get(l, scope, &k, &p);
+        if (rc == SL_ENOTFOUND)
+            return nul(c);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
+        return reply_policy(o, &p);
+    }
+    if (resp_arg_is(sub, "DEL")) {
+        rc = sl_rule_del(l, scope, &k);
+        if (rc == SL_ENOTFOUND)
+            return resp_int(o, 0);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
+        return resp_int(o, 1);
+    }
+    resp_error(o, "ERR unknown SL.RULE subcommand '%.*s' (SET, GET, DEL, LIST)",
+               (int)(sub->len > 32 ? 32 : sub->len), sub->p);
+}
+
+/* SL.TIER SET name <policy> | GET name | DEL name | ASSIGN tenant client tier |
+ *         UNASSIGN tenant client | LIST */
+static void cmd_tier(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    sl_limiter *l = c->srv->lim;
+    if (m->argc < 2)
+        return arity(o, &m->argv[0]);
+    const resp_arg *sub = &m->argv[1];
+    char name[SL_MAX_ID_LEN + 1];
+    int rc;
+    if (resp_arg_is(sub, "LIST") && m->argc == 2) {
+        list_ctx x = {o, 0, {0}};
+        sl_tier_list(l, tier_item, &x);
+        return list_done(&x);
+    }
+    if (resp_arg_is(sub, "ASSIGN") || resp_arg_is(sub, "UNASSIGN")) {
+        int assign = resp_arg_is(sub, "ASSIGN");
+        if (m->argc != (assign ? 5 : 4))
+            return arity(o, &m->argv[0]);
+        if (assign && cstr(&m->argv[4], name, sizeof name) != 0)
+            return lib_error(o, SL_ETIER);
+        sl_key k = key3(&m->argv[2], NULL, &m->argv[3]);
+        if ((rc = sl_tier_assign(l, &k, assign ? name : NULL)) != SL_OK)
+            return lib_error(o, rc);
+        return resp_simple(o, "OK");
+    }
+    if (m->argc < 3)
+        return arity(o, &m->argv[0]);
+    if (cstr(&m->argv[2], name, sizeof name) != 0 || !name[0])
+        return resp_error(o, "ERR tier names are 1 to 255 bytes without NUL");
+    if (resp_arg_is(sub, "SET")) {
+        sl_policy p;
+        if (parse_policy_at(o, m, 3, &p) != 0)
+            return;
+        if ((rc = sl_tier_set(l, name, &p)) != SL_OK)
+            return lib_error(o, rc);
+        return resp_simple(o, "OK");
+    }
+    if (m->argc != 3)
+        return arity(o, &m->argv[0]);
+    if (resp_arg_is(sub, "GET")) {
+        sl_policy p;
+        rc = sl_tier_get(l, name, &p);
+        if (rc == SL_ETIER || rc == SL_ENOTFOUND)
+            return nul(c);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
+        return reply_policy(o, &p);
+    }
+    if (resp_arg_is(sub, "DEL")) {
+        rc = sl_tier_del(l, name);
+        if (rc == SL_ETIER || rc == SL_ENOTFOUND)
+            return resp_int(o, 0);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
+        return resp_int(o, 1);
+    }
+    resp_error(o, "ERR unknown SL.TIER subcommand (SET, GET, DEL, ASSIGN, UNASSIGN, LIST)");
+}
+
+/* SL.DEFAULT SET <policy> | GET */
+static void cmd_default(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    if (m->argc >= 3 && resp_arg_is(&m->argv[1], "SET")) {
+        sl_policy p;
+        if (parse_policy_at(o, m, 2, &p) != 0)
+            return;
+        int rc = sl_default_set(c->srv->lim, &p);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
+        return resp_simple(o, "OK");
+    }
+    if (m->argc == 2 && resp_arg_is(&m->argv[1], "GET")) {
+        sl_policy p;
+        sl_default_get(c->srv->lim, &p);
+        return reply_policy(o, &p);
+    }
+    resp_error(o, "ERR syntax error: SL.DEFAULT SET <policy> | SL.DEFAULT GET");
+}
+
+/* SL.STATS [tenant]: allowed, denied, evicted (+ keys, reclaimed for the whole limiter) */
+static void cmd_stats(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    if (m->argc > 2)
+        return arity(o, &m->argv[0]);
+    sl_stats s;
+    int rc = sl_stats_get(c->srv->lim, m->argc == 2 ? m->argv[1].p : NULL,
+                          m->argc == 2 ? m->argv[1].len : 0, &s);
+    if (rc != SL_OK)
+        return lib_error(o, rc);
+    resp_array(o, m->argc == 2 ? 6 : 10);
+    resp_bulk_str(o, "allowed");
+    resp_int(o, (int64_t)s.allowed);
+    resp_bulk_str(o, "denied");
+    resp_int(o, (int64_t)s.denied);
+    resp_bulk_str(o, "evicted");
+    resp_int(o, (int64_t)s.evicted);
+    if (m->argc == 1) {
+        resp_bulk_str(o, "keys");
+        resp_int(o, (int64_t)s.keys);
+        resp_bulk_str(o, "reclaimed");
+        resp_int(o, (int64_t)s.reclaimed);
+    }
+}
+
+/* SL.ADMISSION GET | SET field value [field value ...]
+ *   fields: max_global_concurrent_requests (>= 1), max_tenant_queue_size (>= 0),
+ *           max_queue_wait_ms (>= 1). All or nothing. */
+static void cmd_admission(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    sd_admission *a = &c->srv->adm;
+    static const char *const names[] = {"max_global_concurrent_requests",
+                                        "max_tenant_queue_size", "max_queue_wait_ms"};
+    _Atomic int64_t *fields[] = {&a->max_global_concurrent, &a->max_tenant_queue,
+                                 &a->max_queue_wait_ms};
+    static const int64_t mins[] = {1, 0, 1};
+    if (m->argc == 2 && resp_arg_is(&m->argv[1], "GET")) {
+        resp_array(o, 2 * 3 + 8);
+        for (int i = 0; i < 3; i++) {
+            resp_bulk_str(o, names[i]);
+            resp_int(o, atomic_load(fields[i]));
+        }
+        resp_bulk_str(o, "admitted");
+        resp_int(o, (int64_t)atomic_load(&a->admitted));
+        resp_bulk_str(o, "rejected_queue_full");
+        resp_int(o, (int64_t)atomic_load(&a->rejected_full));
+        resp_bulk_str(o, "rejected_wait_expired");
+        resp_int(o, (int64_t)atomic_load(&a->rejected_expired));
+        resp_bulk_str(o, "waiting");
+        resp_int(o, (int64_t)atomic_load(&a->queued_now));
+        return;
+    }
+    if (m->argc < 4 || m->argc % 2 != 0 || !resp_arg_is(&m->argv[1], "SET"))
+        return resp_error(o, "ERR syntax error: SL.ADMISSION GET | SL.ADMISSION SET <field> "
+                             "<value> [<field> <value> ...]");
+    int64_t vals[3];
+    int set[3] = {0, 0, 0};
+    for (int i = 2; i < m->argc; i += 2) {
+        int f = -1;
+        for (int k = 0; k < 3; k++)
+            if (resp_arg_is(&m->argv[i], names[k]))
+                f = k;
+        if (f < 0)
+            return resp_error(o, "ERR unknown admission setting '%.*s'",
+                              (int)(m->argv[i].len > 64 ? 64 : m->argv[i].len), m->argv[i].p);
+        if (resp_arg_int(&m->argv[i + 1], &vals[f]) != 0 || vals[f] < mins[f] ||
+            vals[f] > 100000000)
+            return resp_error(o, "ERR %s must be a whole number from %lld to 100000000",
+                              names[f], (long long)mins[f]);
+        set[f] = 1;
+    }
+    for (int k = 0; k < 3; k++)
+        if (set[k])
+            atomic_store(fields[k], vals[k]);
+    resp_simple(o, "OK");
+}
+
+static int weight_item(void *ctx, const char *tenant, size_t len, unsigned w)
+{
+    list_ctx *x = ctx;
+    resp_array(&x->items, 2);
+    resp_bulk(&x->items, tenant, len);
+    resp_int(&x->items, w);
+    x->n++;
+    return 0;
+}
+
+/* SL.WEIGHT SET tenant w | GET tenant | LIST: a tenant's share while requests must wait. */
+static void cmd_weight(sd_conn *c, const resp_cmd *m)
+{
+    resp_buf *o = sd_reply_buf(c);
+    sd_admission *a = &c->srv->adm;
+    if (m->argc == 2 && resp_arg_is(&m->argv[1], "LIST")) {
+        list_ctx x = {o, 0, {0}};
+        sd_weight_list(a, weight_item, &x);
+        return list_done(&x);
+    }
+    if (m->argc == 3 && resp_arg_is(&m->argv[1], "GET"))
+        return resp_int(o, sd_weight_get(a, m->argv[2].p, m->argv[2].len));
+    if (m->argc == 4 && resp_arg_is(&m->argv[1], "SET")) {
+        int64_t w;
+        if (resp_arg_int(&m->argv[3], &w) != 0 || w < 1 || w > 1000)
+            return resp_error(o, "ERR weight must be a whole number from 1 to 1000");
+        if (m->argv[2].len > SL_MAX_ID_LEN)
+            return lib_error(o, SL_EKEYLONG);
+        if (sd_weight_set(a, m->argv[2].p, m->argv[2].len, (unsigned)w) != 0)
+            return resp_error(o, "ERR out of memory");
+        return resp_simple(o, "OK");
+    }
+    resp_error(o, "ERR syntax error: SL.WEIGHT SET <tenant> <1..1000> | GET <tenant> | LIST");
+}
+
+/* ---- connection-level commands ---- */
+
+static int pass_ok(sd_conn *c, const resp_arg *user, const resp_arg *pass)
+{
+    const char *want = c->srv->cfg.requirepass;
+    size_t wl = strlen(want);
+    if (user && !(user->len == 7 && memcmp(user->p, "default", 7) == 0))
+        return 0;
+    unsigned char diff = (unsigned char)(pass->len != wl);
+    for (size_t i = 0; i < wl; i++) /* constant time in the password's length */
+        diff |= (unsigned char)(want[i] ^ (i < pass->len ? pass->p[i] : 0));
+    return diff == 0;
+}
+
+static void cmd_auth(sd_conn *c, const resp_cmd *m)
+{
+    resp_state *st = c->state;
+    resp_buf *o = sd_reply_buf(c);
+    if (m->argc != 2 && m->argc != 3)
+        return arity(o, &m->argv[0]);
+    if (!c->srv->cfg.requirepass[0])
+        return resp_error(o, "ERR AUTH <password> called without any password configured for "
+                             "the default user. Are you sure your configuration is correct?");
+    if (!pass_ok(c, m->argc == 3 ? &m->argv[1] : NULL, &m->argv[m->argc - 1]))
+        return resp_error(o, "WRONGPASS invalid username-password pair or user is disabled.");
+    st->authed = 1;
+    resp_simple(o, "OK");
+}
+
+static void cmd_hello(sd_conn *c, const resp_cmd *m)
+{
+    resp_state *st = c->state;
+    resp_buf *o = sd_reply_buf(c);
+    int64_t ver = st->proto;
+    int i = 1;
+    if (m->argc >= 2) {
+        if (resp_arg_int(&m->argv[1], &ver) != 0 || (ver != 2 && ver != 3))
+            return resp_error(o, "NOPROTO unsupported protocol version");
+        i = 2;
+    }
+    const resp_arg *setname = NULL;
+    for (; i < m->argc; i++) {
+        if (resp_arg_is(&m->argv[i], "AUTH") && i + 2 < m->argc) {
+            if (!c->srv->cfg.requirepass[0] || !pass_ok(c, &m->argv[i + 1], &m->argv[i + 2]))
+                return resp_error(o, "WRONGPASS invalid username-password pair or user is "
+                                     "disabled.");
+            st->authed = 1;
+            i += 2;
+        } else if (resp_arg_is(&m->argv[i], "SETNAME") && i + 1 < m->argc) {
+            setname = &m->argv[++i];
+        } else {
+            return resp_error(o, "ERR syntax error in HELLO option '%.*s'",
+                              (int)(m->argv[i].len > 32 ? 32 : m->argv[i].len), m->argv[i].p);
+        }
+    }
+    if (c->srv->cfg.requirepass[0] && !st->authed)
+        return resp_error(o, "NOAUTH HELLO must be called with the client already "
+                             "authenticated, otherwise the HELLO <proto> AUTH <user> <pass> "
+                             "option can be used to authenticate the client and select the "
+                             "RESP protocol version at the same time");
+    if (setname && setname->len < sizeof st->name) {
+        memcpy(st->name, setname->p, setname->len);
+        st->name_len = setname->len;
+    }
+    st->proto = (int)ver;
+    if (ver == 3)
+        resp_raw(o, "%7\r\n", 4);
+    else
+        resp_array(o, 14);
+    resp_bulk_str(o, "server");
+    resp_bulk_str(o, "sluice");
+    resp_bulk_str(o, "version");
+    resp_bulk_str(o, sl_version_string());
+    resp_bulk_str(o, "proto");
+    resp_int(o, ver);
+    resp_bulk_str(o, "id");
+    resp_int(o, (int64_t)c->id);
+    resp_bulk_str(o, "mode");
+    resp_bulk_str(o, "standalone");
+    resp_bulk_str(o, "role");
+    resp_bulk_str(o, "master");
+    resp_bulk_str(o, "modules");
+    resp_array(o, 0);
+}
+
+static void cmd_client(sd_conn *c, const resp_cmd *m)
+{
+    resp_state *st = c->state;
+    resp_buf *o = sd_reply_buf(c);
+    if (m->argc < 2)
+        return arity(o, &m->argv[0]);
+    const resp_arg *sub = &m->argv[1];
+    if (resp_arg_is(sub, "SETNAME") && m->argc == 3) {
+        const resp_arg *n = &m->argv[2];
+        if (n->len >= sizeof st->name || memchr(n->p, ' ', n->len) || memchr(n->p, '\n', n->len))
+            return resp_error(o, "ERR Client names cannot contain spaces, newlines or special "
+                                 "characters.");
+        memcpy(st->name, n->p, n->len);
+        st->name_len = n->len;
+        return resp_simple(o, "OK");
+    }
+    if (resp_arg_is(sub, "GETNAME") && m->argc == 2)
+        return st->name_len ? resp_bulk(o, st->name, st->name_len) : nul(c);
+    if (resp_arg_is(sub, "ID") && m->argc == 2)
+        return resp_int(o, (int64_t)c->id);
+    if (resp_arg_is(sub, "SETINFO") && m->argc == 4)
+        return resp_simple(o, "OK");
+    resp_error(o, "ERR unknown subcommand '%.*s'. Try CLIENT SETNAME, GETNAME, ID.",
+               (int)(sub->len > 32 ? 32 : sub->len), sub->p);
+}
+
+static void cmd_info(sd_conn *c)
+{
+    sd_server *srv = c->srv;
+    sl_stats s;
+    sl_stats_get(srv->lim, NULL, 0, &s);
+    char buf[2048];
+    int64_t up = (sl_now(srv->lim) - srv->started_ns) / SL_SECOND;
+    int n = snprintf(buf, sizeof buf,
+                     "# Server\r\nredis_version:7.0.0\r\nsluice_version:%s\r\n"
+                     "redis_mode:standalone\r\nprocess_id:%ld\r\ntcp_port:%d\r\n"
+                     "uptime_in_seconds:%" PRId64 "\r\nio_threads_active:%d\r\n\r\n"
+                     "# Clients\r\nconnected_clients:%" PRIu64 "\r\n\r\n"
+                     "# Stats\r\ntotal_connections_received:%" PRIu64 "\r\n"
+                     "rejected_connections:%" PRIu64 "\r\ntotal_commands_processed:%" PRIu64
+                     "\r\nprotocol_errors:%" PRIu64 "\r\n\r\n"
+                     "# Limiter\r\nkeys:%" PRIu64 "\r\ndecisions_allowed:%" PRIu64
+                     "\r\ndecisions_denied:%" PRIu64 "\r\nkeys_evicted:%" PRIu64
+                     "\r\nkeys_reclaimed:%" PRIu64 "\r\n\r\n"
+                     "# Admission\r\nadmitted:%" PRIu64 "\r\nrejected_queue_full:%" PRIu64
+                     "\r\nrejected_wait_expired:%" PRIu64 "\r\nwaiting:%" PRIu64 "\r\n",
+                     sl_version_string(), (long)getpid(), srv->cfg.resp_port, up,
+                     srv->cfg.threads, atomic_load(&srv->m.connections_open),
+                     atomic_load(&srv->m.connections_total),
+                     atomic_load(&srv->m.connections_rejected),
+                     atomic_load(&srv->m.resp_commands),
+                     atomic_load(&srv->m.resp_protocol_errors), s.keys, s.allowed, s.denied,
+                     s.evicted, s.reclaimed, atomic_load(&srv->adm.admitted),
+                     atomic_load(&srv->adm.rejected_full), atomic_load(&srv->adm.rejected_expired),
+                     atomic_load(&srv->adm.queued_now));
+    resp_bulk(sd_reply_buf(c), buf, (size_t)n);
+}
+
+static void unknown(resp_buf *o, const resp_cmd *m)
+{
+    char args[256] = "";
+    size_t n = 0;
+    for (int i = 1; i < m->argc && n < sizeof args - 80; i++)
+        n += (size_t)snprintf(args + n, sizeof args - n, "'%.*s' ",
+                              (int)(m->argv[i].len > 64 ? 64 : m->argv[i].len), m->argv[i].p);
+    resp_error(o, "ERR unknown command '%.*s', with args beginning with: %s",
+               (int)(m->argv[0].len > 64 ? 64 : m->argv[0].len), m->argv[0].p, args);
+}
+
+/* Returns 1 when the connection must close after the replies. */
+static int dispatch(sd_conn *c, const resp_cmd *m)
+{
+    resp_state *st = c->state;
+    resp_buf *o = sd_reply_buf(c);
+    const resp_arg *name = &m->argv[0];
+    if (resp_arg_is(name, "SL.TAKE"))
+        return cmd_take(c, m, 0), 0;
+    if (resp_arg_is(name, "CL.THROTTLE"))
+        return cmd_throttle(c, m), 0;
+    if (resp_arg_is(name, "SL.PEEK"))
+        return cmd_take(c, m, 1), 0;
+    if (resp_arg_is(name, "QUIT")) {
+        resp_simple(o, "OK");
+        return 1;
+    }
+    if (resp_arg_is(name, "AUTH"))
+        return cmd_auth(c, m), 0;
+    if (resp_arg_is(name, "HELLO"))
+        return cmd_hello(c, m), 0;
+    if (!st->authed) {
+        resp_error(o, "NOAUTH Authentication required.");
+        return 0;
+    }
+    if (resp_arg_is(name, "PING")) {
+        if (m->argc > 2)
+            arity(o, name);
+        else if (m->argc == 2)
+            resp_bulk(o, m->argv[1].p, m->argv[1].len);
+        else
+            resp_simple(o, "PONG");
+    } else if (resp_arg_is(name, "ECHO")) {
+        if (m->argc != 2)
+            arity(o, name);
+        else
+            resp_bulk(o, m->argv[1].p, m->argv[1].len);
+    } else if (resp_arg_is(name, "SL.RULE")) {
+        cmd_rule(c, m);
+    } else if (resp_arg_is(name, "SL.TIER")) {
+        cmd_tier(c, m);
+    } else if (resp_arg_is(name, "SL.DEFAULT")) {
+        cmd_default(c, m);
+    } else if (resp_arg_is(name, "SL.RELEASE")) {
+        cmd_release(c, m);
+    } else if (resp_arg_is(name, "SL.STATS")) {
+        cmd_stats(c, m);
+    } else if (resp_arg_is(name, "SL.ADMISSION")) {
+        cmd_admission(c, m);
+    } else if (resp_arg_is(name, "SL.WEIGHT")) {
+        cmd_weight(c, m);
+    } else if (resp_arg_is(name, "CLIENT")) {
+        cmd_client(c, m);
+    } else if (resp_arg_is(name, "SELECT")) {
+        int64_t db;
+        if (m->argc != 2)
+            arity(o, name);
+        else if (resp_arg_int(&m->argv[1], &db) != 0 || db != 0)
+            resp_error(o, "ERR DB index is out of range");
+        else
+            resp_simple(o, "OK");
+    } else if (resp_arg_is(name, "INFO")) {
+        cmd_info(c);
+    } else if (resp_arg_is(name, "COMMAND")) {
+        if (m->argc >= 2 && resp_arg_is(&m->argv[1], "COUNT"))
+            resp_int(o, 0);
+        else
+            resp_array(o, 0); /* no command table: clients fall back to plain commands */
+    } else if (resp_arg_is(name, "CONFIG") && m->argc == 3 && resp_arg_is(&m->argv[1], "GET")) {
+        /* redis-benchmark asks for these two; there is no other Redis configuration here */
+        if (resp_arg_is(&m->argv[2], "save") || resp_arg_is(&m->argv[2], "appendonly")) {
+            resp_array(o, 2);
+            resp_bulk(o, m->argv[2].p, m->argv[2].len);
+            resp_bulk_str(o, resp_arg_is(&m->argv[2], "save") ? "" : "no");
+        } else {
+            resp_array(o, 0);
+        }
+    } else {
+        unknown(o, m);
+    }
+    return 0;
+}
+
+/* Decision commands are checked for auth here (dispatch checks the others). */
+static size_t resp_feed(sd_conn *c)
+{
+    resp_state *st = c->state;
+    size_t pos = 0;
+    resp_cmd *m = &t_cmd;
+    while (c->items_waiting < SD_PIPELINE_MAX) {
+        const char *err = NULL;
+        long n = resp_parse(c->in + pos, c->in_len - pos, m, &err);
+        if (n == RESP_NEED_MORE)
+            break;
+        if (n == RESP_ERROR) {
+            resp_error(sd_reply_buf(c), "ERR %s", err);
+            atomic_fetch_add(&c->srv->m.resp_protocol_errors, 1);
+            sd_info("conn %llu %s: %s; closing", (unsigned long long)c->id, c->peer, err);
+            c->close_after_write = 1;
+            pos = c->in_len;
+            break;
+        }
+        pos += (size_t)n;
+        if (m->argc == 0)
+            continue;
+        atomic_fetch_add_explicit(&c->srv->m.resp_commands, 1, memory_order_relaxed);
+        if (!st->authed && (resp_arg_is(&m->argv[0], "SL.TAKE") ||
+                            resp_arg_is(&m->argv[0], "SL.PEEK") ||
+                            resp_arg_is(&m->argv[0], "CL.THROTTLE"))) {
+            resp_error(sd_reply_buf(c), "NOAUTH Authentication required.");
+            continue;
+        }
+        if (dispatch(c, m)) {
+            c->close_after_write = 1;
+            pos = c->in_len;
+            break;
+        }
+    }
+    return pos;
+}
+
+static int resp_open(sd_conn *c)
+{
+    resp_state *st = calloc(1, sizeof *st);
+    if (!st)
+        return -1;
+    st->proto = 2;
+    st->authed = c->srv->cfg.requirepass[0] == 0;
+    c->state = st;
+    return 0;
+}
+
+static void resp_close(sd_conn *c)
+{
+    free(c->state);
+    c->state = NULL;
+}
+
+const sd_proto sd_proto_resp = {"resp", resp_open, resp_feed, resp_close, resp_emit};

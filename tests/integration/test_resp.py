@@ -1,0 +1,385 @@
+"""The RESP front end of sluiced, driven by real clients: redis-py (Debian python3-redis),
+redis-cli, redis-benchmark and raw sockets."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+import redis
+
+from harness import Sluiced, raw, run_sluiced
+
+
+class RespTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Sluiced(http=False).start()
+        cls.port = cls.srv.resp_port
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.srv.stop()
+        if code != 0:
+            print(cls.srv.log())
+        assert code == 0, code
+
+    def client(self, **kw):
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kw)
+
+    def test_ping_echo_select_client(self):
+        r = self.client()
+        self.assertTrue(r.ping())
+        self.assertEqual(raw(self.port, b"PING hi\r\n", expect=8), b"$2\r\nhi\r\n")
+        self.assertEqual(r.echo("hello world"), b"hello world")
+        self.assertTrue(r.execute_command("SELECT", 0))
+        with self.assertRaisesRegex(redis.ResponseError, "DB index is out of range"):
+            r.execute_command("SELECT", 1)
+        self.assertTrue(r.client_setname("worker-7"))
+        self.assertEqual(r.client_getname(), "worker-7")
+        self.assertGreater(r.client_id(), 0)
+
+    def test_take_reply_and_exact_limit(self):
+        r = self.client()
+        # A window that cannot roll over during the test: exactly 3 admitted.
+        self.assertTrue(r.execute_command("SL.RULE", "SET", "ACTION", "t1", "login",
+                                          "fixed_window", "LIMIT", 3, "WINDOW", 86400))
+        replies = [r.execute_command("SL.TAKE", "t1", "login", "alice") for _ in range(5)]
+        self.assertEqual([x[0] for x in replies], [1, 1, 1, 0, 0])
+        self.assertEqual([x[1] for x in replies], [3] * 5)  # limit
+        self.assertEqual([x[2] for x in replies], [2, 1, 0, 0, 0])  # remaining
+        self.assertEqual(replies[0][3], -1)  # retry_after_ms when allowed
+        self.assertGreater(replies[3][3], 0)
+        self.assertLessEqual(replies[3][3], 86400 * 1000)
+        self.assertEqual(replies[0][5], 0)  # no lease
+        # Another client of the same action has its own budget.
+        self.assertEqual(r.execute_command("SL.TAKE", "t1", "login", "bob")[0], 1)
+        # PEEK does not consume: would one more pass, and what would be left after it.
+        peek = [r.execute_command("SL.PEEK", "t1", "login", "bob") for _ in range(3)]
+        self.assertEqual([p[:3] for p in peek], [[1, 3, 1]] * 3)
+        peek = r.execute_command("SL.PEEK", "t1", "login", "alice")  # exhausted
+        self.assertEqual(peek[:3], [0, 3, 0])
+        self.assertGreater(peek[3], 0)
+        # COST
+        self.assertEqual(r.execute_command("SL.TAKE", "t1", "login", "bob", "COST", 2)[:3],
+                         [1, 3, 0])
+
+    def test_cl_throttle_matches_redis_cell(self):
+        r = self.client()
+        # redis-cell's README example: 15 burst, 30 per 60 s.
+        self.assertEqual(r.execute_command("CL.THROTTLE", "user123", 15, 30, 60, 1),
+                         [0, 16, 15, -1, 2])
+        self.assertEqual(r.execute_command("CL.THROTTLE", "user123", 15, 30, 60),
+                         [0, 16, 14, -1, 4])
+        # Exhaust: limit = max_burst + 1 requests pass, then denied with retry-after.
+        for i in range(14):
+            self.assertEqual(r.execute_command("CL.THROTTLE", "user123", 15, 30, 60)[0], 0)
+        d = r.execute_command("CL.THROTTLE", "user123", 15, 30, 60)
+        self.assertEqual(d[:3], [1, 16, 0])
+        self.assertEqual(d[3], 2)  # one token per 2 s, rounded up
+        # quantity 0 looks without consuming; above the limit never passes.
+        self.assertEqual(r.execute_command("CL.THROTTLE", "fresh", 4, 1, 1, 0)[:3], [0, 5, 5])
+        self.assertEqual(r.execute_command("CL.THROTTLE", "fresh", 4, 1, 1, 6)[:4], [1, 5, 5, -1])
+        for bad, msg in [(["k", -1, 1, 1], "max_burst"), (["k", 1, 0, 1], "count"),
+                         (["k", 1, 1, 0], "period"), (["k", 1, 1, 1, -2], "quantity"),
+                         (["k", "x", 1, 1], "max_burst")]:
+            with self.assertRaisesRegex(redis.ResponseError, msg):
+                r.execute_command("CL.THROTTLE", *bad)
+
+    def test_cl_throttle_at_10000_per_second(self):
+        """redis-cell computes in whole milliseconds and gives up at high rates; here
+        10,000/s per key with a burst of 100 admits exactly what the bucket allows."""
+        r = self.client()
+        p = r.pipeline(transaction=False)
+        n = 20000
+        t0 = time.monotonic()
+        for _ in range(n):
+            p.execute_command("CL.THROTTLE", "fast", 99, 10000, 1)
+        out = p.execute()
+        elapsed = time.monotonic() - t0
+        admitted = sum(1 for x in out if x[0] == 0)
+        self.assertEqual(out[0][1], 100)
+        self.assertGreaterEqual(admitted, 100)  # the whole burst
+        self.assertLessEqual(admitted, 100 + 10000 * elapsed + 1)  # never more than the rate
+
+    def test_rules_tiers_default_roundtrip(self):
+        r = self.client()
+        pol = "sliding_window LIMIT 100 WINDOW 60 AND token_bucket LIMIT 10 RATE 0.5"
+        self.assertTrue(r.execute_command("SL.RULE", "SET", "CLIENT", "t2", "search", "carol",
+                                          *pol.split()))
+        self.assertEqual(r.execute_command("SL.RULE", "GET", "CLIENT", "t2", "search",
+                                           "carol").decode(), pol)
+        rules = r.execute_command("SL.RULE", "LIST")
+        self.assertIn([b"client", b"t2", b"search", b"carol", pol.encode()], rules)
+        self.assertEqual(r.execute_command("SL.RULE", "DEL", "CLIENT", "t2", "search", "carol"), 1)
+        self.assertEqual(r.execute_command("SL.RULE", "DEL", "CLIENT", "t2", "search", "carol"), 0)
+        self.assertIsNone(r.execute_command("SL.RULE", "GET", "CLIENT", "t2", "search", "carol"))
+
+        self.assertTrue(r.execute_command("SL.TIER", "SET", "gold", "token_bucket", "LIMIT",
+                                          1000, "RATE", 100))
+        self.assertTrue(r.execute_command("SL.TIER", "ASSIGN", "t2", "dave", "gold"))
+        self.assertEqual(r.execute_command("SL.TAKE", "t2", "any", "dave")[1], 1000)
+        with self.assertRaisesRegex(redis.ResponseError, "tier is assigned"):
+            r.execute_command("SL.TIER", "DEL", "gold")
+        self.assertIn([b"gold", b"token_bucket LIMIT 1000 RATE 100"],
+                      r.execute_command("SL.TIER", "LIST"))
+        self.assertTrue(r.execute_command("SL.TIER", "UNASSIGN", "t2", "dave"))
+        self.assertEqual(r.execute_command("SL.TIER", "DEL", "gold"), 1)
+        with self.assertRaisesRegex(redis.ResponseError, "unknown tier"):
+            r.execute_command("SL.TIER", "ASSIGN", "t2", "dave", "platinum")
+
+        old = r.execute_command("SL.DEFAULT", "GET")
+        self.assertTrue(r.execute_command("SL.DEFAULT", "SET", "token_bucket", "LIMIT", 7,
+                                          "RATE", 1))
+        self.assertEqual(r.execute_command("SL.TAKE", "t3", "x", "erin")[1], 7)
+        self.assertTrue(r.execute_command("SL.DEFAULT", "SET", *old.decode().split()))
+
+    def test_bad_input_changes_nothing(self):
+        r = self.client()
+        cases = [
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "token_bucket", "LIMIT", 0, "RATE", 1],
+             "capacity"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "token_bucket", "LIMIT", 5, "RATE", "nan"],
+             "not a number|rate"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "token_bucket", "LIMIT", 5, "RATE", "inf"],
+             "not a number|rate"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "fixed_window", "LIMIT", 5, "WINDOW", -1],
+             "window"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "bogus", "LIMIT", 5], "unknown algorithm"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "token_bucket", "RATE", 1], "LIMIT"),
+            (["SL.RULE", "SET", "ACTION", "t4", "a", "token_bucket", "LIMIT"], "missing value"),
+            (["SL.RULE", "SET", "GALAXY", "t4", "token_bucket", "LIMIT", 5], "syntax"),
+            (["SL.RULE", "FROB", "ACTION", "t4", "a"], "unknown SL.RULE subcommand"),
+            (["SL.TAKE", "t4", "a", ""], "client id is empty"),
+            (["SL.TAKE", "t4", "a", "x" * 256], "longer than 255"),
+            (["SL.TAKE", "t4", "a", "c", "COST", -1], "COST"),
+            (["SL.TAKE", "t4", "a", "c", "COST", 1000000], "cost exceeds"),
+            (["SL.TAKE", "t4", "a"], "wrong number of arguments for 'sl.take'"),
+            (["SL.RELEASE", "t4", "a", "c", 12345], None),
+        ]
+        for args, msg in cases:
+            if msg is None:
+                self.assertEqual(r.execute_command(*args), 0)  # no such lease
+                continue
+            with self.assertRaisesRegex(redis.ResponseError, msg, msg=str(args)):
+                r.execute_command(*args)
+        self.assertIsNone(r.execute_command("SL.RULE", "GET", "ACTION", "t4", "a"))
+        with self.assertRaisesRegex(redis.ResponseError, "unknown command 'NOPE'"):
+            r.execute_command("NOPE", "x")
+        self.assertTrue(r.ping())  # the connection is still good
+
+    def test_concurrency_lease(self):
+        r = self.client()
+        r.execute_command("SL.RULE", "SET", "ACTION", "t5", "upload", "concurrency", "LIMIT", 2,
+                          "WINDOW", 3600)
+        a = r.execute_command("SL.TAKE", "t5", "upload", "u")
+        b = r.execute_command("SL.TAKE", "t5", "upload", "u")
+        c = r.execute_command("SL.TAKE", "t5", "upload", "u")
+        self.assertEqual([a[0], b[0], c[0]], [1, 1, 0])
+        self.assertGreater(a[5], 0)
+        self.assertNotEqual(a[5], b[5])
+        self.assertEqual(r.execute_command("SL.RELEASE", "t5", "upload", "u", a[5]), 1)
+        self.assertEqual(r.execute_command("SL.RELEASE", "t5", "upload", "u", a[5]), 0)
+        self.assertEqual(r.execute_command("SL.TAKE", "t5", "upload", "u")[0], 1)
+
+    def test_info_command_stats(self):
+        r = self.client()
+        info = r.info()
+        self.assertEqual(info["redis_mode"], "standalone")
+        self.assertIn("sluice_version", info)
+        self.assertGreaterEqual(info["connected_clients"], 1)
+        self.assertEqual(raw(self.port, b"COMMAND\r\n", expect=4), b"*0\r\n")
+        r.execute_command("SL.TAKE", "t6", "a", "c")
+        st = r.execute_command("SL.STATS", "t6")
+        self.assertEqual(st, [b"allowed", 1, b"denied", 0, b"evicted", 0])
+        with self.assertRaisesRegex(redis.ResponseError, "SL_ENOTFOUND"):
+            r.execute_command("SL.STATS", "never-seen")
+
+    def test_hello(self):
+        out = raw(self.port, b"HELLO 3\r\nSL.RULE GET ACTION none none\r\nHELLO 2\r\n"
+                  b"SL.RULE GET ACTION none none\r\nHELLO 4\r\n", expect=10_000, timeout=1)
+        self.assertTrue(out.startswith(b"%7\r\n$6\r\nserver\r\n$6\r\nsluice\r\n"), out)
+        self.assertIn(b"$5\r\nproto\r\n:3\r\n", out)
+        self.assertIn(b"_\r\n*14\r\n", out)  # RESP3 null, then the RESP2 HELLO reply
+        self.assertTrue(out.endswith(b"$-1\r\n-NOPROTO unsupported protocol version\r\n"), out)
+
+    def test_pipeline_order(self):
+        r = self.client()
+        r.execute_command("SL.RULE", "SET", "ACTION", "t7", "p", "fixed_window", "LIMIT", 500,
+                          "WINDOW", 86400)
+        p = r.pipeline(transaction=False)
+        for i in range(1000):
+            p.execute_command("SL.TAKE", "t7", "p", "c%d" % (i % 2))
+            if i % 100 == 0:
+                p.echo("marker-%d" % i)
+        out = p.execute()
+        takes = [x for x in out if isinstance(x, list)]
+        echos = [x for x in out if isinstance(x, bytes)]
+        self.assertEqual(echos, [b"marker-%d" % i for i in range(0, 1000, 100)])
+        # Each client's remaining counts down 499..0 in request order.
+        c0 = [x[2] for x in takes[0::2]]
+        self.assertEqual(c0, list(range(499, -1, -1)))
+
+    def test_inline_and_protocol_errors(self):
+        self.assertEqual(raw(self.port, b"PING\r\nECHO 'two words'\r\n\r\n", expect=21),
+                         b"+PONG\r\n$9\r\ntwo words\r\n")
+        self.assertEqual(raw(self.port, b"SL.TAKE t8 a \"c d\"\n", expect=4)[:4], b"*6\r\n")
+        cases = [
+            (b"*abc\r\n", b"invalid multibulk length"),
+            (b"*1\r\n$-5\r\n", b"invalid bulk length"),
+            (b"*1\r\n$999999999\r\n", b"invalid bulk length"),  # refused before allocating
+            (b"*100000\r\n", b"too many arguments"),
+            (b"*1\r\n+PING\r\n", b"expected '$'"),
+            (b"ECHO \"unterminated\r\n", b"unbalanced quotes"),
+            (b"*1\r\n$4\r\nPINGxx", b"not followed by CRLF"),
+        ]
+        for data, msg in cases:
+            out = raw(self.port, b"PING\r\n" + data, read_until_close=True)
+            self.assertTrue(out.startswith(b"+PONG\r\n-ERR Protocol error"), (data, out))
+            self.assertIn(msg, out)
+        out = raw(self.port, b"x" * (64 * 1024 + 10), read_until_close=True)
+        self.assertIn(b"too big inline request", out)
+        # QUIT answers, then closes.
+        self.assertEqual(raw(self.port, b"QUIT\r\nPING\r\n", read_until_close=True), b"+OK\r\n")
+        self.assertTrue(self.client().ping())
+
+    def test_slow_client_byte_by_byte(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            for b in b"*2\r\n$4\r\nECHO\r\n$3\r\nabc\r\n":
+                s.sendall(bytes([b]))
+            self.assertEqual(s.recv(100), b"$3\r\nabc\r\n")
+
+    def test_redis_cli(self):
+        cli = shutil.which("redis-cli")
+        if not cli:
+            self.skipTest("redis-cli not installed")
+        out = subprocess.run([cli, "-p", str(self.port), "CL.THROTTLE", "cli-key", "1", "1", "60"],
+                             capture_output=True, text=True, timeout=10).stdout
+        self.assertEqual(out.split(), ["0", "2", "1", "-1", "60"])
+        out = subprocess.run([cli, "-p", str(self.port)], input="SL.TAKE t9 a b\nPING\n",
+                             capture_output=True, text=True, timeout=10).stdout
+        self.assertEqual(out.split()[-1], "PONG")
+
+    def test_node_redis_client(self):
+        node = shutil.which("node", path="/usr/bin:/usr/local/bin")
+        if not node or not os.path.isdir("/usr/share/nodejs/redis"):
+            self.skipTest("node or Debian's node-redis not installed")
+        here = os.path.dirname(os.path.abspath(__file__))
+        p = subprocess.run([node, os.path.join(here, "node_client.js"), str(self.port)],
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "NODE_PATH": "/usr/share/nodejs"})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        out = json.loads(p.stdout)
+        self.assertEqual(out["ping"], "PONG")
+        self.assertEqual(out["rule"], "OK")
+        self.assertEqual([t[0] for t in out["takes"]], [1, 1, 1, 0])
+        self.assertEqual([t[2] for t in out["takes"]], [2, 1, 0, 0])
+        self.assertEqual(out["throttle"], [0, 16, 15, -1, 2])
+        self.assertIn("client id is empty", out["error"])
+
+    def test_redis_benchmark(self):
+        bench = shutil.which("redis-benchmark")
+        if not bench:
+            self.skipTest("redis-benchmark not installed")
+        p = subprocess.run([bench, "-p", str(self.port), "-n", "20000", "-c", "10", "-r", "1000",
+                            "-P", "8", "-q", "CL.THROTTLE", "bench:__rand_int__", "5", "100", "1"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("requests per second", p.stdout)
+        self.assertNotIn("ERR", p.stdout + p.stderr)
+        self.assertTrue(self.client().ping())
+
+
+class AuthTest(unittest.TestCase):
+    def test_requirepass(self):
+        with Sluiced("--requirepass", "s3cret", http=False) as s:
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port, socket_timeout=5)
+            with self.assertRaisesRegex(redis.AuthenticationError, "Authentication required"):
+                r.execute_command("SL.TAKE", "t", "a", "c")
+            with self.assertRaises(redis.AuthenticationError):
+                r.ping()
+            with self.assertRaisesRegex(redis.ResponseError, "invalid username-password"):
+                r.execute_command("AUTH", "wrong")
+            good = redis.Redis(host="127.0.0.1", port=s.resp_port, password="s3cret")
+            self.assertTrue(good.ping())
+            self.assertEqual(good.execute_command("SL.TAKE", "t", "a", "c")[0], 1)
+            out = raw(s.resp_port, b"HELLO 2 AUTH default s3cret\r\nPING\r\n", expect=10_000,
+                      timeout=1)
+            self.assertTrue(out.endswith(b"+PONG\r\n"), out)
+
+
+class ProcessTest(unittest.TestCase):
+    def test_flags(self):
+        code, out, err = run_sluiced("--help")
+        self.assertEqual(code, 0)
+        self.assertIn("--resp-port", out)
+        code, out, _ = run_sluiced("--version")
+        self.assertEqual(code, 0)
+        self.assertRegex(out, r"^sluiced \d+\.\d+\.\d+\n$")
+        for args, msg in [(["--bogus"], "unknown option '--bogus'"),
+                          (["--resp-port", "70000"], "--resp-port: '70000'"),
+                          (["--threads", "0"], "--threads"),
+                          (["--threads"], "--threads: missing value"),
+                          (["--log-level", "loud"], "not a log level"),
+                          (["--resp-port", "0", "--http-port", "0"], "nothing to serve")]:
+            code, _, err = run_sluiced(*args)
+            self.assertEqual(code, 2, args)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(msg, err)
+
+    def test_config_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.json")
+            with open(path, "w") as f:
+                f.write('{"threads": 1,\n "resp_port": 1,\n "bogus": 2}')
+            code, _, err = run_sluiced("--config", path)
+            self.assertEqual(code, 2)
+            self.assertIn('field "bogus": unknown setting', err)
+            with open(path, "w") as f:
+                f.write('{"threads": 1,\n "resp_port": }')
+            code, _, err = run_sluiced("--config", path)
+            self.assertEqual(code, 2)
+            self.assertRegex(err, r"line 2, column \d+")
+            with open(path, "w") as f:
+                f.write('{"threads": "two"}')
+            code, _, err = run_sluiced("--config", path)
+            self.assertIn('field "threads": must be a whole number', err)
+            # Flags override the file.
+            with open(path, "w") as f:
+                f.write('{"requirepass": "fromfile", "threads": 1}')
+            with Sluiced("--config", path, "--requirepass", "fromflag", http=False) as s:
+                r = redis.Redis(host="127.0.0.1", port=s.resp_port, password="fromflag")
+                self.assertTrue(r.ping())
+
+    def test_port_in_use(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            code, _, err = run_sluiced("--resp-port", port, "--http-port", 0)
+            self.assertEqual(code, 1)
+            self.assertIn("Address already in use", err)
+
+    def test_sigterm_with_open_connections(self):
+        s = Sluiced(http=False).start()
+        idle = socket.create_connection(("127.0.0.1", s.resp_port))
+        busy = redis.Redis(host="127.0.0.1", port=s.resp_port)
+        busy.execute_command("SL.TAKE", "t", "a", "c")
+        t0 = time.monotonic()
+        code = s.stop(signal.SIGTERM)
+        self.assertEqual(code, 0, s.log())
+        self.assertLess(time.monotonic() - t0, 6)
+        self.assertIn("stopped", s.log())
+        idle.close()
+
+    def test_sigint(self):
+        s = Sluiced(http=False).start()
+        self.assertEqual(s.stop(signal.SIGINT), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
