@@ -1,9 +1,12 @@
 """Admission control under overload, with real load: redis-benchmark floods sluiced (one worker
 thread, so the server is the bottleneck) while the test measures who gets served."""
 import re
+import select
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -122,6 +125,100 @@ class AdmissionTest(unittest.TestCase):
             self.r.execute_command("SL.ADMISSION", "SET", "max_global_concurrent_requests", 0)
         with self.assertRaisesRegex(redis.ResponseError, "unknown admission setting"):
             self.r.execute_command("SL.ADMISSION", "SET", "bogus", 1)
+
+
+def admission(r):
+    a = r.execute_command("SL.ADMISSION", "GET")
+    return dict(zip(a[0::2], a[1::2]))
+
+
+class RawFlood(threading.Thread):
+    """Pipelined SL.TAKE for one tenant on several RESP connections, replies read and dropped;
+    unlike redis-benchmark it goes on after -BUSY. Runs until stop() (or 20 s)."""
+
+    def __init__(self, port, tenant, conns=8, depth=256):
+        super().__init__(daemon=True)
+        cmd = b"*4\r\n$7\r\nSL.TAKE\r\n$%d\r\n%s\r\n$3\r\napi\r\n$1\r\nx\r\n" % (
+            len(tenant), tenant.encode())
+        self.buf = cmd * depth
+        self.socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+        self.done = threading.Event()
+
+    def run(self):
+        deadline = time.monotonic() + 20
+        for s in self.socks:
+            s.setblocking(False)
+        pending = {s: b"" for s in self.socks}
+        while not self.done.is_set() and time.monotonic() < deadline:
+            r, w, _ = select.select(self.socks, self.socks, [], 0.1)
+            for s in r:
+                try:
+                    s.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+            for s in w:
+                if not pending[s]:
+                    pending[s] = self.buf
+                try:
+                    n = s.send(pending[s])
+                    pending[s] = pending[s][n:]
+                except BlockingIOError:
+                    pass
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        for s in self.socks:
+            s.close()
+
+
+class HttpRejectTest(unittest.TestCase):
+    def test_http_503_when_the_tenant_queue_is_full(self):
+        """HTTP checks of a tenant whose queue is over its bound get 503 {"status":
+        "rejected"} at once, with Retry-After; another tenant's checks are answered 200."""
+        with Sluiced("--threads", 1) as srv:
+            r = redis.Redis(host="127.0.0.1", port=srv.resp_port, socket_timeout=10)
+            r.execute_command("SL.DEFAULT", "SET", "token_bucket", "LIMIT", 1000000000,
+                              "RATE", 1000000000)
+            r.execute_command("SL.ADMISSION", "SET", "max_tenant_queue_size", 0,
+                              "max_queue_wait_ms", 600000)
+            flood = RawFlood(srv.resp_port, "noisy")
+            flood.start()
+            try:
+                deadline = time.monotonic() + 10
+                while admission(r)[b"rejected_queue_full"] == 0:
+                    self.assertLess(time.monotonic(), deadline, "the flood was never rejected")
+                    time.sleep(0.01)
+                body = b'{"tenant_id": "noisy", "client_id": "h", "action_type": "api"}'
+                req = (b"POST /api/check_and_consume HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                statuses = []
+                with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as h:
+                    for _ in range(20):  # rounds of 100 pipelined checks, until a 503 comes
+                        h.sendall(req * 100)
+                        data = b""
+                        while data.count(b"HTTP/1.1 ") < 100 or not data.endswith(b"}"):
+                            data += h.recv(1 << 20)
+                        statuses += re.findall(rb"HTTP/1.1 (\d+)", data)
+                        if b"503" in statuses:
+                            break
+                    self.assertIn(b"503", statuses)
+                    i = data.index(b"HTTP/1.1 503")
+                    reply = data[i:data.index(b"}", i) + 1]
+                    self.assertIn(b"Retry-After: 1\r\n", reply)
+                    self.assertIn(b'"status": "rejected"', reply)
+                    # another tenant is served meanwhile
+                    body = b'{"tenant_id": "quiet", "client_id": "q", "action_type": "api"}'
+                    h.sendall(b"POST /api/check_and_consume HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    data = b""
+                    while not data.endswith(b"}"):
+                        data += h.recv(65536)
+                    self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+                print(f"\nHTTP under a RESP flood, queue bound 0: {statuses.count(b'503')} of "
+                      f"{len(statuses)} checks of the flooding tenant got 503")
+            finally:
+                flood.stop()
 
 
 if __name__ == "__main__":
