@@ -10,6 +10,7 @@
  * Every error body is {"error": "..."}. Library errors are named as the RESP front end names
  * them: "<message> (SL_E...)".
  */
+#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
@@ -21,6 +22,8 @@
 #include <strings.h>
 
 #include "http_api.h"
+
+#include "config.h"
 
 #define MAX_SEGS 8        /* path segments; no route has more */
 #define ADMISSION_MAX 1000000000 /* admission settings: a bound far above any use */
@@ -232,6 +235,12 @@ static int lib_status(int rc)
 
 static void reply_lib(ctx *x, int rc)
 {
+    if (rc == SD_EPERSIST) { /* 507 when the disk is full, else 500 */
+        int e = sd_config_errno();
+        reply_error(x, e == ENOSPC || e == EDQUOT ? 507 : 500, NULL,
+                    "configuration not saved to disk (%s): nothing changed", strerror(e));
+        return;
+    }
     reply_error(x, lib_status(rc), NULL, "%s (%s)", sl_strerror(rc), sl_err_name(rc));
 }
 
@@ -910,15 +919,11 @@ static void h_global(ctx *x, int method)
             return reply_error(x, 400, NULL, "%s", err);
         }
         json_decref(o);
-        int rc = pv ? sl_default_set(srv->lim, &p) : SL_OK; /* the only step that can fail */
+        int64_t vals[3] = {global, queue_size, wait_ms};
+        int set[3] = {have_global, have_queue, have_wait};
+        int rc = sd_cfg_global_set(srv, pv ? &p : NULL, vals, set); /* durable, all or none */
         if (rc != SL_OK)
             return reply_lib(x, rc);
-        if (have_global)
-            atomic_store(&srv->adm.max_global_concurrent, (int64_t)global);
-        if (have_queue)
-            atomic_store(&srv->adm.max_tenant_queue, (int64_t)queue_size);
-        if (have_wait)
-            atomic_store(&srv->adm.max_queue_wait_ms, (int64_t)wait_ms);
         sd_info("config: global settings changed by %s", x->c->peer);
     }
     resp_buf o = {0};
@@ -978,13 +983,13 @@ static void rule_method(ctx *x, int method, sl_scope scope, const sl_key *k)
         return reply_policy(x, &p);
     }
     if (method == SD_HTTP_DELETE) {
-        if ((rc = sl_rule_del(l, scope, k)) != SL_OK)
+        if ((rc = sd_cfg_rule_del(x->c->srv, scope, k)) != SL_OK)
             return reply_lib(x, rc);
         return reply_deleted(x);
     }
     if (body_policy(x, &p) != 0)
         return;
-    if ((rc = sl_rule_set(l, scope, k, &p)) != SL_OK)
+    if ((rc = sd_cfg_rule_set(x->c->srv, scope, k, &p)) != SL_OK)
         return reply_lib(x, rc);
     reply_policy(x, &p);
 }
@@ -1087,13 +1092,13 @@ static void h_tier(ctx *x, int method)
         return reply_policy(x, &p);
     }
     if (method == SD_HTTP_DELETE) {
-        if ((rc = sl_tier_del(l, name)) != SL_OK)
+        if ((rc = sd_cfg_tier_del(x->c->srv, name)) != SL_OK)
             return rc == SL_ETIER ? reply_no_tier(x) : reply_lib(x, rc);
         return reply_deleted(x);
     }
     if (body_policy(x, &p) != 0)
         return;
-    if ((rc = sl_tier_set(l, name, &p)) != SL_OK)
+    if ((rc = sd_cfg_tier_set(x->c->srv, name, &p)) != SL_OK)
         return reply_lib(x, rc);
     reply_policy(x, &p);
 }
@@ -1102,10 +1107,9 @@ static void h_tier(ctx *x, int method)
 static void h_assign(ctx *x, int method)
 {
     sl_key k = {x->arg[0].p, x->arg[0].len, NULL, 0, x->arg[1].p, x->arg[1].len};
-    sl_limiter *l = x->c->srv->lim;
     int rc;
     if (method == SD_HTTP_DELETE) {
-        if ((rc = sl_tier_assign(l, &k, NULL)) != SL_OK)
+        if ((rc = sd_cfg_tier_assign(x->c->srv, &k, NULL)) != SL_OK)
             return reply_lib(x, rc);
         return reply_deleted(x);
     }
@@ -1124,7 +1128,7 @@ static void h_assign(ctx *x, int method)
     json_decref(o);
     if (rc != 0)
         return;
-    if ((rc = sl_tier_assign(l, &k, name)) != SL_OK)
+    if ((rc = sd_cfg_tier_assign(x->c->srv, &k, name)) != SL_OK)
         return rc == SL_ETIER ? reply_error(x, 400, NULL, "unknown tier \"%s\" (SL_ETIER)", name)
                               : reply_lib(x, rc);
     resp_buf b = {0};
@@ -1136,6 +1140,46 @@ static void h_assign(ctx *x, int method)
     jstr(&b, k.client, k.client_len);
     jkey(&b, &n, "tier");
     jcstr(&b, name);
+    resp_raw(&b, "}", 1);
+    reply_json(x, 200, &b);
+}
+
+/* GET|PUT|DELETE /api/config/tenant/{t}/weight, body {"weight": 1..1000}: the tenant's share
+ * while requests wait for admission (DELETE: back to 1). */
+static void h_weight(ctx *x, int method)
+{
+    sd_server *srv = x->c->srv;
+    json_int_t w = 1;
+    if (x->arg[0].len > SL_MAX_ID_LEN)
+        return reply_lib(x, SL_EKEYLONG);
+    if (method == SD_HTTP_GET) {
+        w = sd_weight_get(&srv->adm, x->arg[0].p, x->arg[0].len);
+    } else {
+        if (method == SD_HTTP_PUT) {
+            static const char *const fields[] = {"weight", NULL};
+            json_t *o = body_object(x);
+            if (!o)
+                return;
+            char err[512];
+            int have;
+            int bad = only_fields(o, fields, "", err, sizeof err) ||
+                      int_field(o, "weight", 1, 1000, &w, &have, err, sizeof err);
+            json_decref(o);
+            if (bad || !have)
+                return reply_error(x, 400, NULL, "%s",
+                                   bad ? err : "field \"weight\" is required (1..1000)");
+        }
+        int rc = sd_cfg_weight_set(srv, x->arg[0].p, x->arg[0].len, (unsigned)w);
+        if (rc != SL_OK)
+            return reply_lib(x, rc);
+    }
+    resp_buf b = {0};
+    int n = 0;
+    resp_raw(&b, "{", 1);
+    jkey(&b, &n, "tenant_id");
+    jid(&b, x->arg[0].p, x->arg[0].len);
+    jkey(&b, &n, "weight");
+    jint(&b, w);
     resp_raw(&b, "}", 1);
     reply_json(x, 200, &b);
 }
@@ -1166,6 +1210,8 @@ static const route k_routes[] = {
      M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_action_rule},
     {"/api/config/tenant/*/client/*/action/*", SD_EP_CONFIG,
      M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_client_rule},
+    {"/api/config/tenant/*/weight", SD_EP_CONFIG,
+     M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_weight},
     {"/api/config/tenant/*/client/*/tier", SD_EP_CONFIG, M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
      h_assign},
     {"/metrics", SD_EP_METRICS, M(SD_HTTP_GET), h_metrics},

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "server.h"
 
 int sd_log_level = SD_LOG_INFO;
@@ -142,6 +143,9 @@ static void set_text(sd_settings *s, const opt *o, const char *v, const char *wh
         *(int *)p = (int)n;
 }
 
+static json_t *g_items;          /* --config's "items": configuration to start from */
+static const char *g_items_path;
+
 static void load_config(sd_settings *s, const char *path)
 {
     json_error_t e;
@@ -158,6 +162,14 @@ static void load_config(sd_settings *s, const char *path)
         for (size_t i = 0; i < NOPTS; i++)
             if (strcmp(k_opts[i].key, key) == 0)
                 o = &k_opts[i];
+        if (strcmp(key, "items") == 0) { /* rules, tiers, ...: checked by sd_config_open */
+            if (!json_is_object(v))
+                bad("--config %s: field \"items\": must be an object", path);
+            json_decref(g_items);
+            g_items = json_incref(v);
+            g_items_path = path;
+            continue;
+        }
         char where[600];
         snprintf(where, sizeof where, "--config %s: field \"%s\"", path, key);
         if (!o)
@@ -237,6 +249,11 @@ int main(int argc, char **argv)
     }
     srv.started_ns = sl_now(srv.lim);
     sd_admission_init(&srv.adm);
+    char err[1024];
+    if (sd_config_open(&srv, g_items, g_items_path, err, sizeof err) != 0) {
+        fprintf(stderr, "sluiced: %s\n", err); /* nothing started: refuse, do not run half-configured */
+        return 2;
+    }
 
     /* Signals are taken by this thread only (sigwait); workers inherit the mask. */
     sigset_t set;
@@ -247,6 +264,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     if (sd_net_start(&srv) != 0) {
+        sd_config_close(&srv);
         sl_close(srv.lim);
         return 1;
     }
@@ -258,6 +276,7 @@ int main(int argc, char **argv)
             sig == SIGINT ? "SIGINT" : "SIGTERM", srv.cfg.shutdown_timeout_ms);
     sd_net_stop(&srv);
     sd_net_wait(&srv);
+    sd_config_close(&srv);
     sl_close(srv.lim);
     sd_info("stopped");
     return 0;

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "net.h"
 #include "policy_text.h"
 
@@ -47,6 +48,9 @@ static void arity(resp_buf *o, const resp_arg *name)
 
 static void lib_error(resp_buf *o, int rc)
 {
+    if (rc == SD_EPERSIST)
+        return resp_error(o, "ERR configuration not saved to disk (%s): nothing changed",
+                          strerror(sd_config_errno()));
     resp_error(o, "ERR %s (%s)", sl_strerror(rc), sl_err_name(rc));
 }
 
@@ -291,7 +295,7 @@ static void cmd_rule(sd_conn *c, const resp_cmd *m)
         sl_policy p;
         if (parse_policy_at(o, m, i, &p) != 0)
             return;
-        if ((rc = sl_rule_set(l, scope, &k, &p)) != SL_OK)
+        if ((rc = sd_cfg_rule_set(c->srv, scope, &k, &p)) != SL_OK)
             return lib_error(o, rc);
         return resp_simple(o, "OK");
     }
@@ -307,7 +311,7 @@ static void cmd_rule(sd_conn *c, const resp_cmd *m)
         return reply_policy(o, &p);
     }
     if (resp_arg_is(sub, "DEL")) {
-        rc = sl_rule_del(l, scope, &k);
+        rc = sd_cfg_rule_del(c->srv, scope, &k);
         if (rc == SL_ENOTFOUND)
             return resp_int(o, 0);
         if (rc != SL_OK)
@@ -341,7 +345,7 @@ static void cmd_tier(sd_conn *c, const resp_cmd *m)
         if (assign && cstr(&m->argv[4], name, sizeof name) != 0)
             return lib_error(o, SL_ETIER);
         sl_key k = key3(&m->argv[2], NULL, &m->argv[3]);
-        if ((rc = sl_tier_assign(l, &k, assign ? name : NULL)) != SL_OK)
+        if ((rc = sd_cfg_tier_assign(c->srv, &k, assign ? name : NULL)) != SL_OK)
             return lib_error(o, rc);
         return resp_simple(o, "OK");
     }
@@ -353,7 +357,7 @@ static void cmd_tier(sd_conn *c, const resp_cmd *m)
         sl_policy p;
         if (parse_policy_at(o, m, 3, &p) != 0)
             return;
-        if ((rc = sl_tier_set(l, name, &p)) != SL_OK)
+        if ((rc = sd_cfg_tier_set(c->srv, name, &p)) != SL_OK)
             return lib_error(o, rc);
         return resp_simple(o, "OK");
     }
@@ -369,7 +373,7 @@ static void cmd_tier(sd_conn *c, const resp_cmd *m)
         return reply_policy(o, &p);
     }
     if (resp_arg_is(sub, "DEL")) {
-        rc = sl_tier_del(l, name);
+        rc = sd_cfg_tier_del(c->srv, name);
         if (rc == SL_ETIER || rc == SL_ENOTFOUND)
             return resp_int(o, 0);
         if (rc != SL_OK)
@@ -387,7 +391,7 @@ static void cmd_default(sd_conn *c, const resp_cmd *m)
         sl_policy p;
         if (parse_policy_at(o, m, 2, &p) != 0)
             return;
-        int rc = sl_default_set(c->srv->lim, &p);
+        int rc = sd_cfg_global_set(c->srv, &p, (int64_t[3]){0}, (int[3]){0});
         if (rc != SL_OK)
             return lib_error(o, rc);
         return resp_simple(o, "OK");
@@ -473,9 +477,9 @@ static void cmd_admission(sd_conn *c, const resp_cmd *m)
                               names[f], (long long)mins[f]);
         set[f] = 1;
     }
-    for (int k = 0; k < 3; k++)
-        if (set[k])
-            atomic_store(fields[k], vals[k]);
+    int rc = sd_cfg_global_set(c->srv, NULL, vals, set);
+    if (rc != SL_OK)
+        return lib_error(o, rc);
     resp_simple(o, "OK");
 }
 
@@ -507,8 +511,9 @@ static void cmd_weight(sd_conn *c, const resp_cmd *m)
             return resp_error(o, "ERR weight must be a whole number from 1 to 1000");
         if (m->argv[2].len > SL_MAX_ID_LEN)
             return lib_error(o, SL_EKEYLONG);
-        if (sd_weight_set(a, m->argv[2].p, m->argv[2].len, (unsigned)w) != 0)
-            return resp_error(o, "ERR out of memory");
+        int rc = sd_cfg_weight_set(c->srv, m->argv[2].p, m->argv[2].len, (unsigned)w);
+        if (rc != SL_OK)
+            return lib_error(o, rc);
         return resp_simple(o, "OK");
     }
     resp_error(o, "ERR syntax error: SL.WEIGHT SET <tenant> <1..1000> | GET <tenant> | LIST");

@@ -44,6 +44,7 @@ typedef struct sd_server {
     sl_limiter *lim;
     sd_metrics m;
     sd_admission adm;
+    struct sd_config *config; /* durable configuration (config.c) */
     _Atomic int stopping;
     int64_t started_ns; /* wall clock, for INFO uptime */
 } sd_server;

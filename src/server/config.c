@@ -1,0 +1,813 @@
+/*
+ * config.c — durable configuration (see config.h).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "server.h"
+
+#define CONFIG_FILE "config.json"
+#define FORMAT_VERSION 1
+#define KEY_MAX (16 + 3 * 3 * SL_MAX_ID_LEN) /* "rule/client/" + three encoded ids */
+
+static const char *const k_adm_names[3] = {"max_global_concurrent_requests",
+                                           "max_tenant_queue_size", "max_queue_wait_ms"};
+static const int64_t k_adm_min[3] = {1, 0, 1};
+#define ADM_MAX 100000000
+
+struct sd_config {
+    pthread_mutex_t lock;
+    json_t *base;    /* items of --config */
+    json_t *overlay; /* items changed through the API (null = deleted) */
+    char path[600];  /* <data-dir>/config.json, "" = not durable */
+    char dir[520];
+};
+
+static _Thread_local int t_errno;
+
+int sd_config_errno(void)
+{
+    return t_errno;
+}
+
+/* ---- keys ------------------------------------------------------------------------------ */
+
+static int unreserved(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '.' || c == '_' || c == '~';
+}
+
+/* Append the percent-encoding of p[0..n) at *pos. */
+static void pct(char *buf, size_t *pos, const char *p, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (unreserved(c)) {
+            buf[(*pos)++] = (char)c;
+        } else {
+            buf[(*pos)++] = '%';
+            buf[(*pos)++] = hex[c >> 4];
+            buf[(*pos)++] = hex[c & 15];
+        }
+    }
+    buf[*pos] = 0;
+}
+
+static void seg(char *buf, size_t *pos, const char *p, size_t n, int norm_default)
+{
+    if (norm_default && n == 7 && memcmp(p, "default", 7) == 0)
+        n = 0; /* "default" and "" are the same tenant or action */
+    buf[(*pos)++] = '/';
+    pct(buf, pos, p, n);
+}
+
+static void rule_key(char *buf, sl_scope scope, const sl_key *k)
+{
+    size_t pos = 0;
+    const char *s = scope == SL_SCOPE_TENANT ? "rule/tenant" : scope == SL_SCOPE_ACTION
+                                                                   ? "rule/action"
+                                                                   : "rule/client";
+    memcpy(buf, s, strlen(s) + 1);
+    pos = strlen(s);
+    seg(buf, &pos, k->tenant, k->tenant_len, 1);
+    if (scope != SL_SCOPE_TENANT)
+        seg(buf, &pos, k->action, k->action_len, 1);
+    if (scope == SL_SCOPE_CLIENT)
+        seg(buf, &pos, k->client, k->client_len, 0);
+}
+
+static void tier_key(char *buf, const char *name)
+{
+    size_t pos = 4;
+    memcpy(buf, "tier", 5);
+    seg(buf, &pos, name, strlen(name), 0);
+}
+
+/* Decode one '/'-separated segment starting at *p; advances *p past it. -1 if malformed. */
+static int unpct(const char **p, char *out, size_t *len)
+{
+    size_t n = 0;
+    const char *s = *p;
+    while (*s && *s != '/') {
+        unsigned char c = (unsigned char)*s;
+        if (c == '%') {
+            int v = 0;
+            for (int i = 1; i <= 2; i++) {
+                char h = s[i];
+                int d = h >= '0' && h <= '9' ? h - '0' : h >= 'A' && h <= 'F' ? h - 'A' + 10
+                                                     : h >= 'a' && h <= 'f'   ? h - 'a' + 10
+                                                                              : -1;
+                if (d < 0)
+                    return -1;
+                v = v * 16 + d;
+            }
+            c = (unsigned char)v;
+            s += 3;
+        } else if (unreserved(c)) {
+            s++;
+        } else {
+            return -1;
+        }
+        if (n == SL_MAX_ID_LEN)
+            return -1;
+        out[n++] = (char)c;
+    }
+    out[n] = 0;
+    *len = n;
+    *p = s;
+    return 0;
+}
+
+/* ---- policies as JSON -------------------------------------------------------------------- */
+
+static json_t *policy_json(const sl_policy *p)
+{
+    json_t *limits = json_array();
+    for (unsigned i = 0; i < p->nlimits; i++) {
+        const sl_limit *l = &p->limits[i];
+        json_t *o = json_object();
+        json_object_set_new(o, "algorithm", json_string(sl_algorithm_name(l->algorithm)));
+        json_object_set_new(o, "limit", json_real(l->limit));
+        if (l->rate != 0)
+            json_object_set_new(o, "rate", json_real(l->rate));
+        if (l->window != 0)
+            json_object_set_new(o, "window", json_real(l->window));
+        if (l->reserve_cap != 0)
+            json_object_set_new(o, "reserve_cap", json_real(l->reserve_cap));
+        json_array_append_new(limits, o);
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "limits", limits);
+    return o;
+}
+
+static int policy_from_json(const json_t *v, sl_policy *p, const char **why)
+{
+    memset(p, 0, sizeof *p);
+    const json_t *limits = json_is_object(v) ? json_object_get(v, "limits") : NULL;
+    if (!json_is_array(limits) || json_object_size(v) != 1) {
+        *why = "a policy is {\"limits\": [...]}";
+        return -1;
+    }
+    size_t i;
+    const json_t *l;
+    if (json_array_size(limits) < 1 || json_array_size(limits) > SL_MAX_LIMITS) {
+        *why = sl_strerror(SL_ELIMITS);
+        return -1;
+    }
+    json_array_foreach(limits, i, l)
+    {
+        sl_limit *x = &p->limits[p->nlimits++];
+        const char *key;
+        const json_t *f;
+        if (!json_is_object(l)) {
+            *why = "a limit is an object";
+            return -1;
+        }
+        json_object_foreach((json_t *)l, key, f)
+        {
+            double *d = strcmp(key, "limit") == 0         ? &x->limit
+                        : strcmp(key, "rate") == 0        ? &x->rate
+                        : strcmp(key, "window") == 0      ? &x->window
+                        : strcmp(key, "reserve_cap") == 0 ? &x->reserve_cap
+                                                          : NULL;
+            if (strcmp(key, "algorithm") == 0) {
+                const char *a = json_string_value(f);
+                if (!a || sl_algorithm_parse(a, strlen(a), &x->algorithm) != SL_OK) {
+                    *why = sl_strerror(SL_EALGORITHM);
+                    return -1;
+                }
+            } else if (d && json_is_number(f)) {
+                *d = json_number_value(f);
+            } else {
+                *why = d ? "limit fields are numbers" : "unknown limit field";
+                return -1;
+            }
+        }
+    }
+    int rc = sl_policy_validate(p);
+    if (rc != SL_OK) {
+        *why = sl_strerror(rc);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- one item: check and apply --------------------------------------------------------------- */
+
+typedef struct parsed {
+    enum { I_RULE, I_TIER, I_ASSIGN, I_DEFAULT, I_ADMISSION, I_WEIGHT } kind;
+    sl_scope scope;
+    char a[SL_MAX_ID_LEN + 1], b[SL_MAX_ID_LEN + 1], c[SL_MAX_ID_LEN + 1];
+    size_t al, bl, cl;
+    int adm; /* I_ADMISSION: which setting */
+} parsed;
+
+static int parse_key(const char *key, parsed *x)
+{
+    memset(x, 0, sizeof *x);
+    const char *p;
+    int need = 0;
+    if (strcmp(key, "default") == 0) {
+        x->kind = I_DEFAULT;
+        return 0;
+    }
+    if (strncmp(key, "admission/", 10) == 0) {
+        for (int i = 0; i < 3; i++)
+            if (strcmp(key + 10, k_adm_names[i]) == 0) {
+                x->kind = I_ADMISSION;
+                x->adm = i;
+                return 0;
+            }
+        return -1;
+    }
+    if (strncmp(key, "rule/tenant/", 12) == 0) {
+        x->kind = I_RULE, x->scope = SL_SCOPE_TENANT, need = 1, p = key + 12;
+    } else if (strncmp(key, "rule/action/", 12) == 0) {
+        x->kind = I_RULE, x->scope = SL_SCOPE_ACTION, need = 2, p = key + 12;
+    } else if (strncmp(key, "rule/client/", 12) == 0) {
+        x->kind = I_RULE, x->scope = SL_SCOPE_CLIENT, need = 3, p = key + 12;
+    } else if (strncmp(key, "tier/", 5) == 0) {
+        x->kind = I_TIER, need = 1, p = key + 5;
+    } else if (strncmp(key, "assign/", 7) == 0) {
+        x->kind = I_ASSIGN, need = 2, p = key + 7;
+    } else if (strncmp(key, "weight/", 7) == 0) {
+        x->kind = I_WEIGHT, need = 1, p = key + 7;
+    } else {
+        return -1;
+    }
+    char *outs[3] = {x->a, x->b, x->c};
+    size_t *lens[3] = {&x->al, &x->bl, &x->cl};
+    for (int i = 0; i < need; i++) {
+        if (i > 0 && *p++ != '/')
+            return -1;
+        if (unpct(&p, outs[i], lens[i]) != 0)
+            return -1;
+    }
+    return *p ? -1 : 0;
+}
+
+/* Apply the item's value (NULL: remove it) to the running server. */
+static int apply(sd_server *s, const parsed *x, const json_t *v)
+{
+    sl_policy p;
+    const char *why;
+    sl_key k = {x->a, x->al, x->b, x->bl, x->c, x->cl};
+    if ((x->kind == I_RULE || x->kind == I_TIER || x->kind == I_DEFAULT) && v &&
+        policy_from_json(v, &p, &why) != 0)
+        return SL_EINVAL;
+    switch (x->kind) {
+    case I_RULE:
+        return v ? sl_rule_set(s->lim, x->scope, &k, &p) : sl_rule_del(s->lim, x->scope, &k);
+    case I_TIER:
+        return v ? sl_tier_set(s->lim, x->a, &p) : sl_tier_del(s->lim, x->a);
+    case I_ASSIGN: {
+        sl_key tc = {x->a, x->al, NULL, 0, x->b, x->bl};
+        char tier[SL_MAX_ID_LEN + 1];
+        size_t tl;
+        const char *t = v ? json_string_value(v) : NULL;
+        if (v && (!t || unpct(&t, tier, &tl) != 0 || *t || tl == 0 || memchr(tier, 0, tl)))
+            return SL_ETIER;
+        return sl_tier_assign(s->lim, &tc, v ? tier : NULL);
+    }
+    case I_DEFAULT:
+        if (!v)
+            p = SL_POLICY_TOKEN_BUCKET(5, 1); /* the built-in default */
+        return sl_default_set(s->lim, &p);
+    case I_ADMISSION: {
+        static const int64_t dflt[3] = {10000, 1000, 1000};
+        _Atomic int64_t *f[3] = {&s->adm.max_global_concurrent, &s->adm.max_tenant_queue,
+                                 &s->adm.max_queue_wait_ms};
+        json_int_t n = v ? json_integer_value(v) : dflt[x->adm];
+        if (v && (!json_is_integer(v) || n < k_adm_min[x->adm] || n > ADM_MAX))
+            return SL_EINVAL;
+        atomic_store(f[x->adm], (int64_t)n);
+        return SL_OK;
+    }
+    case I_WEIGHT: {
+        json_int_t w = v ? json_integer_value(v) : 1;
+        if (v && (!json_is_integer(v) || w < 1 || w > 1000))
+            return SL_EINVAL;
+        return sd_weight_set(&s->adm, x->a, x->al, (unsigned)w) == 0 ? SL_OK : SL_ENOMEM;
+    }
+    }
+    return SL_EINVAL;
+}
+
+/* ---- the configuration in effect ----------------------------------------------------------- */
+
+/* The item's value in effect: the API's change if any, else --config's; NULL if absent. */
+static json_t *effective(struct sd_config *c, const char *key)
+{
+    json_t *v = json_object_get(c->overlay, key);
+    if (v)
+        return json_is_null(v) ? NULL : v;
+    return json_object_get(c->base, key);
+}
+
+/* Is tier `name` assigned to anyone in the configuration in effect? */
+static int tier_in_use(struct sd_config *c, const char *name)
+{
+    char enc[3 * SL_MAX_ID_LEN + 1];
+    size_t pos = 0;
+    pct(enc, &pos, name, strlen(name));
+    json_t *maps[2] = {c->overlay, c->base};
+    for (int m = 0; m < 2; m++) {
+        const char *key;
+        json_t *v;
+        json_object_foreach(maps[m], key, v)
+        {
+            if (strncmp(key, "assign/", 7) != 0 || (m == 1 && json_object_get(c->overlay, key)))
+                continue; /* base items the API changed are judged by the overlay */
+            const char *t = json_string_value(v);
+            if (t && strcmp(t, enc) == 0)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* ---- writing ------------------------------------------------------------------------------ */
+
+/* Hook for tests: SLUICED_FAIL_CONFIG_WRITES=1 makes every configuration write fail with
+ * ENOSPC (where a small filesystem cannot be made). */
+static int injected_failure(void)
+{
+    const char *e = getenv("SLUICED_FAIL_CONFIG_WRITES");
+    return e && *e == '1';
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Replace `path` with `data` atomically and durably: temp file, fsync, rename, fsync dir. */
+static int write_atomic(const char *dir, const char *path, const char *data, size_t n)
+{
+    char tmp[700];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    if (injected_failure()) {
+        errno = ENOSPC;
+        return -1;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -1;
+    if (write_all(fd, data, n) != 0 || fsync(fd) != 0) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        errno = e;
+        return -1;
+    }
+    if (close(fd) != 0 || rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        errno = e;
+        return -1;
+    }
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return -1;
+    int rc = fsync(dfd);
+    int e = errno;
+    close(dfd);
+    errno = e;
+    return rc;
+}
+
+static int persist(struct sd_config *c, json_t *overlay)
+{
+    if (!c->path[0])
+        return 0;
+    json_t *doc = json_pack("{s:i, s:O}", "sluice_config", FORMAT_VERSION, "items", overlay);
+    char *text = doc ? json_dumps(doc, JSON_INDENT(1) | JSON_SORT_KEYS) : NULL;
+    json_decref(doc);
+    if (!text) {
+        errno = ENOMEM;
+        return -1;
+    }
+    size_t n = strlen(text);
+    text[n] = '\n'; /* json_dumps's NUL becomes the last line's end */
+    int rc = write_atomic(c->dir, c->path, text, n + 1);
+    int e = errno;
+    free(text);
+    errno = e;
+    return rc;
+}
+
+/* ---- a change -------------------------------------------------------------------------------- */
+
+typedef struct change {
+    char key[KEY_MAX];
+    json_t *val; /* new value (reference owned), NULL = remove */
+} change;
+
+/* Write the changed configuration, then apply it; all or nothing. Takes the values'
+ * references. The caller holds c->lock and has checked the changes. */
+static int commit(sd_server *s, change *ch, int n)
+{
+    struct sd_config *c = s->config;
+    json_t *next = json_deep_copy(c->overlay);
+    int rc = next ? SL_OK : SL_ENOMEM;
+    for (int i = 0; rc == SL_OK && i < n; i++) {
+        if (ch[i].val)
+            json_object_set(next, ch[i].key, ch[i].val);
+        else if (json_object_get(c->base, ch[i].key))
+            json_object_set_new(next, ch[i].key, json_null()); /* deleted over --config */
+        else
+            json_object_del(next, ch[i].key);
+    }
+    if (rc == SL_OK && persist(c, next) != 0) {
+        t_errno = errno;
+        sd_error("configuration not saved to %s: %s; nothing changed", c->path,
+                 strerror(t_errno));
+        rc = SD_EPERSIST;
+    }
+    int applied = 0;
+    for (; rc == SL_OK && applied < n; applied++) {
+        parsed x;
+        if (parse_key(ch[applied].key, &x) != 0 || (rc = apply(s, &x, ch[applied].val)) != SL_OK)
+            break;
+    }
+    if (rc != SL_OK && rc != SD_EPERSIST) {
+        /* Written but not applied (out of memory in the library): put back what was. */
+        for (int i = 0; i < applied; i++) {
+            parsed x;
+            parse_key(ch[i].key, &x);
+            apply(s, &x, effective(c, ch[i].key));
+        }
+        if (persist(c, c->overlay) != 0)
+            sd_error("configuration: could not restore %s after a failed change: %s", c->path,
+                     strerror(errno));
+    }
+    if (rc == SL_OK) {
+        json_decref(c->overlay);
+        c->overlay = next;
+    } else {
+        json_decref(next);
+    }
+    for (int i = 0; i < n; i++)
+        json_decref(ch[i].val);
+    return rc;
+}
+
+static int commit_one(sd_server *s, change *ch)
+{
+    int rc = commit(s, ch, 1);
+    pthread_mutex_unlock(&s->config->lock);
+    return rc;
+}
+
+int sd_cfg_rule_set(sd_server *s, sl_scope scope, const sl_key *k, const sl_policy *p)
+{
+    sl_policy tmp;
+    int rc = sl_rule_get(s->lim, scope, k, &tmp); /* the library's checks of the key */
+    if (rc != SL_OK && rc != SL_ENOTFOUND)
+        return rc;
+    if ((rc = sl_policy_validate(p)) != SL_OK)
+        return rc;
+    change ch;
+    rule_key(ch.key, scope, k);
+    ch.val = policy_json(p);
+    pthread_mutex_lock(&s->config->lock);
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_rule_del(sd_server *s, sl_scope scope, const sl_key *k)
+{
+    sl_policy tmp;
+    int rc = sl_rule_get(s->lim, scope, k, &tmp);
+    if (rc != SL_OK && rc != SL_ENOTFOUND)
+        return rc;
+    change ch = {.val = NULL};
+    rule_key(ch.key, scope, k);
+    pthread_mutex_lock(&s->config->lock);
+    if (!effective(s->config, ch.key)) {
+        pthread_mutex_unlock(&s->config->lock);
+        return SL_ENOTFOUND;
+    }
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_tier_set(sd_server *s, const char *name, const sl_policy *p)
+{
+    sl_policy tmp;
+    int rc = sl_tier_get(s->lim, name, &tmp); /* checks the name */
+    if (rc != SL_OK && rc != SL_ETIER)
+        return rc;
+    if ((rc = sl_policy_validate(p)) != SL_OK)
+        return rc;
+    change ch;
+    tier_key(ch.key, name);
+    ch.val = policy_json(p);
+    pthread_mutex_lock(&s->config->lock);
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_tier_del(sd_server *s, const char *name)
+{
+    sl_policy tmp;
+    int rc = sl_tier_get(s->lim, name, &tmp);
+    if (rc != SL_OK && rc != SL_ETIER)
+        return rc;
+    change ch = {.val = NULL};
+    tier_key(ch.key, name);
+    pthread_mutex_lock(&s->config->lock);
+    rc = !effective(s->config, ch.key)        ? SL_ETIER
+         : tier_in_use(s->config, name) ? SL_ETIERINUSE
+                                        : SL_OK;
+    if (rc != SL_OK) {
+        pthread_mutex_unlock(&s->config->lock);
+        return rc;
+    }
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_tier_assign(sd_server *s, const sl_key *tc, const char *tier)
+{
+    sl_key k = {tc->tenant, tc->tenant_len, NULL, 0, tc->client, tc->client_len};
+    sl_policy tmp;
+    int rc = sl_rule_get(s->lim, SL_SCOPE_CLIENT, &k, &tmp); /* checks tenant and client */
+    if (rc != SL_OK && rc != SL_ENOTFOUND)
+        return rc;
+    if (tier && (rc = sl_tier_get(s->lim, tier, &tmp)) != SL_OK && rc != SL_ETIER)
+        return rc;
+    change ch = {.val = NULL};
+    size_t pos = 6;
+    memcpy(ch.key, "assign", 7);
+    seg(ch.key, &pos, tc->tenant, tc->tenant_len, 1);
+    seg(ch.key, &pos, tc->client, tc->client_len, 0);
+    if (tier) {
+        char enc[3 * SL_MAX_ID_LEN + 1];
+        size_t n = 0;
+        pct(enc, &n, tier, strlen(tier));
+        ch.val = json_string(enc);
+    }
+    pthread_mutex_lock(&s->config->lock);
+    if (tier) {
+        char tk[KEY_MAX];
+        tier_key(tk, tier);
+        if (!effective(s->config, tk)) {
+            pthread_mutex_unlock(&s->config->lock);
+            json_decref(ch.val);
+            return SL_ETIER;
+        }
+    } else if (!effective(s->config, ch.key)) {
+        pthread_mutex_unlock(&s->config->lock);
+        return SL_OK; /* not assigned: nothing to do */
+    }
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_weight_set(sd_server *s, const char *tenant, size_t len, unsigned weight)
+{
+    if (weight < 1 || weight > 1000)
+        return SL_EINVAL;
+    if (len > SL_MAX_ID_LEN)
+        return SL_EKEYLONG;
+    change ch;
+    size_t pos = 6;
+    memcpy(ch.key, "weight", 7);
+    seg(ch.key, &pos, tenant, len, 0);
+    ch.val = weight == 1 ? NULL : json_integer(weight);
+    pthread_mutex_lock(&s->config->lock);
+    return commit_one(s, &ch);
+}
+
+int sd_cfg_global_set(sd_server *s, const sl_policy *deflt, const int64_t vals[3],
+                      const int set[3])
+{
+    change ch[4];
+    int n = 0;
+    if (deflt) {
+        int rc = sl_policy_validate(deflt);
+        if (rc != SL_OK)
+            return rc;
+        snprintf(ch[n].key, sizeof ch[n].key, "default");
+        ch[n++].val = policy_json(deflt);
+    }
+    for (int i = 0; i < 3; i++) {
+        if (!set[i])
+            continue;
+        if (vals[i] < k_adm_min[i] || vals[i] > ADM_MAX) {
+            for (int j = 0; j < n; j++)
+                json_decref(ch[j].val);
+            return SL_EINVAL;
+        }
+        snprintf(ch[n].key, sizeof ch[n].key, "admission/%s", k_adm_names[i]);
+        ch[n++].val = json_integer(vals[i]);
+    }
+    if (n == 0)
+        return SL_OK;
+    pthread_mutex_lock(&s->config->lock);
+    int rc = commit(s, ch, n);
+    pthread_mutex_unlock(&s->config->lock);
+    return rc;
+}
+
+/* ---- loading ------------------------------------------------------------------------------- */
+
+/* Line and column of the first `"key"` in the file's text (for error messages). */
+static void locate(const char *path, const char *key, int *line, int *col)
+{
+    *line = *col = 0;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return;
+    char want[KEY_MAX + 3];
+    snprintf(want, sizeof want, "\"%s\"", key);
+    size_t wl = strlen(want), matched = 0;
+    int ln = 1, cl = 0, ch;
+    while ((ch = fgetc(f)) != EOF) {
+        cl++;
+        matched = ch == want[matched] ? matched + 1 : ch == want[0] ? 1 : 0;
+        if (matched == wl) {
+            *line = ln;
+            *col = cl - (int)wl + 1;
+            break;
+        }
+        if (ch == '\n') {
+            ln++;
+            cl = 0;
+        }
+    }
+    fclose(f);
+}
+
+/* Check every item of `items` (from `path`); 0 or -1 with err set. */
+static int check_items(const json_t *items, const char *path, char *err, size_t errlen)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)items, key, v)
+    {
+        parsed x;
+        const char *why = NULL;
+        sl_policy p;
+        if (parse_key(key, &x) != 0) {
+            why = "unknown item (rule/..., tier/..., assign/..., default, admission/..., "
+                  "weight/...)";
+        } else if (json_is_null(v)) {
+            continue; /* a deletion */
+        } else if ((x.kind == I_RULE || x.kind == I_TIER || x.kind == I_DEFAULT) &&
+                   policy_from_json(v, &p, &why) != 0) {
+            /* why says what is wrong with the policy */
+        } else if (x.kind == I_ASSIGN && !json_is_string(v)) {
+            why = "an assignment is a tier name (a string)";
+        } else if (x.kind == I_ADMISSION &&
+                   (!json_is_integer(v) || json_integer_value(v) < k_adm_min[x.adm] ||
+                    json_integer_value(v) > ADM_MAX)) {
+            why = "must be a whole number in range";
+        } else if (x.kind == I_WEIGHT && (!json_is_integer(v) || json_integer_value(v) < 1 ||
+                                          json_integer_value(v) > 1000)) {
+            why = "a weight is a whole number from 1 to 1000";
+        } else if ((x.kind == I_RULE && x.scope == SL_SCOPE_CLIENT && x.cl == 0) ||
+                   (x.kind == I_ASSIGN && x.bl == 0)) {
+            why = sl_strerror(SL_EKEYEMPTY);
+        } else if (x.kind == I_TIER && (x.al == 0 || memchr(x.a, 0, x.al))) {
+            why = "tier names are 1 to 255 bytes without NUL";
+        }
+        if (why) {
+            int line, col;
+            locate(path, key, &line, &col);
+            snprintf(err, errlen, "%s: line %d, column %d: item \"%s\": %s", path, line, col,
+                     key, why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static json_t *load_overlay(const char *path, char *err, size_t errlen)
+{
+    json_error_t e;
+    json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
+    if (!doc) {
+        snprintf(err, errlen, "%s: line %d, column %d: %s", path, e.line, e.column, e.text);
+        return NULL;
+    }
+    json_t *items = json_object_get(doc, "items");
+    json_t *ver = json_object_get(doc, "sluice_config");
+    if (!json_is_object(doc) || !json_is_object(items) || !json_is_integer(ver) ||
+        json_object_size(doc) != 2) {
+        snprintf(err, errlen, "%s: line 1, column 1: expected {\"sluice_config\": %d, "
+                              "\"items\": {...}}",
+                 path, FORMAT_VERSION);
+        json_decref(doc);
+        return NULL;
+    }
+    if (json_integer_value(ver) != FORMAT_VERSION) {
+        int line, col;
+        locate(path, "sluice_config", &line, &col);
+        snprintf(err, errlen, "%s: line %d, column %d: field \"sluice_config\": version %" JSON_INTEGER_FORMAT
+                              " is not %d (written by another version of sluiced)",
+                 path, line, col, json_integer_value(ver), FORMAT_VERSION);
+        json_decref(doc);
+        return NULL;
+    }
+    json_incref(items);
+    json_decref(doc);
+    if (check_items(items, path, err, errlen) != 0) {
+        json_decref(items);
+        return NULL;
+    }
+    return items;
+}
+
+/* Apply every item in effect: tiers first (assignments name them). */
+static int apply_all(sd_server *s, char *err, size_t errlen)
+{
+    struct sd_config *c = s->config;
+    for (int pass = 0; pass < 2; pass++) {
+        json_t *maps[2] = {c->base, c->overlay};
+        for (int m = 0; m < 2; m++) {
+            const char *key;
+            json_t *v;
+            json_object_foreach(maps[m], key, v)
+            {
+                if (m == 0 && json_object_get(c->overlay, key))
+                    continue; /* the data dir's value wins */
+                if (json_is_null(v) || (strncmp(key, "tier/", 5) == 0) != (pass == 0))
+                    continue;
+                parsed x;
+                int rc = parse_key(key, &x) == 0 ? apply(s, &x, v) : SL_EINVAL;
+                if (rc != SL_OK) {
+                    snprintf(err, errlen, "%s: item \"%s\": %s",
+                             m ? c->path : "--config", key, sl_strerror(rc));
+                    return -1;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *err,
+                   size_t errlen)
+{
+    struct sd_config *c = calloc(1, sizeof *c);
+    if (!c) {
+        json_decref(base);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    srv->config = c;
+    c->base = base ? base : json_object();
+    c->overlay = NULL;
+    if (base && check_items(base, base_path, err, errlen) != 0)
+        return -1;
+    const char *dir = srv->cfg.data_dir;
+    if (dir[0]) {
+        struct stat st;
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+            snprintf(err, errlen, "--data-dir %s: %s", dir, strerror(errno));
+            return -1;
+        }
+        if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            snprintf(err, errlen, "--data-dir %s: not a directory", dir);
+            return -1;
+        }
+        snprintf(c->dir, sizeof c->dir, "%s", dir);
+        snprintf(c->path, sizeof c->path, "%s/%s", dir, CONFIG_FILE);
+        if (access(c->path, F_OK) == 0 && !(c->overlay = load_overlay(c->path, err, errlen)))
+            return -1;
+    }
+    if (!c->overlay)
+        c->overlay = json_object();
+    return apply_all(srv, err, errlen);
+}
+
+void sd_config_close(sd_server *srv)
+{
+    struct sd_config *c = srv->config;
+    if (!c)
+        return;
+    json_decref(c->base);
+    json_decref(c->overlay);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+    srv->config = NULL;
+}
