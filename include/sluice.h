@@ -72,7 +72,10 @@ SL_API const char *sl_version_string(void); /* "0.1.0"; static storage */
     XX(ELEASE, -14, "no such lease")                                                          \
     XX(ESCOPE, -15, "unknown rule scope")                                                     \
     XX(ELOGSIZE, -16, "sliding_log and concurrency limits are at most 100000")                \
-    XX(ETOOMANY, -17, "too many distinct policies")
+    XX(ETOOMANY, -17, "too many distinct policies")                                         \
+    XX(ESNAPSHOT, -18, "snapshot is truncated or corrupt")                                    \
+    XX(EVERSION, -19, "snapshot written by a newer version of sluice")                        \
+    XX(EIO, -20, "I/O error (see errno)")
 
 typedef enum sl_errno {
     SL_OK = 0,
@@ -276,6 +279,30 @@ SL_API int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx);
  * `budget` keys. Decisions already do this a little at a time; call it from a timer of your
  * own to do more. Returns how many keys were reclaimed. */
 SL_API size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget);
+
+/* ---- snapshots of bucket state ------------------------------------------------------------
+ * A snapshot holds every key with its policy (normalised, so it is interned again on load)
+ * and its algorithm state: loaded into a limiter, the keys decide exactly as they did.
+ * Timestamps in the state come from the limiter's clock; the internal clock is monotonic
+ * anchored to wall time at sl_open, so snapshots stay meaningful across restarts (with a
+ * caller clock, keep the same time base). Versioned and checksummed (XXH64).
+ *
+ * Writing runs beside decisions on other threads: it locks one shard at a time, copies its
+ * entries, unlocks, then encodes and writes. A key decided after its shard was copied is
+ * saved as of the copy. Memory: one shard's copy plus a 1 MiB output buffer.
+ *
+ * Loading checks the whole input (length, magic, version, checksum, every record) before it
+ * changes anything: a truncated or corrupt snapshot is SL_ESNAPSHOT, a newer format
+ * SL_EVERSION, and nothing changes. Then it replaces the state of the keys it holds and
+ * leaves other keys alone (max_keys is obeyed: inserting may evict). It reads the whole
+ * input into memory. If a rule changed since the save, the usual carry-over applies at the
+ * key's next decision. I/O failures are SL_EIO with errno set. Thread-safe. */
+SL_API int sl_snapshot_write(sl_limiter *l, int fd);
+/* Atomically: a temp file in the same directory, written, fsync'd, renamed over `path`, the
+ * directory fsync'd. On failure `path` is untouched and the temp file removed. */
+SL_API int sl_snapshot_save(sl_limiter *l, const char *path);
+SL_API int sl_snapshot_read(sl_limiter *l, int fd);
+SL_API int sl_snapshot_load(sl_limiter *l, const char *path);
 
 #ifdef __cplusplus
 }

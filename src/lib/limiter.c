@@ -17,6 +17,7 @@
 #include "bytes.h"
 #include "dir.h"
 #include "ebr.h"
+#include "limiter_int.h"
 #include "memory.h"
 #include "policy.h"
 #include "sluice.h"
@@ -1114,4 +1115,76 @@ int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx)
         return rc;
     list_ctx c = {fn, ctx};
     return sl_dir_foreach(l->tenants, list_cb, &c);
+}
+
+/* ---- for snapshots (limiter_int.h) ------------------------------------------------------- */
+
+unsigned sl_limiter_nshards(sl_limiter *l)
+{
+    return sl_table_nshards(l->table);
+}
+
+typedef struct visit_ctx {
+    sl_limiter *l;
+    sl_key_visit_fn fn;
+    void *ctx;
+} visit_ctx;
+
+static int visit_one(void *c, sl_entry *e)
+{
+    visit_ctx *v = c;
+    const sl_cpolicy *cp = reg_get(v->l, e->policy);
+    if (!cp)
+        return 0; /* no state worth keeping */
+    size_t klen;
+    const char *k = sl_entry_key(e, &klen);
+    return v->fn(v->ctx, k, klen, &cp->src, entry_state(e), cp->state_size);
+}
+
+int sl_limiter_visit_shard(sl_limiter *l, unsigned shard, sl_key_visit_fn fn, void *ctx)
+{
+    visit_ctx v = {l, fn, ctx};
+    return sl_table_foreach_shard(l->table, shard, visit_one, &v);
+}
+
+int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
+                       const void *state, size_t state_size)
+{
+    const sl_cpolicy *cp;
+    int64_t now = sl_now(l);
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    int rc = policy_intern(l, p, &cp);
+    char *heap = NULL;
+    if (rc == SL_OK && state_size != cp->state_size)
+        rc = SL_ESNAPSHOT;
+    if (rc == SL_OK && cp->heap && !(heap = malloc(state_size)))
+        rc = SL_ENOMEM;
+    if (rc == SL_OK) {
+        uint64_t hash = sl_table_hash(key, klen);
+        sl_shard *s = sl_table_shard(l->table, hash);
+        int created;
+        sl_shard_lock(s);
+        sl_entry *e = sl_shard_upsert_locked(s, hash, key, klen, now, &created);
+        if (!e) {
+            rc = SL_ENOMEM;
+            free(heap);
+        } else {
+            if (e->flags & SL_ENTRY_HEAP)
+                free((void *)(uintptr_t)e->state[0]);
+            if (heap) {
+                memcpy(heap, state, state_size);
+                e->state[0] = (uint64_t)(uintptr_t)heap;
+                e->flags |= SL_ENTRY_HEAP;
+            } else {
+                memset(e->state, 0, sizeof e->state);
+                memcpy(e->state, state, state_size);
+                e->flags &= (uint8_t)~SL_ENTRY_HEAP;
+            }
+            e->policy = cp->id;
+        }
+        sl_shard_unlock(s);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
 }

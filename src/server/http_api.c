@@ -24,6 +24,7 @@
 #include "http_api.h"
 
 #include "config.h"
+#include "state.h"
 
 #define MAX_SEGS 8        /* path segments; no route has more */
 #define ADMISSION_MAX 1000000000 /* admission settings: a bound far above any use */
@@ -1184,6 +1185,31 @@ static void h_weight(ctx *x, int method)
     reply_json(x, 200, &b);
 }
 
+/* POST /api/admin/snapshot: write the bucket-state snapshot now (this connection waits). */
+static void h_snapshot(ctx *x, int method)
+{
+    (void)method;
+    sd_save_result r = sd_state_save(x->c->srv);
+    if (r.rc == SL_ENOTFOUND)
+        return reply_error(x, 409, NULL, "no --data-dir: bucket state is not kept on disk");
+    if (r.rc == SL_EIO)
+        return reply_error(x, r.err == ENOSPC || r.err == EDQUOT ? 507 : 500, NULL,
+                           "snapshot not saved: %s", strerror(r.err));
+    if (r.rc != SL_OK)
+        return reply_lib(x, r.rc);
+    resp_buf b = {0};
+    int n = 0;
+    resp_raw(&b, "{", 1);
+    jkey(&b, &n, "saved");
+    jraw(&b, "true");
+    jkey(&b, &n, "keys");
+    jint(&b, (int64_t)r.keys);
+    jkey(&b, &n, "milliseconds");
+    jint(&b, r.ms);
+    resp_raw(&b, "}", 1);
+    reply_json(x, 200, &b);
+}
+
 /* ---- routing -------------------------------------------------------------------------------- */
 
 #define M(m) (1u << (m))
@@ -1199,6 +1225,7 @@ static const route k_routes[] = {
     {"/api/status/*/*/*", SD_EP_STATUS, M(SD_HTTP_GET), h_status},
     {"/api/release", SD_EP_RELEASE, M(SD_HTTP_POST), h_release},
     {"/api/health", SD_EP_HEALTH, M(SD_HTTP_GET), h_health},
+    {"/api/admin/snapshot", SD_EP_CONFIG, M(SD_HTTP_POST), h_snapshot},
     {"/api/config", SD_EP_CONFIG, M(SD_HTTP_GET), h_config},
     {"/api/config/global", SD_EP_CONFIG, M(SD_HTTP_GET) | M(SD_HTTP_PUT), h_global},
     {"/api/config/tiers", SD_EP_CONFIG, M(SD_HTTP_GET), h_tiers},
@@ -1358,7 +1385,8 @@ void sd_api_dispatch(sd_conn *c, const sd_http_req *r)
         return reply_error(&x, 405, allow, "method not allowed (allowed: %.*s)",
                            (int)strlen(allow) - 9, allow + 7);
     }
-    if ((method == SD_HTTP_PUT || method == SD_HTTP_DELETE) && !authorized(&x))
+    if ((method == SD_HTTP_PUT || method == SD_HTTP_DELETE || rt->fn == h_snapshot) &&
+        !authorized(&x))
         return reply_error(&x, 401, "WWW-Authenticate: Bearer realm=\"sluiced\"\r\n",
                            "configuration changes need Authorization: Bearer <admin token>");
     rt->fn(&x, method);

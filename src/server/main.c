@@ -15,6 +15,7 @@
 
 #include "config.h"
 #include "server.h"
+#include "state.h"
 
 int sd_log_level = SD_LOG_INFO;
 static const char *const k_levels[] = {"error", "warn", "info", "debug"};
@@ -54,6 +55,7 @@ void sd_settings_init(sd_settings *s)
     s->max_connections = 10000;
     s->idle_timeout_s = 300;
     s->shutdown_timeout_ms = 5000;
+    s->snapshot_interval_ms = 1000;
 }
 
 static const char k_usage[] =
@@ -70,6 +72,8 @@ static const char k_usage[] =
     "  --max-connections N     open connections at most (default 10000)\n"
     "  --idle-timeout S        close connections idle S seconds (default 300; 0 = never)\n"
     "  --shutdown-timeout MS   on SIGTERM, wait at most MS for in-flight requests (5000)\n"
+    "  --snapshot-interval S   snapshot bucket state into --data-dir every S seconds\n"
+    "                          (default 1; 0 = only on shutdown and on demand)\n"
     "  --log-level LEVEL       error, warn, info (default) or debug\n"
     "  --help, --version\n";
 
@@ -78,7 +82,7 @@ static const char k_usage[] =
 typedef struct opt {
     const char *flag;  /* "--resp-port" */
     const char *key;   /* "resp_port" in the config file */
-    char kind;         /* 'i' int, 's' string, 'z' size, 'l' log level */
+    char kind;         /* 'i' int, 's' string, 'z' size, 'l' log level, 'm' seconds -> ms */
     size_t off;
     long long min, max;
     size_t cap;        /* strings: buffer size */
@@ -100,6 +104,7 @@ static const opt k_opts[] = {
     {"--idle-timeout", "idle_timeout_seconds", 'i', OFF(idle_timeout_s), 0, 86400 * 7, 0},
     {"--shutdown-timeout", "shutdown_timeout_ms", 'i', OFF(shutdown_timeout_ms), 0, 600000, 0},
     {"--log-level", "log_level", 'l', OFF(log_level), 0, 0, 0},
+    {"--snapshot-interval", "snapshot_interval", 'm', OFF(snapshot_interval_ms), 0, 3600, 0},
 };
 #define NOPTS (sizeof k_opts / sizeof k_opts[0])
 
@@ -134,6 +139,15 @@ static void set_text(sd_settings *s, const opt *o, const char *v, const char *wh
     }
     char *end;
     errno = 0;
+    if (o->kind == 'm') { /* seconds, fractions allowed, kept as whole ms */
+        double sec = strtod(v, &end);
+        if (!*v || *end || errno || !(sec >= (double)o->min) || !(sec <= (double)o->max) ||
+            (sec > 0 && sec < 0.001))
+            bad("%s: '%s' is not a number of seconds from %lld to %lld (0.001 at least, or 0)",
+                where, v, o->min, o->max);
+        *(int *)p = (int)(sec * 1000 + 0.5);
+        return;
+    }
     long long n = strtoll(v, &end, 10);
     if (!*v || *end || errno || n < o->min || n > o->max)
         bad("%s: '%s' is not a whole number from %lld to %lld", where, v, o->min, o->max);
@@ -179,10 +193,13 @@ static void load_config(sd_settings *s, const char *path)
                 bad("%s: must be a string", where);
             set_text(s, o, json_string_value(v), where);
         } else {
-            if (!json_is_integer(v))
-                bad("%s: must be a whole number", where);
-            char num[32];
-            snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+            if (o->kind == 'm' ? !json_is_number(v) : !json_is_integer(v))
+                bad("%s: must be a %s", where, o->kind == 'm' ? "number" : "whole number");
+            char num[40];
+            if (o->kind == 'm')
+                snprintf(num, sizeof num, "%.17g", json_number_value(v));
+            else
+                snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
             set_text(s, o, num, where);
         }
     }
@@ -254,6 +271,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "sluiced: %s\n", err); /* nothing started: refuse, do not run half-configured */
         return 2;
     }
+    if (sd_state_open(&srv, err, sizeof err) != 0) {
+        fprintf(stderr, "sluiced: %s\n", err);
+        return 1;
+    }
 
     /* Signals are taken by this thread only (sigwait); workers inherit the mask. */
     sigset_t set;
@@ -268,14 +289,18 @@ int main(int argc, char **argv)
         sl_close(srv.lim);
         return 1;
     }
-    sd_info("sluiced %s ready: %d threads, in-memory store%s", sl_version_string(),
-            srv.cfg.threads, srv.cfg.requirepass[0] ? ", AUTH required" : "");
+    if (sd_state_start(&srv) != 0)
+        sd_error("state: cannot start the snapshot thread; snapshots only on shutdown");
+    sd_info("sluiced %s ready: %d threads, in-memory store%s%s%s", sl_version_string(),
+            srv.cfg.threads, srv.cfg.data_dir[0] ? ", data in " : " (nothing kept on disk)",
+            srv.cfg.data_dir, srv.cfg.requirepass[0] ? ", AUTH required" : "");
     int sig = 0;
     sigwait(&set, &sig);
     sd_info("%s: stopping (in-flight requests get up to %d ms)",
             sig == SIGINT ? "SIGINT" : "SIGTERM", srv.cfg.shutdown_timeout_ms);
     sd_net_stop(&srv);
     sd_net_wait(&srv);
+    sd_state_stop(&srv); /* the workers are gone: this snapshot is the final state */
     sd_config_close(&srv);
     sl_close(srv.lim);
     sd_info("stopped");

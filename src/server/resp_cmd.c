@@ -15,6 +15,7 @@
 #include "config.h"
 #include "net.h"
 #include "policy_text.h"
+#include "state.h"
 
 #define SL_CELL_TENANT "cl" /* CL.THROTTLE keys live in this tenant (rules on it win) */
 
@@ -719,6 +720,18 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
         cmd_release(c, m);
     } else if (resp_arg_is(name, "SL.STATS")) {
         cmd_stats(c, m);
+    } else if (resp_arg_is(name, "SL.SAVE")) { /* like Redis SAVE: this connection waits */
+        if (m->argc != 1)
+            return arity(o, name), 0;
+        sd_save_result r = sd_state_save(c->srv);
+        if (r.rc == SL_ENOTFOUND)
+            resp_error(o, "ERR no --data-dir: bucket state is not kept on disk");
+        else if (r.rc == SL_EIO)
+            resp_error(o, "ERR snapshot not saved: %s", strerror(r.err));
+        else if (r.rc != SL_OK)
+            lib_error(o, r.rc);
+        else
+            resp_simple(o, "OK");
     } else if (resp_arg_is(name, "SL.ADMISSION")) {
         cmd_admission(c, m);
     } else if (resp_arg_is(name, "SL.WEIGHT")) {

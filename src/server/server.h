@@ -29,6 +29,7 @@ typedef struct sd_settings {
     int max_connections;     /* per server */
     int idle_timeout_s;      /* close connections idle this long (0 = never) */
     int shutdown_timeout_ms; /* graceful stop: longest wait for in-flight requests */
+    int snapshot_interval_ms; /* bucket-state snapshots into data_dir (0 = only on stop) */
 } sd_settings;
 
 void sd_settings_init(sd_settings *s);
@@ -37,6 +38,7 @@ typedef struct sd_metrics {
     _Atomic uint64_t connections_total, connections_open, connections_rejected;
     _Atomic uint64_t resp_commands, resp_protocol_errors;
     _Atomic uint64_t http_requests, http_protocol_errors; /* errors: malformed, 413, 431 */
+    _Atomic uint64_t snapshots, snapshot_errors, snapshot_last_ms;
 } sd_metrics;
 
 typedef struct sd_server {

@@ -755,22 +755,30 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
     return reclaimed;
 }
 
+unsigned sl_table_nshards(const sl_table *t)
+{
+    return t->nshards;
+}
+
+int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entry *e),
+                           void *ctx)
+{
+    sl_shard *s = &t->shards[i];
+    int rc = 0;
+    sl_shard_lock(s);
+    uint32_t n = count_of(s);
+    for (uint32_t j = 0; j < n && !rc; j++)
+        rc = fn(ctx, entry_at(s, j));
+    sl_shard_unlock(s);
+    return rc;
+}
+
 int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx)
 {
-    for (unsigned i = 0; i < t->nshards; i++) {
-        sl_shard *s = &t->shards[i];
-        sl_shard_lock(s);
-        uint32_t n = count_of(s);
-        for (uint32_t j = 0; j < n; j++) {
-            int rc = fn(ctx, entry_at(s, j));
-            if (rc) {
-                sl_shard_unlock(s);
-                return rc;
-            }
-        }
-        sl_shard_unlock(s);
-    }
-    return 0;
+    int rc = 0;
+    for (unsigned i = 0; i < t->nshards && !rc; i++)
+        rc = sl_table_foreach_shard(t, i, fn, ctx);
+    return rc;
 }
 
 size_t sl_table_count(sl_table *t)

@@ -133,6 +133,10 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget);
 /* Visit every entry (for snapshots, tests). fn returns non-zero to stop. Each shard is
  * locked while it is visited. */
 int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
+/* The same for shard i only (0 <= i < sl_table_nshards): one lock hold. */
+int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entry *e),
+                           void *ctx);
+unsigned sl_table_nshards(const sl_table *t);
 
 size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
 size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds (locks each shard) */

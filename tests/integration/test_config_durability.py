@@ -81,7 +81,8 @@ class ConfigDurabilityTest(unittest.TestCase):
             doc = json.load(f)
         self.assertEqual(doc["sluice_config"], 1)
         self.assertIn("rule/client/acme/login/b%C3%BCb%2F%25x", doc["items"])
-        self.assertEqual(sorted(os.listdir(self.dir)), ["config.json"])  # no temp files left
+        # no temp files left (state.snap: the final bucket-state snapshot)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["config.json", "state.snap"])
 
     def test_data_dir_overrides_config_file(self):
         cfg = os.path.join(self.dir, "..", os.path.basename(self.dir) + ".json")
