@@ -287,9 +287,9 @@ SL_API size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget);
  * anchored to wall time at sl_open, so snapshots stay meaningful across restarts (with a
  * caller clock, keep the same time base). Versioned and checksummed (XXH64).
  *
- * Writing runs beside decisions on other threads: it locks one shard at a time, copies its
- * entries, unlocks, then encodes and writes. A key decided after its shard was copied is
- * saved as of the copy. Memory: one shard's copy plus a 1 MiB output buffer.
+ * Writing runs beside decisions on other threads: it copies a shard 32 keys per lock hold
+ * (about a microsecond), then writes. A key decided after its shard was copied is saved as
+ * of the copy. Memory: one shard's copy plus a 1 MiB output buffer.
  *
  * Loading checks the whole input (length, magic, version, checksum, every record) before it
  * changes anything: a truncated or corrupt snapshot is SL_ESNAPSHOT, a newer format

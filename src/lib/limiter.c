@@ -1147,6 +1147,13 @@ int sl_limiter_visit_shard(sl_limiter *l, unsigned shard, sl_key_visit_fn fn, vo
     return sl_table_foreach_shard(l->table, shard, visit_one, &v);
 }
 
+int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_t *stamp,
+                           int first, uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc)
+{
+    visit_ctx v = {l, fn, ctx};
+    return sl_table_visit_slice(l->table, shard, pos, stamp, first, max, visit_one, &v, fnrc);
+}
+
 int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
                        const void *state, size_t state_size)
 {

@@ -24,6 +24,7 @@
 #include <xxhash.h>
 
 #include "limiter_int.h"
+#include "memory.h"
 #include "policy.h"
 
 #define MAGIC "SLUICESN"
@@ -147,6 +148,30 @@ static int copy_key(void *ctx, const char *key, size_t klen, const sl_policy *p,
     return 0;
 }
 
+/* Copy one shard's keys, SLICE entries per lock hold, so that no decision on the shard waits
+ * for more than a few microseconds. A removal between slices moves entries: then the shard
+ * is copied again, and after MAX_RESTARTS in one lock hold (churn that heavy is rare: keys
+ * are removed only when idle-full or evicted). */
+#define SLICE 32
+#define MAX_RESTARTS 3
+static int copy_shard(sl_limiter *l, unsigned i, writer *w)
+{
+    for (int attempt = 0; attempt < MAX_RESTARTS; attempt++) {
+        uint32_t pos, stamp;
+        int st = SL_SLICE_MORE, fnrc = 0;
+        w->slen = 0;
+        for (int first = 1; st == SL_SLICE_MORE; first = 0) {
+            st = sl_limiter_visit_slice(l, i, &pos, &stamp, first, SLICE, copy_key, w, &fnrc);
+            if (fnrc)
+                return fnrc;
+        }
+        if (st == SL_SLICE_DONE)
+            return SL_OK;
+    }
+    w->slen = 0;
+    return sl_limiter_visit_shard(l, i, copy_key, w);
+}
+
 int sl_snapshot_write(sl_limiter *l, int fd)
 {
     if (!l || fd < 0)
@@ -165,8 +190,7 @@ int sl_snapshot_write(sl_limiter *l, int fd)
     put(h + 24, 0, 8); /* reserved: records are self-delimiting, streamed as shards are copied */
     int rc = emit(&w, h, HEADER, 1) == 0 ? SL_OK : SL_EIO;
     for (unsigned i = 0; rc == SL_OK && i < sl_limiter_nshards(l); i++) {
-        w.slen = 0;
-        rc = sl_limiter_visit_shard(l, i, copy_key, &w); /* lock held: copying only */
+        rc = copy_shard(l, i, &w);
         if (rc == SL_OK && emit(&w, w.shard, w.slen, 1) != 0)
             rc = SL_EIO;
     }

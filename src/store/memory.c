@@ -97,6 +97,7 @@ struct sl_shard {
     uint32_t share;               /* most entries this shard may hold */
     uint32_t hand;            /* CLOCK hand (entry number) */
     uint32_t sweep;           /* reclaim cursor (entry number) */
+    uint32_t removals;        /* bumped by every removal (entries move): sliced visits */
     size_t keybytes;          /* bytes of heap key copies */
 };
 
@@ -372,6 +373,7 @@ static void remove_at_locked(sl_shard *s, uint32_t n, uint32_t p, sl_grave *grav
         free(e->key.ext.ptr);
     }
     index_delete_locked(s, idx, mask, p);
+    s->removals++;
     if (n != last) {
         sl_entry *l = entry_at(s, last);
         uint32_t q = slot_of_locked(idx, mask, rehash(s->t, l), last);
@@ -771,6 +773,30 @@ int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entr
         rc = fn(ctx, entry_at(s, j));
     sl_shard_unlock(s);
     return rc;
+}
+
+int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp, int first,
+                         uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc)
+{
+    sl_shard *s = &t->shards[i];
+    int st = SL_SLICE_MORE;
+    *fnrc = 0;
+    sl_shard_lock(s);
+    if (first) {
+        *pos = 0;
+        *stamp = s->removals;
+    } else if (*stamp != s->removals) {
+        st = SL_SLICE_MOVED; /* a removal moved an entry: positions are not stable */
+    }
+    if (st == SL_SLICE_MORE) {
+        uint32_t n = count_of(s), end = *pos + max < n ? *pos + max : n;
+        for (; *pos < end && !*fnrc; ++*pos)
+            *fnrc = fn(ctx, entry_at(s, *pos));
+        if (*pos >= n)
+            st = SL_SLICE_DONE;
+    }
+    sl_shard_unlock(s);
+    return st;
 }
 
 int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx)

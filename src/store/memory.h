@@ -137,6 +137,14 @@ int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
 int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entry *e),
                            void *ctx);
 unsigned sl_table_nshards(const sl_table *t);
+/* Visit shard i a slice at a time: at most `max` entries per lock hold, from *pos on (first:
+ * start at 0 and record the shard's removal count in *stamp). Entries only move when one is
+ * removed (the last takes its place), so a slice after a removal could miss or repeat one:
+ * then nothing is visited and SL_SLICE_MOVED says to start the shard again. Entries inserted
+ * after the first slice may not be visited. fn's non-zero return stops the slice (*fnrc). */
+enum { SL_SLICE_DONE = 0, SL_SLICE_MORE = 1, SL_SLICE_MOVED = 2 };
+int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp, int first,
+                         uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc);
 
 size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
 size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds (locks each shard) */
