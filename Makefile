@@ -58,6 +58,8 @@ test-one: build
 
 bench: deps build
 	@bash bench/run.sh $(BUILD)
+	@$(BUILD)/snapshot_bench
+	@bash bench/server_bench.sh $(BUILD)
 
 install: build
 	@$(CMAKE) --install $(BUILD)

@@ -11,6 +11,7 @@ PKGS=(
   redis-server redis-tools python3-redis    # integration tests: real Redis, redis-cli,
   nodejs node-redis curl                    #   redis-benchmark, redis-py, npm redis, curl
   prometheus                                # integration tests: promtool check metrics
+  wrk nginx                                 # bench/server_bench.sh: HTTP load, nginx peer
   golang-go golang-golang-x-time-dev        # bench: the Go x/time/rate peer
   valgrind                                  # bench: instruction counts
 )

@@ -4,6 +4,7 @@
  * keys that existed.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -48,6 +49,11 @@ static void test_save_while_deciding(void **st)
     for (int i = 0; i < 2; i++)
         pthread_create(&t[i], NULL, decider, (void *)(uintptr_t)(i + 1));
     pthread_barrier_wait(&g_start);
+    sl_stats s0 = {0};
+    for (int spin = 0; spin < 10000000 && s0.keys < 100; spin++) { /* deciders under way */
+        sched_yield();
+        sl_stats_get(g_lim, NULL, 0, &s0);
+    }
     for (int round = 0; round < 8; round++) {
         assert_int_equal(sl_snapshot_save(g_lim, path), SL_OK);
         sl_limiter *b;
