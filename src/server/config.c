@@ -629,8 +629,7 @@ int sd_cfg_global_set(sd_server *s, const sl_policy *deflt, const int64_t vals[3
 
 /* ---- loading ------------------------------------------------------------------------------- */
 
-/* Line and column of the first `"key"` in the file's text (for error messages). */
-static void locate(const char *path, const char *key, int *line, int *col)
+void sd_file_position(const char *path, const char *key, int *line, int *col)
 {
     *line = *col = 0;
     FILE *f = fopen(path, "r");
@@ -691,7 +690,7 @@ static int check_items(const json_t *items, const char *path, char *err, size_t 
         }
         if (why) {
             int line, col;
-            locate(path, key, &line, &col);
+            sd_file_position(path, key, &line, &col);
             snprintf(err, errlen, "%s: line %d, column %d: item \"%s\": %s", path, line, col,
                      key, why);
             return -1;
@@ -720,7 +719,7 @@ static json_t *load_overlay(const char *path, char *err, size_t errlen)
     }
     if (json_integer_value(ver) != FORMAT_VERSION) {
         int line, col;
-        locate(path, "sluice_config", &line, &col);
+        sd_file_position(path, "sluice_config", &line, &col);
         snprintf(err, errlen, "%s: line %d, column %d: field \"sluice_config\": version %" JSON_INTEGER_FORMAT
                               " is not %d (written by another version of sluiced)",
                  path, line, col, json_integer_value(ver), FORMAT_VERSION);

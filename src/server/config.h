@@ -46,6 +46,10 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
                    size_t errlen);
 void sd_config_close(sd_server *srv);
 
+/* Line and column (1-based; 0 if not found) of the first `"key"` in a JSON file's text, for
+ * error messages (jansson keeps no positions of values). */
+void sd_file_position(const char *path, const char *key, int *line, int *col);
+
 /* The errno of this thread's last SD_EPERSIST. */
 int sd_config_errno(void);
 

@@ -185,7 +185,10 @@ static void load_config(sd_settings *s, const char *path)
             continue;
         }
         char where[600];
-        snprintf(where, sizeof where, "--config %s: field \"%s\"", path, key);
+        int line, col;
+        sd_file_position(path, key, &line, &col);
+        snprintf(where, sizeof where, "--config %s: line %d, column %d: field \"%s\"", path,
+                 line, col, key);
         if (!o)
             bad("%s: unknown setting", where);
         if (o->kind == 's' || o->kind == 'l') {

@@ -338,7 +338,7 @@ class ProcessTest(unittest.TestCase):
                 f.write('{"threads": 1,\n "resp_port": 1,\n "bogus": 2}')
             code, _, err = run_sluiced("--config", path)
             self.assertEqual(code, 2)
-            self.assertIn('field "bogus": unknown setting', err)
+            self.assertIn('line 3, column 2: field "bogus": unknown setting', err)
             with open(path, "w") as f:
                 f.write('{"threads": 1,\n "resp_port": }')
             code, _, err = run_sluiced("--config", path)
