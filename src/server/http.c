@@ -144,15 +144,21 @@ void sd_http_reply(resp_buf *out, sd_http_tag tag, sd_endpoint ep, int status,
                    const char *content_type, const char *headers, size_t headers_len,
                    const char *body, size_t body_len)
 {
-    char head[512];
-    int n = snprintf(head, sizeof head,
-                     "HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\nContent-Length: %zu\r\n%s",
-                     status, reason(status), date_line(),
-                     content_type ? content_type : "application/json", body_len,
-                     tag.close           ? "Connection: close\r\n"
-                     : tag.keep_alive_10 ? "Connection: keep-alive\r\n"
-                                         : "");
-    resp_raw(out, head, (size_t)n);
+    resp_str(out, "HTTP/1.1 ");
+    resp_dec(out, status);
+    resp_raw(out, " ", 1);
+    resp_str(out, reason(status));
+    resp_raw(out, "\r\n", 2);
+    resp_str(out, date_line());
+    resp_str(out, "Content-Type: ");
+    resp_str(out, content_type ? content_type : "application/json");
+    resp_str(out, "\r\nContent-Length: ");
+    resp_dec(out, (int64_t)body_len);
+    resp_raw(out, "\r\n", 2);
+    if (tag.close)
+        resp_str(out, "Connection: close\r\n");
+    else if (tag.keep_alive_10)
+        resp_str(out, "Connection: keep-alive\r\n");
     if (headers_len)
         resp_raw(out, headers, headers_len);
     resp_raw(out, "\r\n", 2);

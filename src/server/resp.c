@@ -184,6 +184,10 @@ static int reserve(resp_buf *b, size_t n)
         return -1;
     if (b->cap - b->len >= n)
         return 0;
+    if (b->fixed) {
+        b->oom = 1;
+        return -1;
+    }
     size_t cap = b->cap ? b->cap : 4096;
     while (cap - b->len < n)
         cap *= 2;
@@ -205,11 +209,29 @@ void resp_raw(resp_buf *b, const char *s, size_t n)
     }
 }
 
+void resp_str(resp_buf *b, const char *s)
+{
+    resp_raw(b, s, strlen(s));
+}
+
+/* Decimal digits without printf (replies are mostly numbers: this is on every reply). */
+void resp_dec(resp_buf *b, int64_t v)
+{
+    char tmp[24], *p = tmp + sizeof tmp;
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    do
+        *--p = (char)('0' + u % 10);
+    while (u /= 10);
+    if (v < 0)
+        *--p = '-';
+    resp_raw(b, p, (size_t)(tmp + sizeof tmp - p));
+}
+
 static void prefixed_num(resp_buf *b, char type, long long v)
 {
-    char tmp[32];
-    int n = snprintf(tmp, sizeof tmp, "%c%lld\r\n", type, v);
-    resp_raw(b, tmp, (size_t)n);
+    resp_raw(b, &type, 1);
+    resp_dec(b, v);
+    resp_raw(b, "\r\n", 2);
 }
 
 void resp_simple(resp_buf *b, const char *s)

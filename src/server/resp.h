@@ -46,6 +46,7 @@ typedef struct resp_buf {
     char *p;
     size_t len, cap;
     int oom; /* an append failed: the buffer is incomplete and the connection must close */
+    int fixed; /* p is the caller's array of cap bytes: never grown (full = oom) */
 } resp_buf;
 
 void resp_buf_free(resp_buf *b);
@@ -59,6 +60,8 @@ void resp_bulk(resp_buf *b, const char *s, size_t n);  /* $n s */
 void resp_bulk_str(resp_buf *b, const char *s);
 void resp_null(resp_buf *b);                           /* $-1 */
 void resp_array(resp_buf *b, long n);                  /* *n (then n replies) */
+void resp_str(resp_buf *b, const char *s);             /* raw text, no framing */
+void resp_dec(resp_buf *b, int64_t v);                 /* raw decimal, no framing */
 
 /* Argument helpers */
 int resp_arg_is(const resp_arg *a, const char *word); /* ASCII case-insensitive equality */

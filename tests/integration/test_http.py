@@ -238,6 +238,29 @@ class Endpoints(HttpCase):
         self.error("POST", "/api/check_and_consume", check_body("inline", "c", "a", **bucket(2, 0)),
                    contains="window_duration_seconds")
 
+    def test_bodies_the_fast_parser_hands_to_jansson(self):
+        """Plain bodies are parsed without jansson; bodies with escapes, non-ASCII, exponents
+        or odd spacing take the full parser. Both must decide the same key the same way."""
+        bodies = [
+            '{"tenant_id": "fp", "client_id": "caf\\u00e9", "action_type": "a", '
+            '"max_requests": 1e1, "window_duration_seconds": 3600}',
+            '{"tenant_id":"fp","client_id":"caf\u00e9","action_type":"a",'
+            '"max_requests":10,"window_duration_seconds":3600}',
+            ' {\n "action_type" : "a" ,\t"client_id":"caf\u00e9", "tenant_id":"fp",'
+            ' "max_requests": 10.0, "window_duration_seconds": 3600, "cost": 2 } ',
+        ]
+        left = [self.call("POST", "/api/check_and_consume", b.encode())[2]["remaining_requests"]
+                for b in bodies]
+        self.assertEqual(left, [9, 8, 6])  # one key, whichever parser read it
+        for bad, msg in [('{"tenant_id": "fp", "tenant_id": "x", "client_id": "c", '
+                          '"action_type": "a"}', "duplicate"),
+                         ('{"tenant_id": "fp", "client_id": "c", "action_type": "a", '
+                          '"cost": 1.5}', "cost"),
+                         ('{"tenant_id": "fp", "client_id": "c", "action_type": "a", '
+                          '"cost": 01}', "invalid JSON"),
+                         ('{"tenant_id": "fp", "client_id": "c"}', "action_type")]:
+            self.error("POST", "/api/check_and_consume", bad, contains=msg)
+
     def test_check_errors(self):
         url = "/api/check_and_consume"
         msg, _ = self.error("POST", url, '{"tenant_id": "t",\n "client_id": }')
