@@ -214,24 +214,33 @@ void resp_str(resp_buf *b, const char *s)
     resp_raw(b, s, strlen(s));
 }
 
-/* Decimal digits without printf (replies are mostly numbers: this is on every reply). */
-void resp_dec(resp_buf *b, int64_t v)
+/* "<lead><decimal><tail>" built right to left in `end`'s buffer; returns its start. */
+static char *fmt_dec(char *end, char lead, int64_t v, const char *tail, size_t tl)
 {
-    char tmp[24], *p = tmp + sizeof tmp;
+    char *p = end - tl;
+    memcpy(p, tail, tl);
     uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
     do
         *--p = (char)('0' + u % 10);
     while (u /= 10);
     if (v < 0)
         *--p = '-';
+    if (lead)
+        *--p = lead;
+    return p;
+}
+
+/* Decimal digits without printf (replies are mostly numbers: this is on every reply). */
+void resp_dec(resp_buf *b, int64_t v)
+{
+    char tmp[24], *p = fmt_dec(tmp + sizeof tmp, 0, v, "", 0);
     resp_raw(b, p, (size_t)(tmp + sizeof tmp - p));
 }
 
 static void prefixed_num(resp_buf *b, char type, long long v)
 {
-    resp_raw(b, &type, 1);
-    resp_dec(b, v);
-    resp_raw(b, "\r\n", 2);
+    char tmp[32], *p = fmt_dec(tmp + sizeof tmp, type, v, "\r\n", 2);
+    resp_raw(b, p, (size_t)(tmp + sizeof tmp - p)); /* one append: this is every integer */
 }
 
 void resp_simple(resp_buf *b, const char *s)

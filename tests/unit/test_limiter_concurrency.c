@@ -135,10 +135,13 @@ static void test_200_threads_100_keys(void **st)
 static void test_2_threads_one_hot_key(void **st)
 {
     (void)st;
-    sl_policy p = SL_POLICY_TOKEN_BUCKET(1000, 20000);
+    /* 2,000/s: demand stays far above supply even under TSan on a loaded 2-core machine
+     * (at 20,000/s a starved run once fell 0.1% short of the 99% bound: too little demand,
+     * not lost tokens). A lost update would cost far more than 1%. */
+    sl_policy p = SL_POLICY_TOKEN_BUCKET(1000, 2000);
     run *r = new_run(&p);
     double el = hammer(r, 2, 1, 1.0);
-    check_bounds(r, 1000, 20000, 1.0, el);
+    check_bounds(r, 1000, 2000, 1.0, el);
     free_run(r);
 }
 
