@@ -281,28 +281,74 @@ SL_API int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx);
 SL_API size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget);
 
 /* ---- snapshots of bucket state ------------------------------------------------------------
- * A snapshot holds every key with its policy (normalised, so it is interned again on load)
- * and its algorithm state: loaded into a limiter, the keys decide exactly as they did.
- * Timestamps in the state come from the limiter's clock; the internal clock is monotonic
- * anchored to wall time at sl_open, so snapshots stay meaningful across restarts (with a
- * caller clock, keep the same time base). Versioned and checksummed (XXH64).
+ * A snapshot holds every key with its policy (by value, normalised: it is interned again on
+ * load, since policy ids belong to one limiter) and its algorithm state, so that a limiter
+ * that loads it decides, at the same `now`, exactly as the one that wrote it: an exhausted
+ * key stays exhausted, a half-full window stays half full, leases stay held (and can be
+ * released; lease ids issued after a load are above every id loaded). Rules, tiers,
+ * defaults and counters are not in it.
  *
- * Writing runs beside decisions on other threads: it copies a shard 32 keys per lock hold
- * (about a microsecond), then writes. A key decided after its shard was copied is saved as
- * of the copy. Memory: one shard's copy plus a 1 MiB output buffer.
+ * Time: states hold timestamps of the limiter's clock. The internal clock is monotonic but
+ * anchored to wall time at sl_open, so these are wall-clock ns and stay meaningful in another
+ * process after a restart; a key whose state is later than the loading limiter's clock (the
+ * wall clock was set back) neither refills nor drains until the clock passes it, as for any
+ * timestamp that goes backwards. With your own clock (sl_options.clock), keep one time base
+ * for the limiter that writes and the one that loads.
  *
- * Loading checks the whole input (length, magic, version, checksum, every record) before it
- * changes anything: a truncated or corrupt snapshot is SL_ESNAPSHOT, a newer format
- * SL_EVERSION, and nothing changes. Then it replaces the state of the keys it holds and
- * leaves other keys alone (max_keys is obeyed: inserting may evict). It reads the whole
- * input into memory. If a rule changed since the save, the usual carry-over applies at the
- * key's next decision. I/O failures are SL_EIO with errno set. Thread-safe. */
+ * Format: versioned and checksummed (XXH64), little-endian, fixed-width fields; described in
+ * docs/design.md ("Snapshots"). Errors of these functions besides SL_EINVAL (NULL, fd < 0)
+ * and SL_ENOMEM: SL_EIO (a system call failed; errno says why and is left set),
+ * SL_ESNAPSHOT (truncated, corrupt, empty, not a snapshot), SL_EVERSION (whole, but from a
+ * newer sluice). Every function is thread-safe: it may run beside decisions, rule changes
+ * and other snapshot calls on the same limiter. */
+
+/* Write a snapshot of `l` to `fd` (a file, pipe or socket, blocking; not closed, not
+ * fsync'd). Runs beside decisions: each shard is copied 32 keys (or 16 KiB of state) per hold
+ * of its lock, about a microsecond (a single key with a very large sliding_log or
+ * concurrency state is copied in one hold), and encoded and written outside the lock. A key
+ * is saved as of the moment its slice was copied, so the snapshot is not one instant across
+ * keys: a key decided after its slice was copied is saved as before that decision; a key
+ * created meanwhile may be missing; a key whose shard removed entries (eviction, reclaim)
+ * while it was being copied may appear twice, the later (newer) copy winning on load.
+ * Memory: one slice and a 1 MiB output buffer. On error part of a snapshot may have been
+ * written (it will not load: the checksum comes last). */
 SL_API int sl_snapshot_write(sl_limiter *l, int fd);
-/* Atomically: a temp file in the same directory, written, fsync'd, renamed over `path`, the
- * directory fsync'd. On failure `path` is untouched and the temp file removed. */
+/* Write a snapshot to `path` atomically: a new temp file in the same directory
+ * ("<path>.tmp.<pid>.<n>"), written, fsync'd, renamed over `path`, and the directory fsync'd.
+ * On failure `path` is untouched (the old snapshot, if any, stays) and the temp file is
+ * removed; except that when only the last step, the directory's fsync, fails (SL_EIO), the
+ * new snapshot is in place but might not survive a power cut. Concurrent saves to one path
+ * are safe: each has its own temp file, the last rename wins. */
 SL_API int sl_snapshot_save(sl_limiter *l, const char *path);
+/* Load a snapshot from `fd`, read to its end. The whole input is read into memory (its size:
+ * 56 bytes plus the key per single-limit key with inline state) and checked first: length, magic,
+ * version, checksum, then every record (key encoding, policy, state consistent with the
+ * policy). A bad input is SL_ESNAPSHOT or SL_EVERSION and changes nothing. Then every key in
+ * it gets its saved policy and state, replacing what the key had; keys not in the snapshot
+ * are left alone. Inserting obeys max_keys (it may evict, least recently used first, as any
+ * insert does). If the key's rule changed since the save, the usual carry-over applies at
+ * its next decision (remaining units kept, clamped to the new capacity). Exceptions to
+ * "changes nothing on failure": memory running out while restoring (SL_ENOMEM), or the
+ * limiter reaching its 2^20 distinct policies (SL_ETOOMANY), leaves the keys restored so
+ * far restored. Counters (sl_stats: allowed, denied) do not change; keys do. */
 SL_API int sl_snapshot_read(sl_limiter *l, int fd);
+/* sl_snapshot_read of the file at `path`; a missing file is SL_EIO with errno ENOENT. */
 SL_API int sl_snapshot_load(sl_limiter *l, const char *path);
+
+/* What the last successful snapshot call of each kind did on this limiter. */
+typedef enum sl_snapshot_op {
+    SL_SNAPSHOT_WRITE = 0, /* sl_snapshot_write or sl_snapshot_save */
+    SL_SNAPSHOT_READ = 1   /* sl_snapshot_read or sl_snapshot_load */
+} sl_snapshot_op;
+typedef struct sl_snapshot_info {
+    uint64_t keys;      /* records written or restored (a key written twice counts twice) */
+    uint64_t bytes;     /* length of the snapshot */
+    int64_t written_at; /* wall clock (ns since the Unix epoch) when it was written */
+    int64_t duration;   /* ns the call took (for a save: including fsync and rename) */
+} sl_snapshot_info;
+/* Copy out the info of the most recent successful call of kind `op` (the one that finished
+ * last, if several ran at once). SL_ENOTFOUND if there was none yet. */
+SL_API int sl_snapshot_last(sl_limiter *l, sl_snapshot_op op, sl_snapshot_info *out);
 
 #ifdef __cplusplus
 }

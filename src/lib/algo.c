@@ -132,7 +132,8 @@ static int window_ns(double w, int64_t *out)
     return SL_OK;
 }
 
-/* State layouts (all multiples of 8 bytes). */
+/* State layouts (all multiples of 8 bytes, no padding). They are part of the snapshot format
+ * (snapshot.c, docs/design.md "Snapshots"): changing one needs a new snapshot version. */
 typedef struct gcra_st { /* token_bucket, leaky_bucket */
     int64_t tat;         /* theoretical arrival time: full (TB) / empty (leaky) at tat */
     int64_t last;
@@ -649,6 +650,80 @@ int sl_algo_release(const sl_climit *c, void *state, uint64_t id, int64_t now)
     }
     memcpy(state, &h, sizeof h);
     return rc;
+}
+
+/* ---- states from outside (snapshots) --------------------------------------------------- */
+
+static int time_ok(int64_t t)
+{
+    return t >= 0 && t < MAX_TAU; /* the range of `now` */
+}
+
+/* The bounds are those every state produced here keeps, loosened where a policy change can
+ * legitimately leave a state beyond the new limit's own (a leaky queue keeps its drain time,
+ * a lease its expiry), and always tight enough that no arithmetic on the state overflows. */
+int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lease)
+{
+    switch (c->algorithm) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET: {
+        gcra_st s;
+        memcpy(&s, state, sizeof s);
+        return time_ok(s.last) && s.tat >= 0 && s.tat - s.last <= MAX_TAU;
+    }
+    case SL_BURST_RESERVE: {
+        br_st s;
+        memcpy(&s, state, sizeof s);
+        return time_ok(s.last) && s.tat >= 0 && s.tat - s.last <= MAX_TAU && s.z <= s.last &&
+               s.z >= -MAX_TAU;
+    }
+    case SL_FIXED_WINDOW: {
+        fw_st s;
+        memcpy(&s, state, sizeof s);
+        return time_ok(s.last) && s.count <= c->limit;
+    }
+    case SL_SLIDING_WINDOW: {
+        sw_st s;
+        memcpy(&s, state, sizeof s);
+        return time_ok(s.last) && s.cur <= c->limit && s.prev <= c->limit;
+    }
+    case SL_SLIDING_LOG: {
+        log_hdr h;
+        memcpy(&h, state, sizeof h);
+        if (!time_ok(h.last) || h.head >= c->limit || h.n > c->limit)
+            return 0;
+        const int64_t *r = log_cring(state);
+        int64_t prev = 0;
+        for (uint32_t i = 0; i < h.n; i++) {
+            int64_t t = log_at(r, &h, c->limit, i);
+            if (t < prev || t > h.last) /* oldest first, none after `last` */
+                return 0;
+            prev = t;
+        }
+        return 1;
+    }
+    case SL_CONCURRENCY: {
+        cc_hdr h;
+        memcpy(&h, state, sizeof h);
+        if (!time_ok(h.last) || h.head >= c->limit || h.n > c->limit || h.used > c->limit)
+            return 0;
+        const cc_lease *r = cc_cring(state);
+        uint64_t used = 0;
+        int64_t prev = 0;
+        for (uint32_t i = 0; i < h.n; i++) {
+            cc_lease l = r[cc_idx(&h, c->limit, i)];
+            if (l.id == 0 || l.weight == 0 || l.weight > c->limit || l.expiry < prev ||
+                l.expiry - h.last > MAX_TAU) /* sorted by expiry */
+                return 0;
+            used += l.weight; /* at most N * N <= 1e10 */
+            prev = l.expiry;
+            if (l.id > *max_lease)
+                *max_lease = l.id;
+        }
+        return used == h.used;
+    }
+    }
+    return 0;
 }
 
 /* ---- the interface ------------------------------------------------------------------------ */

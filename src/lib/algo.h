@@ -74,6 +74,12 @@ int64_t sl_algo_full_at(const sl_climit *c, const void *state);
 void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc, void *nstate,
                    int64_t now);
 
+/* Could `state` have been produced by limit `c`? Checks what the other functions rely on
+ * (ring positions and counts within the limit, times in range and in order, a concurrency
+ * state's total weight) so that a state read from outside (a snapshot) can be used safely.
+ * Returns 1 or 0. `*max_lease` (concurrency) is raised to the largest lease id held. */
+int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lease);
+
 /* concurrency: release lease `id`. Returns SL_OK or SL_ELEASE. */
 int sl_algo_release(const sl_climit *c, void *state, uint64_t id, int64_t now);
 

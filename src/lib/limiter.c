@@ -55,6 +55,8 @@ struct sl_limiter {
     _Atomic uint64_t next_lease;
     _Atomic uint64_t reclaimed, evicted;
     uint64_t serial; /* unique per limiter in this process: keys the per-thread caches */
+    sl_snapshot_info snap[2]; /* the last snapshot written, read (under cfg) */
+    int have_snap[2];
 };
 
 static _Atomic uint64_t g_serial = 1;
@@ -1141,17 +1143,21 @@ static int visit_one(void *c, sl_entry *e)
     return v->fn(v->ctx, k, klen, &cp->src, entry_state(e), cp->state_size);
 }
 
-int sl_limiter_visit_shard(sl_limiter *l, unsigned shard, sl_key_visit_fn fn, void *ctx)
-{
-    visit_ctx v = {l, fn, ctx};
-    return sl_table_foreach_shard(l->table, shard, visit_one, &v);
-}
-
 int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_t *stamp,
                            int first, uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc)
 {
     visit_ctx v = {l, fn, ctx};
     return sl_table_visit_slice(l->table, shard, pos, stamp, first, max, visit_one, &v, fnrc);
+}
+
+/* Lease ids stay unique: the next one issued is above every id restored. */
+static void lease_floor(sl_limiter *l, uint64_t max_id)
+{
+    uint64_t cur = atomic_load_explicit(&l->next_lease, memory_order_relaxed);
+    while (cur <= max_id &&
+           !atomic_compare_exchange_weak_explicit(&l->next_lease, &cur, max_id + 1,
+                                                  memory_order_relaxed, memory_order_relaxed))
+        ;
 }
 
 int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
@@ -1162,12 +1168,22 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     int rc = policy_intern(l, p, &cp);
-    char *heap = NULL;
+    uint64_t inl[2]; /* the state, aligned, before it is checked: in here or in `heap` */
+    char *heap = NULL, *copy = (char *)inl;
+    uint64_t max_lease = 0;
     if (rc == SL_OK && state_size != cp->state_size)
         rc = SL_ESNAPSHOT;
-    if (rc == SL_OK && cp->heap && !(heap = malloc(state_size)))
+    if (rc == SL_OK && cp->heap && !(copy = heap = malloc(state_size)))
         rc = SL_ENOMEM;
-    if (rc == SL_OK) {
+    if (rc == SL_OK)
+        memcpy(copy, state, state_size);
+    for (uint32_t i = 0; rc == SL_OK && i < cp->nlimits; i++)
+        if (!sl_algo_state_valid(&cp->lim[i], copy + cp->offs[i], &max_lease))
+            rc = SL_ESNAPSHOT;
+    if (rc != SL_OK) {
+        free(heap);
+    } else {
+        lease_floor(l, max_lease);
         uint64_t hash = sl_table_hash(key, klen);
         sl_shard *s = sl_table_shard(l->table, hash);
         int created;
@@ -1180,12 +1196,11 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
             if (e->flags & SL_ENTRY_HEAP)
                 free((void *)(uintptr_t)e->state[0]);
             if (heap) {
-                memcpy(heap, state, state_size);
                 e->state[0] = (uint64_t)(uintptr_t)heap;
                 e->flags |= SL_ENTRY_HEAP;
             } else {
                 memset(e->state, 0, sizeof e->state);
-                memcpy(e->state, state, state_size);
+                memcpy(e->state, inl, state_size);
                 e->flags &= (uint8_t)~SL_ENTRY_HEAP;
             }
             e->policy = cp->id;
@@ -1193,5 +1208,25 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
         sl_shard_unlock(s);
     }
     sl_ebr_leave(l->ebr);
+    return rc;
+}
+
+void sl_limiter_snapshot_note(sl_limiter *l, int op, const sl_snapshot_info *info)
+{
+    pthread_mutex_lock(&l->cfg);
+    l->snap[op] = *info;
+    l->have_snap[op] = 1;
+    pthread_mutex_unlock(&l->cfg);
+}
+
+int sl_snapshot_last(sl_limiter *l, sl_snapshot_op op, sl_snapshot_info *out)
+{
+    if (!l || !out || (op != SL_SNAPSHOT_WRITE && op != SL_SNAPSHOT_READ))
+        return SL_EINVAL;
+    pthread_mutex_lock(&l->cfg);
+    int rc = l->have_snap[op] ? SL_OK : SL_ENOTFOUND;
+    if (rc == SL_OK)
+        *out = l->snap[op];
+    pthread_mutex_unlock(&l->cfg);
     return rc;
 }

@@ -14,16 +14,17 @@ typedef int (*sl_key_visit_fn)(void *ctx, const char *key, size_t klen, const sl
                                const void *state, size_t state_size);
 
 unsigned sl_limiter_nshards(sl_limiter *l);
-/* Visit every key of one shard under that shard's lock (fn must be quick and must not call
- * into the limiter). Returns what fn returned to stop, else 0. */
-int sl_limiter_visit_shard(sl_limiter *l, unsigned shard, sl_key_visit_fn fn, void *ctx);
-/* The same a slice at a time (memory.h's sl_table_visit_slice: SL_SLICE_DONE, _MORE, or
- * _MOVED: start the shard again). */
+/* Visit one shard's keys a slice at a time under that shard's lock (memory.h's
+ * sl_table_visit_slice: SL_SLICE_MORE until SL_SLICE_DONE or SL_SLICE_REPEATS; fn must be
+ * quick, must not call into the limiter, and returns 0, > 0 or < 0 as described there). */
 int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_t *stamp,
                            int first, uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc);
-/* Give key (encoded) policy p and exactly this state, replacing what it had. state_size must
- * be the compiled policy's (else SL_ESNAPSHOT). */
+/* Give key (encoded) policy p and exactly this state, replacing what it had (the state is
+ * checked with sl_algo_state_valid: SL_ESNAPSHOT if it does not fit the policy). Lease ids
+ * issued afterwards are above every lease id in the state. */
 int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
                        const void *state, size_t state_size);
+/* Record what a successful snapshot call did, for sl_snapshot_last. */
+void sl_limiter_snapshot_note(sl_limiter *l, int op, const sl_snapshot_info *info);
 
 #endif

@@ -1,7 +1,7 @@
 /*
  * snapshot.c — bucket-state snapshots (see sluice.h).
  *
- * Format (little-endian, fixed width, no padding):
+ * Format (little-endian, fixed width, no padding; docs/design.md "Snapshots"):
  *
  *   header   "SLUICESN" | u32 version (1) | u32 flags (0) | i64 wall ns written | u64 0
  *   record   u16 key length | key bytes (the limiter's key encoding) |
@@ -9,10 +9,15 @@
  *            u32 state length | state bytes
  *   trailer  u64 total length of the file | u64 XXH64 (seed 0) of every byte before it
  *
- * Reading checks the length, the checksum and every record before anything is applied.
+ * Every later version keeps the magic, the version's place and the trailer, so that a reader
+ * can tell a whole file of a newer version (SL_EVERSION) from a damaged one (SL_ESNAPSHOT).
+ * Records are self-delimiting and streamed as shards are copied, so the header holds no
+ * record count (it is not known until the end). Reading checks the length, the checksum and
+ * every record before anything is applied.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,31 +28,41 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "algo.h"
 #include "limiter_int.h"
 #include "memory.h"
 #include "policy.h"
+#include "snapshot_int.h"
+
+/* State bytes are the algorithms' layouts (algo.c) as they are in memory: fixed-width fields,
+ * no padding, and little-endian only because the host is. */
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "snapshots store algorithm state as in memory: a big-endian host needs byte swaps here"
+#endif
 
 #define MAGIC "SLUICESN"
 #define VERSION 1u
 #define HEADER 32
 #define TRAILER 16
-#define OUTBUF (1u << 20)
+#define OUTBUF (1u << 20)       /* output buffer: writes go out in pieces of this size */
 #define LIMIT_BYTES 33
-#define MAX_STATE (1u << 24)
+#define MAX_STATE (1u << 24)    /* a record's state: larger is corrupt (the largest, four
+                                   concurrency limits of 100,000, is under 10 MB) */
+#define SLICE_KEYS 32           /* keys copied per shard lock hold ... */
+#define SLICE_BYTES (16u << 10) /* ... or bytes, whichever comes first */
 
 /* ---- little-endian fields ---- */
 
-static void put(unsigned char *p, uint64_t v, int n)
+/* The low n bytes of v, little-endian (the host's order: see above). */
+static inline void put(unsigned char *p, uint64_t v, int n)
 {
-    for (int i = 0; i < n; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
+    memcpy(p, &v, (size_t)n);
 }
 
-static uint64_t get(const unsigned char *p, int n)
+static inline uint64_t get(const unsigned char *p, int n)
 {
     uint64_t v = 0;
-    for (int i = 0; i < n; i++)
-        v |= (uint64_t)p[i] << (8 * i);
+    memcpy(&v, p, (size_t)n);
     return v;
 }
 
@@ -67,15 +82,46 @@ static double bitsd(uint64_t v)
 
 /* ---- writing ---- */
 
+static _Atomic long g_fail_writes = -1;
+
+void sl_snapshot_fail_writes_after(long n)
+{
+    atomic_store(&g_fail_writes, n);
+}
+
+static int write_denied(void)
+{
+    long n = atomic_load_explicit(&g_fail_writes, memory_order_relaxed);
+    while (n > 0)
+        if (atomic_compare_exchange_weak(&g_fail_writes, &n, n - 1))
+            return 0;
+    return n == 0;
+}
+
+static int64_t wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec;
+}
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec;
+}
+
 typedef struct writer {
     int fd;
-    unsigned char *buf;
+    unsigned char *buf; /* output, OUTBUF bytes */
     size_t len;
     XXH64_state_t h;
     uint64_t total;
-    int err;       /* errno of a failed write */
-    char *shard;   /* one shard's raw copy */
+    int err;            /* errno of a failed write */
+    char *slice;        /* one slice's records, encoded under the shard lock */
     size_t slen, scap;
+    size_t need;        /* a record that did not fit in `slice`: its size */
     uint64_t keys;
 } writer;
 
@@ -83,7 +129,11 @@ static int flush_out(writer *w)
 {
     size_t off = 0;
     while (off < w->len) {
-        ssize_t n = write(w->fd, w->buf + off, w->len - off);
+        ssize_t n;
+        if (write_denied())
+            n = -1, errno = ENOSPC;
+        else
+            n = write(w->fd, w->buf + off, w->len - off);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
@@ -113,23 +163,21 @@ static int emit(writer *w, const void *p, size_t n, int hashed)
     return 0;
 }
 
-/* Under the shard lock: append one record, encoded, to the shard copy. */
+/* Under the shard lock: append one record, encoded, to the slice. Returns 1 (not copied: end
+ * the slice) when the slice has its SLICE_BYTES or the record does not fit; no allocation
+ * happens under the lock. */
 static int copy_key(void *ctx, const char *key, size_t klen, const sl_policy *p,
                     const void *state, size_t ss)
 {
     writer *w = ctx;
     size_t need = 2 + klen + 1 + p->nlimits * LIMIT_BYTES + 4 + ss;
+    if (w->slen >= SLICE_BYTES)
+        return 1;
     if (w->scap - w->slen < need) {
-        size_t cap = w->scap ? w->scap * 2 : 65536;
-        while (cap - w->slen < need)
-            cap *= 2;
-        char *n = realloc(w->shard, cap);
-        if (!n)
-            return SL_ENOMEM;
-        w->shard = n;
-        w->scap = cap;
+        w->need = need;
+        return 1;
     }
-    unsigned char *o = (unsigned char *)w->shard + w->slen;
+    unsigned char *o = (unsigned char *)w->slice + w->slen;
     put(o, klen, 2), o += 2;
     memcpy(o, key, klen), o += klen;
     *o++ = (unsigned char)p->nlimits;
@@ -148,52 +196,58 @@ static int copy_key(void *ctx, const char *key, size_t klen, const sl_policy *p,
     return 0;
 }
 
-/* Copy one shard's keys, SLICE entries per lock hold, so that no decision on the shard waits
- * for more than a few microseconds. A removal between slices moves entries: then the shard
- * is copied again, and after MAX_RESTARTS in one lock hold (churn that heavy is rare: keys
- * are removed only when idle-full or evicted). */
-#define SLICE 32
-#define MAX_RESTARTS 3
+/* Copy one shard a slice at a time (SLICE_KEYS keys or SLICE_BYTES, one lock hold each) and
+ * write each slice out before taking the lock again. The shard is scanned from its last entry
+ * down, which a concurrent removal cannot make skip an entry (memory.h). A slice that stopped
+ * because a record did not fit is followed by a larger buffer, allocated outside the lock. */
 static int copy_shard(sl_limiter *l, unsigned i, writer *w)
 {
-    for (int attempt = 0; attempt < MAX_RESTARTS; attempt++) {
-        uint32_t pos, stamp;
-        int st = SL_SLICE_MORE, fnrc = 0;
-        w->slen = 0;
-        for (int first = 1; st == SL_SLICE_MORE; first = 0) {
-            st = sl_limiter_visit_slice(l, i, &pos, &stamp, first, SLICE, copy_key, w, &fnrc);
-            if (fnrc)
-                return fnrc;
+    uint32_t pos, stamp;
+    int fnrc;
+    for (int first = 1;; first = 0) {
+        if (w->need > w->scap) {
+            char *n = realloc(w->slice, w->need);
+            if (!n)
+                return SL_ENOMEM;
+            memset(n, 0, w->need); /* fault its pages in now, not under the lock */
+            w->slice = n;
+            w->scap = w->need;
         }
-        if (st == SL_SLICE_DONE)
+        w->slen = w->need = 0;
+        int st = sl_limiter_visit_slice(l, i, &pos, &stamp, first, SLICE_KEYS, copy_key, w,
+                                        &fnrc);
+        if (fnrc)
+            return fnrc;
+        if (emit(w, w->slice, w->slen, 1) != 0)
+            return SL_EIO;
+        if (st != SL_SLICE_MORE)
             return SL_OK;
     }
-    w->slen = 0;
-    return sl_limiter_visit_shard(l, i, copy_key, w);
 }
 
-int sl_snapshot_write(sl_limiter *l, int fd)
+/* Write a snapshot to fd; on success fill keys, bytes and written_at. */
+static int write_fd(sl_limiter *l, int fd, sl_snapshot_info *info)
 {
-    if (!l || fd < 0)
-        return SL_EINVAL;
-    writer w = {.fd = fd};
-    if (!(w.buf = malloc(OUTBUF)))
+    writer w = {.fd = fd, .scap = 2 * SLICE_BYTES};
+    w.buf = malloc(OUTBUF);
+    w.slice = malloc(w.scap);
+    if (!w.buf || !w.slice) {
+        free(w.buf);
+        free(w.slice);
         return SL_ENOMEM;
+    }
+    memset(w.slice, 0, w.scap); /* fault its pages in now, not under a shard lock */
     XXH64_reset(&w.h, 0);
     unsigned char h[HEADER];
+    int64_t at = wall_ns();
     memcpy(h, MAGIC, 8);
     put(h + 8, VERSION, 4);
     put(h + 12, 0, 4);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    put(h + 16, (uint64_t)((int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec), 8);
-    put(h + 24, 0, 8); /* reserved: records are self-delimiting, streamed as shards are copied */
+    put(h + 16, (uint64_t)at, 8);
+    put(h + 24, 0, 8); /* reserved */
     int rc = emit(&w, h, HEADER, 1) == 0 ? SL_OK : SL_EIO;
-    for (unsigned i = 0; rc == SL_OK && i < sl_limiter_nshards(l); i++) {
+    for (unsigned i = 0; rc == SL_OK && i < sl_limiter_nshards(l); i++)
         rc = copy_shard(l, i, &w);
-        if (rc == SL_OK && emit(&w, w.shard, w.slen, 1) != 0)
-            rc = SL_EIO;
-    }
     if (rc == SL_OK) {
         unsigned char t[TRAILER];
         put(t, w.total + TRAILER, 8);
@@ -203,36 +257,58 @@ int sl_snapshot_write(sl_limiter *l, int fd)
             rc = SL_EIO;
     }
     free(w.buf);
-    free(w.shard);
+    free(w.slice);
     if (rc == SL_EIO)
         errno = w.err;
+    info->keys = w.keys;
+    info->bytes = w.total;
+    info->written_at = at;
+    return rc;
+}
+
+int sl_snapshot_write(sl_limiter *l, int fd)
+{
+    if (!l || fd < 0)
+        return SL_EINVAL;
+    int64_t t0 = mono_ns();
+    sl_snapshot_info info;
+    int rc = write_fd(l, fd, &info);
+    if (rc == SL_OK) {
+        info.duration = mono_ns() - t0;
+        sl_limiter_snapshot_note(l, SL_SNAPSHOT_WRITE, &info);
+    }
     return rc;
 }
 
 int sl_snapshot_save(sl_limiter *l, const char *path)
 {
+    static _Atomic unsigned long g_seq;
     if (!l || !path)
         return SL_EINVAL;
+    int64_t t0 = mono_ns();
     size_t n = strlen(path);
-    char *tmp = malloc(n + 32), *dir = malloc(n + 2);
+    char *tmp = malloc(n + 48), *dir = malloc(n + 2);
     if (!tmp || !dir) {
         free(tmp);
         free(dir);
         return SL_ENOMEM;
     }
-    snprintf(tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
+    /* unique per process and call: concurrent saves never share a temp file */
+    snprintf(tmp, n + 48, "%s.tmp.%ld.%lu", path, (long)getpid(),
+             atomic_fetch_add(&g_seq, 1));
     memcpy(dir, path, n + 1);
     char *slash = strrchr(dir, '/');
     if (slash)
         slash == dir ? (void)(slash[1] = 0) : (void)(*slash = 0);
     else
         memcpy(dir, ".", 2);
+    sl_snapshot_info info;
     int rc = SL_EIO, e = 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
         e = errno;
     } else {
-        rc = sl_snapshot_write(l, fd);
+        rc = write_fd(l, fd, &info);
         e = errno;
         if (rc == SL_OK && fsync(fd) != 0)
             rc = SL_EIO, e = errno;
@@ -243,7 +319,7 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
         if (rc != SL_OK)
             unlink(tmp);
     }
-    if (rc == SL_OK) {
+    if (rc == SL_OK) { /* renamed: only the directory's fsync is left to fail */
         int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd < 0 || fsync(dfd) != 0)
             rc = SL_EIO, e = errno;
@@ -252,34 +328,76 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
     }
     free(tmp);
     free(dir);
+    if (rc == SL_OK) {
+        info.duration = mono_ns() - t0;
+        sl_limiter_snapshot_note(l, SL_SNAPSHOT_WRITE, &info);
+    }
     errno = e;
     return rc;
 }
 
 /* ---- reading ---- */
 
-/* Parse (and with apply, restore) every record of a verified image. */
-static int records(sl_limiter *l, const unsigned char *p, size_t n, int apply)
+/* Is this the limiter's encoding of a key sl_take could have made? (Lengths within bounds,
+ * a client, "default" already normalised to "".) */
+static int key_ok(const unsigned char *k, size_t klen)
 {
-    size_t i = HEADER, end = n - TRAILER;
-    while (i < end) {
-        if (end - i < 3)
+    if (klen < 3)
+        return 0;
+    size_t tl = k[0], al = k[1];
+    if (2 + tl + al >= klen || klen - 2 - tl - al > SL_MAX_ID_LEN)
+        return 0;
+    return !(tl == 7 && memcmp(k + 2, "default", 7) == 0) &&
+           !(al == 7 && memcmp(k + 2 + tl, "default", 7) == 0);
+}
+
+/* Does a record's state fit its policy? Checked on an aligned copy (`scratch`, grown as
+ * needed: the image's states are at any offset). */
+static int state_ok(const sl_cpolicy *cp, const unsigned char *state, size_t ss,
+                    uint64_t **scratch, size_t *cap)
+{
+    if (ss > *cap) {
+        uint64_t *n = realloc(*scratch, ss);
+        if (!n)
+            return SL_ENOMEM;
+        *scratch = n;
+        *cap = ss;
+    }
+    memcpy(*scratch, state, ss);
+    uint64_t lease = 0;
+    for (unsigned k = 0; k < cp->nlimits; k++)
+        if (!sl_algo_state_valid(&cp->lim[k], (char *)*scratch + cp->offs[k], &lease))
             return SL_ESNAPSHOT;
+    return SL_OK;
+}
+
+/* Parse every record of a verified image; check each (apply 0) or restore each (apply 1). */
+static int records(sl_limiter *l, const unsigned char *p, size_t n, int apply, uint64_t *count)
+{
+    size_t i = HEADER, end = n - TRAILER, cap = 0;
+    const unsigned char *prev = NULL; /* the last policy compiled: runs of one policy are usual */
+    size_t prevlen = 0;
+    sl_cpolicy cp;
+    uint64_t *scratch = NULL;
+    int rc = SL_OK;
+    *count = 0;
+    while (rc == SL_OK && i < end) {
+        rc = SL_ESNAPSHOT;
+        if (end - i < 3)
+            break;
         size_t klen = (size_t)get(p + i, 2);
         i += 2;
-        if (klen < 3 || klen > SL_KEY_MAX || end - i < klen + 1)
-            return SL_ESNAPSHOT;
+        if (klen > SL_KEY_MAX || end - i < klen + 1 || !key_ok(p + i, klen))
+            break;
         const char *key = (const char *)p + i;
-        size_t tl = (unsigned char)key[0], al = (unsigned char)key[1];
-        if (2 + tl + al >= klen) /* the client must not be empty */
-            return SL_ESNAPSHOT;
         i += klen;
+        const unsigned char *praw = p + i;
         sl_policy pol;
         memset(&pol, 0, sizeof pol);
         pol.nlimits = p[i++];
-        if (pol.nlimits < 1 || pol.nlimits > SL_MAX_LIMITS ||
-            end - i < pol.nlimits * LIMIT_BYTES + 4)
-            return SL_ESNAPSHOT;
+        size_t plen = 1 + pol.nlimits * LIMIT_BYTES;
+        if (pol.nlimits < 1 || pol.nlimits > SL_MAX_LIMITS || end - i < plen - 1 + 4)
+            break;
         for (unsigned k = 0; k < pol.nlimits; k++) {
             sl_limit *x = &pol.limits[k];
             x->algorithm = (sl_algorithm)p[i];
@@ -292,20 +410,28 @@ static int records(sl_limiter *l, const unsigned char *p, size_t n, int apply)
         size_t ss = (size_t)get(p + i, 4);
         i += 4;
         if (ss > MAX_STATE || end - i < ss)
-            return SL_ESNAPSHOT;
+            break;
         if (!apply) {
-            sl_policy norm;
-            sl_cpolicy cp;
-            if (sl_policy_compile(&pol, &norm, &cp) != SL_OK || cp.state_size != ss)
-                return SL_ESNAPSHOT;
+            if (!prev || plen != prevlen || memcmp(praw, prev, plen) != 0) {
+                sl_policy norm;
+                if (sl_policy_compile(&pol, &norm, &cp) != SL_OK)
+                    break;
+                prev = praw;
+                prevlen = plen;
+            }
+            if (cp.state_size != ss)
+                break;
+            rc = state_ok(&cp, p + i, ss, &scratch, &cap);
         } else {
-            int rc = sl_limiter_restore(l, key, klen, &pol, p + i, ss);
-            if (rc != SL_OK)
-                return rc;
+            rc = sl_limiter_restore(l, key, klen, &pol, p + i, ss);
         }
         i += ss;
+        ++*count;
     }
-    return i == end ? SL_OK : SL_ESNAPSHOT;
+    free(scratch);
+    if (rc == SL_OK && i != end)
+        rc = SL_ESNAPSHOT;
+    return rc;
 }
 
 static int verify(const unsigned char *p, size_t n)
@@ -315,22 +441,30 @@ static int verify(const unsigned char *p, size_t n)
     if (n < HEADER + TRAILER || get(p + n - TRAILER, 8) != n ||
         XXH64(p, n - 8, 0) != get(p + n - 8, 8))
         return SL_ESNAPSHOT;
-    if (get(p + 8, 4) > VERSION) /* whole and checksummed, but not ours to read */
+    /* whole and checksummed: a version or flags this reader does not know are newer */
+    uint64_t version = get(p + 8, 4), flags = get(p + 12, 4);
+    if (version > VERSION || (version == VERSION && flags != 0))
         return SL_EVERSION;
-    return get(p + 8, 4) == VERSION ? SL_OK : SL_ESNAPSHOT;
+    return version == VERSION ? SL_OK : SL_ESNAPSHOT;
 }
 
-int sl_snapshot_read(sl_limiter *l, int fd)
+/* Read fd to its end into *out (malloc'd). A regular file is read into one buffer of its
+ * size (one more byte to see the end); anything else grows by doubling. */
+static int read_all(int fd, unsigned char **out, size_t *len)
 {
-    if (!l || fd < 0)
-        return SL_EINVAL;
     size_t cap = 1 << 16, n = 0;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        off_t at = lseek(fd, 0, SEEK_CUR);
+        if (at >= 0 && st.st_size >= at && (uint64_t)(st.st_size - at) < SIZE_MAX)
+            cap = (size_t)(st.st_size - at) + 1;
+    }
     unsigned char *p = malloc(cap);
     if (!p)
         return SL_ENOMEM;
     for (;;) {
         if (n == cap) {
-            unsigned char *q = realloc(p, cap * 2);
+            unsigned char *q = cap <= SIZE_MAX / 2 ? realloc(p, cap * 2) : NULL;
             if (!q) {
                 free(p);
                 return SL_ENOMEM;
@@ -351,11 +485,31 @@ int sl_snapshot_read(sl_limiter *l, int fd)
             break;
         n += (size_t)r;
     }
-    int rc = verify(p, n);
+    *out = p;
+    *len = n;
+    return SL_OK;
+}
+
+int sl_snapshot_read(sl_limiter *l, int fd)
+{
+    if (!l || fd < 0)
+        return SL_EINVAL;
+    int64_t t0 = mono_ns();
+    unsigned char *p;
+    size_t n;
+    int rc = read_all(fd, &p, &n);
+    if (rc != SL_OK)
+        return rc;
+    uint64_t keys = 0;
+    rc = verify(p, n);
     if (rc == SL_OK)
-        rc = records(l, p, n, 0); /* every record checked before any is applied */
+        rc = records(l, p, n, 0, &keys); /* every record checked before any is applied */
     if (rc == SL_OK)
-        rc = records(l, p, n, 1);
+        rc = records(l, p, n, 1, &keys);
+    if (rc == SL_OK) {
+        sl_snapshot_info info = {keys, n, (int64_t)get(p + 16, 8), mono_ns() - t0};
+        sl_limiter_snapshot_note(l, SL_SNAPSHOT_READ, &info);
+    }
     free(p);
     return rc;
 }

@@ -779,23 +779,22 @@ int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp
                          uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc)
 {
     sl_shard *s = &t->shards[i];
-    int st = SL_SLICE_MORE;
-    *fnrc = 0;
+    int rc = 0;
     sl_shard_lock(s);
+    uint32_t n = count_of(s);
     if (first) {
-        *pos = 0;
+        *pos = n;
         *stamp = s->removals;
-    } else if (*stamp != s->removals) {
-        st = SL_SLICE_MOVED; /* a removal moved an entry: positions are not stable */
+    } else if (*pos > n) {
+        *pos = n; /* removals shrank the shard: entries past its end are gone or moved down */
     }
-    if (st == SL_SLICE_MORE) {
-        uint32_t n = count_of(s), end = *pos + max < n ? *pos + max : n;
-        for (; *pos < end && !*fnrc; ++*pos)
-            *fnrc = fn(ctx, entry_at(s, *pos));
-        if (*pos >= n)
-            st = SL_SLICE_DONE;
-    }
+    uint32_t lo = *pos > max ? *pos - max : 0;
+    while (*pos > lo && (rc = fn(ctx, entry_at(s, *pos - 1))) == 0)
+        --*pos;
+    int st = *pos > 0 || rc < 0 ? SL_SLICE_MORE
+             : *stamp != s->removals ? SL_SLICE_REPEATS : SL_SLICE_DONE;
     sl_shard_unlock(s);
+    *fnrc = rc < 0 ? rc : 0;
     return st;
 }
 

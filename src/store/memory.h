@@ -137,12 +137,16 @@ int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
 int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entry *e),
                            void *ctx);
 unsigned sl_table_nshards(const sl_table *t);
-/* Visit shard i a slice at a time: at most `max` entries per lock hold, from *pos on (first:
- * start at 0 and record the shard's removal count in *stamp). Entries only move when one is
- * removed (the last takes its place), so a slice after a removal could miss or repeat one:
- * then nothing is visited and SL_SLICE_MOVED says to start the shard again. Entries inserted
- * after the first slice may not be visited. fn's non-zero return stops the slice (*fnrc). */
-enum { SL_SLICE_DONE = 0, SL_SLICE_MORE = 1, SL_SLICE_MOVED = 2 };
+/* Visit shard i a slice at a time, at most `max` entries per lock hold, from the last entry
+ * down (first: start at the shard's end and record its removal count in *stamp). A removal
+ * moves the last entry into the hole; scanning downwards, an entry not yet visited can only
+ * move further down, so none is ever missed (pos is clamped to the count at each slice), while
+ * an entry already visited can move below pos and be visited again. The last slice returns
+ * SL_SLICE_REPEATS instead of SL_SLICE_DONE when removals happened since the first (so some
+ * entry may have been visited twice). Entries inserted after the first slice may or may not
+ * be visited. fn returns 0 (visited: go on), > 0 (not visited: end this slice; the entry
+ * comes first in the next one) or < 0 (stop; *fnrc holds it, and the shard is not done). */
+enum { SL_SLICE_DONE = 0, SL_SLICE_MORE = 1, SL_SLICE_REPEATS = 2 };
 int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp, int first,
                          uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc);
 
