@@ -60,6 +60,7 @@ bench: deps build
 	@bash bench/run.sh $(BUILD)
 	@$(BUILD)/snapshot_bench
 	@bash bench/server_bench.sh $(BUILD)
+	@bash bench/redis_bench.sh $(BUILD)
 
 install: build
 	@$(CMAKE) --install $(BUILD)

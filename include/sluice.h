@@ -46,7 +46,7 @@ extern "C" {
  * ABI rule: MINOR grows with additions; MAJOR changes when a struct layout or a signature
  * changes. sl_version() returns SLUICE_VERSION_HEX of the library actually loaded. */
 #define SLUICE_VERSION_MAJOR 0
-#define SLUICE_VERSION_MINOR 1
+#define SLUICE_VERSION_MINOR 2
 #define SLUICE_VERSION_PATCH 0
 #define SLUICE_VERSION_HEX \
     ((SLUICE_VERSION_MAJOR << 16) | (SLUICE_VERSION_MINOR << 8) | SLUICE_VERSION_PATCH)
@@ -75,7 +75,10 @@ SL_API const char *sl_version_string(void); /* "0.1.0"; static storage */
     XX(ETOOMANY, -17, "too many distinct policies")                                         \
     XX(ESNAPSHOT, -18, "snapshot is truncated or corrupt")                                    \
     XX(EVERSION, -19, "snapshot written by a newer version of sluice")                        \
-    XX(EIO, -20, "I/O error (see errno)")
+    XX(EIO, -20, "I/O error (see errno)")                                                     \
+    XX(ESPAN, -21, "window or refill span over 2^52 ns (52 days): too long for the Redis store") \
+    XX(ESTORE, -22, "the Redis store is unreachable")                                         \
+    XX(EADDRESS, -23, "Redis address must be host:port[,host:port...]")
 
 typedef enum sl_errno {
     SL_OK = 0,
@@ -163,6 +166,14 @@ static inline size_t sl_strlen_(const char *s)
 #define SL_KEY(t, a, c) ((sl_key){(t), sl_strlen_(t), (a), sl_strlen_(a), (c), sl_strlen_(c)})
 
 /* ---- decisions ----------------------------------------------------------------------------- */
+typedef enum sl_source {
+    SL_SOURCE_STORE = 0,       /* the store (in-memory table, or the script on Redis) */
+    SL_SOURCE_NEAR_CACHE = 1,  /* Redis store: denied locally, the key is known to be over its
+                                  limit until its retry time (see sl_redis_options) */
+    SL_SOURCE_FAIL_OPEN = 2,   /* Redis unreachable: allowed by fail_open */
+    SL_SOURCE_FAIL_CLOSED = 3  /* Redis unreachable: denied by fail_closed */
+} sl_source;
+
 typedef struct sl_decision {
     int err;              /* SL_OK, or why this request was not decided (batch form) */
     int allowed;          /* 1 admitted (and consumed), 0 denied (nothing consumed) */
@@ -177,6 +188,8 @@ typedef struct sl_decision {
     unsigned limit_index; /* which limit of the policy is reported (the most restrictive) */
     sl_algorithm algorithm;
     int64_t window;       /* ns: the reported limit's window or refill period (for headers) */
+    sl_source source;     /* who decided: the store, or (Redis store) the near cache or the
+                             fail mode while Redis is unreachable */
 } sl_decision;
 
 /* ---- the limiter --------------------------------------------------------------------------- */
@@ -189,6 +202,8 @@ typedef struct sl_options {
     sl_clock_fn clock;        /* NULL = internal monotonic clock anchored to wall time */
     void *clock_ctx;
     const sl_policy *default_policy; /* NULL = token bucket, capacity 5, refill 1/s (copied) */
+    const struct sl_redis_options *redis; /* NULL = the in-memory store; else the Redis store
+                                             (below). Copied. */
 } sl_options;
 
 SL_API void sl_options_init(sl_options *o);
@@ -349,6 +364,66 @@ typedef struct sl_snapshot_info {
 /* Copy out the info of the most recent successful call of kind `op` (the one that finished
  * last, if several ran at once). SL_ENOTFOUND if there was none yet. */
 SL_API int sl_snapshot_last(sl_limiter *l, sl_snapshot_op op, sl_snapshot_info *out);
+
+/* ---- the Redis store (distributed mode) ----------------------------------------------------
+ * Several processes share their limits through Redis or Redis Cluster: every decision is one
+ * atomic Lua script on the key's Redis node (loaded once, called with EVALSHA, reloaded if
+ * Redis forgot it), which takes its time from Redis (TIME), so no two processes' clocks can
+ * disagree. Each key is one Redis string, given a TTL equal to its time to refill (to
+ * disappear when it is indistinguishable from a new key). Same algorithms and contracts as
+ * the in-memory store, with two differences: spans (window, capacity / rate, reserve cap /
+ * reserve rate, lease TTL) are at most 2^52 ns (about 52 days; longer is SL_ESPAN when the
+ * policy is used), and lease ids are per key (see docs/design.md).
+ *
+ * Rules, tiers and defaults stay in each process (give every process the same ones); a
+ * decision sends the resolved policy with the request. Counters (sl_stats) count this
+ * process's decisions; keys and evictions are Redis's (sl_stats.keys is 0).
+ *
+ * Calls block: sl_take / sl_peek / sl_release wait for one round trip, sl_take_batch sends
+ * its whole batch pipelined (one round trip per Redis node it touches). Connections are
+ * pooled (one per calling thread at most, per node). An explicit `now` is sent to the
+ * script (tests, replays); SL_NOW uses Redis's clock.
+ *
+ * Redis unreachable (connection refused, timeout, a node down): decisions are made by the
+ * fail mode, without waiting for Redis again until a back-off (50 ms doubling to 2 s) has
+ * passed: fail_closed (the default: abuse protection) denies with retry_after = 1 s, and
+ * fail_open allows; d.source says which. sl_release returns SL_ESTORE. */
+typedef enum sl_fail_mode { SL_FAIL_CLOSED = 0, SL_FAIL_OPEN = 1 } sl_fail_mode;
+typedef struct sl_redis_options {
+    const char *servers;   /* "host:port[,host:port...]": one Redis, or seed nodes of a
+                              cluster (detected: CLUSTER SLOTS is asked) */
+    const char *password;  /* NULL = no AUTH */
+    unsigned db;           /* SELECT db (not in a cluster) */
+    sl_fail_mode fail_mode;
+    unsigned timeout_ms;   /* connect and reply timeout; 0 = 1000 */
+    int no_near_cache;     /* 1 disables the near cache: a key Redis denied is denied here
+                              without asking Redis again until its retry time. It never
+                              allows; not used for policies with a concurrency limit (a
+                              release frees slots early) nor with an explicit `now` */
+    const char *key_prefix;/* prefix of every Redis key; NULL = "sl:" */
+    /* Called once per change between "reachable" and "unreachable" (from a deciding thread;
+       must be quick and thread-safe). NULL = none. */
+    void (*on_state)(void *ctx, int up, const char *why);
+    void *on_state_ctx;
+} sl_redis_options;
+/* Defaults: no servers (set them), fail_closed, 1000 ms, near cache on, prefix "sl:". */
+SL_API void sl_redis_options_init(sl_redis_options *o);
+
+/* What the Redis store did, counted since sl_open (all 0 for the in-memory store). */
+typedef struct sl_store_stats {
+    int redis;               /* 1 when the limiter uses the Redis store */
+    int up;                  /* 1 while every known node is reachable */
+    int cluster;             /* 1 when the servers are a Redis Cluster */
+    uint64_t calls;          /* script calls answered by Redis */
+    uint64_t near_cache;     /* decisions denied by the near cache */
+    uint64_t fail_open;      /* decisions allowed by fail_open */
+    uint64_t fail_closed;    /* decisions denied by fail_closed */
+    uint64_t errors;         /* connection or protocol failures */
+    uint64_t reconnects;     /* connections (re)opened */
+    uint64_t script_loads;   /* SCRIPT LOADs after NOSCRIPT */
+    uint64_t redirects;      /* MOVED and ASK redirections followed */
+} sl_store_stats;
+SL_API int sl_store_stats_get(sl_limiter *l, sl_store_stats *out);
 
 #ifdef __cplusplus
 }

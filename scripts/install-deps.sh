@@ -8,6 +8,7 @@ PKGS=(
   libxxhash-dev                             # hashing (src/store)
   libcmocka-dev                             # unit tests
   libuv1-dev libjansson-dev node-llhttp     # sluiced: event loops, JSON, HTTP parser sources
+  libhiredis-dev                            # the Redis store (library and sluiced)
   redis-server redis-tools python3-redis    # integration tests: real Redis, redis-cli,
   nodejs node-redis curl                    #   redis-benchmark, redis-py, npm redis, curl
   prometheus                                # integration tests: promtool check metrics

@@ -20,6 +20,7 @@
 #include "limiter_int.h"
 #include "memory.h"
 #include "policy.h"
+#include "redis.h"
 #include "sluice.h"
 
 #define SL_MAX_TENANTS 65536      /* beyond this, counters go to the overflow tenant */
@@ -57,6 +58,7 @@ struct sl_limiter {
     uint64_t serial; /* unique per limiter in this process: keys the per-thread caches */
     sl_snapshot_info snap[2]; /* the last snapshot written, read (under cfg) */
     int have_snap[2];
+    sl_rstore *redis; /* the Redis store, or NULL: the table */
 };
 
 static _Atomic uint64_t g_serial = 1;
@@ -305,6 +307,10 @@ int sl_open(sl_limiter **out, const sl_options *opts)
         goto fail_rules;
     }
     atomic_init(&l->rules, r);
+    if (o.redis && (rc = sl_rs_new(l, o.redis, &l->redis)) != SL_OK) {
+        sl_close(l);
+        return rc;
+    }
     *out = l;
     return SL_OK;
 
@@ -331,6 +337,7 @@ void sl_close(sl_limiter *l)
 {
     if (!l)
         return;
+    sl_rs_free(l->redis);
     sl_table_free(l->table); /* hooks need the registry: free the table first */
     sl_rules_free(atomic_load(&l->rules));
     sl_ebr_free(l->ebr); /* frees retired rule sets and directory arrays */
@@ -606,6 +613,8 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
 
 static int resolve_now(sl_limiter *l, int64_t *now)
 {
+    if (*now == SL_NOW && l->redis && !l->clock)
+        return SL_OK; /* the script reads Redis's clock */
     if (*now == SL_NOW)
         *now = sl_now(l);
     return (*now < 0 || *now >= MAX_NOW) ? SL_EINVAL : SL_OK;
@@ -619,6 +628,14 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     int rc = resolve_now(l, &now);
     if (rc != SL_OK)
         return rc;
+    if (l->redis) {
+        if (!key)
+            return SL_EINVAL;
+        sl_request r = {.key = *key, .cost = cost, .peek = !take};
+        if ((rc = sl_rs_batch(l->redis, &r, 1, now, 0, d)) == SL_OK)
+            rc = d->err;
+        return rc;
+    }
     prep p;
     prepare(key, &p);
     if (p.err != SL_OK)
@@ -629,6 +646,53 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     rc = decide(l, &p, cost, NULL, now, take && cost > 0, d);
     sl_ebr_leave(l->ebr);
     return rc;
+}
+
+/* ---- for other stores (redis.c) ---------------------------------------------------------- */
+
+int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, char *buf,
+                       size_t *len, uint64_t *hash, const sl_cpolicy **cp)
+{
+    int rc = key_check(k);
+    if (rc != SL_OK)
+        return rc;
+    prep p;
+    prepare(k, &p);
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    const sl_cpolicy *in = NULL;
+    if (inl && (rc = policy_intern(l, inl, &in)) != SL_OK) {
+        sl_ebr_leave(l->ebr);
+        return rc;
+    }
+    *cp = resolve(atomic_load_explicit(&l->rules, memory_order_acquire), &p, in);
+    sl_ebr_leave(l->ebr);
+    memcpy(buf, p.buf, p.len);
+    *len = p.len;
+    *hash = p.hash;
+    return SL_OK;
+}
+
+sl_rstore *sl_limiter_rstore(sl_limiter *l) { return l->redis; }
+
+void sl_limiter_count(sl_limiter *l, const char *tenant, size_t len, int allowed)
+{
+    if (sl_ebr_enter(l->ebr) != 0)
+        return;
+    sl_tenant *t = tenant_of(l, tenant, len);
+    stripe *st = &t->s[my_stripe()];
+    atomic_fetch_add_explicit(allowed ? &st->allowed : &st->denied, 1, memory_order_relaxed);
+    sl_ebr_leave(l->ebr);
+}
+
+int sl_store_stats_get(sl_limiter *l, sl_store_stats *out)
+{
+    if (!l || !out)
+        return SL_EINVAL;
+    memset(out, 0, sizeof *out);
+    if (l->redis)
+        sl_rs_stats(l->redis, out);
+    return SL_OK;
 }
 
 int sl_take(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, sl_decision *d)
@@ -660,6 +724,8 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
     int rc = resolve_now(l, &now);
     if (rc != SL_OK)
         return rc;
+    if (l->redis)
+        return sl_rs_batch(l->redis, reqs, n, now, 0, out);
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     prep ring[BATCH_AHEAD];
@@ -694,6 +760,8 @@ int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now)
     int rc = resolve_now(l, &now);
     if (rc != SL_OK)
         return rc;
+    if (l->redis)
+        return sl_rs_release(l->redis, key, lease, now);
     prep p;
     prepare(key, &p);
     if (p.err != SL_OK)

@@ -24,6 +24,17 @@ int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_
  * issued afterwards are above every lease id in the state. */
 int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
                        const void *state, size_t state_size);
+/* For stores other than the table (redis.c): validate and encode key `k` (sl_key_encode, into
+ * `buf` of SL_KEY_MAX bytes) and resolve its policy (inline policy `inl` interned if given).
+ * The policy lives as long as the limiter. */
+struct sl_cpolicy;
+int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, char *buf,
+                       size_t *len, uint64_t *hash, const struct sl_cpolicy **cp);
+/* The limiter's Redis store (redis.h), or NULL: the in-memory table. */
+struct sl_rstore *sl_limiter_rstore(sl_limiter *l);
+/* Count a decision for the tenant (sl_stats). */
+void sl_limiter_count(sl_limiter *l, const char *tenant, size_t len, int allowed);
+
 /* Record what a successful snapshot call did, for sl_snapshot_last. */
 void sl_limiter_snapshot_note(sl_limiter *l, int op, const sl_snapshot_info *info);
 

@@ -119,6 +119,9 @@ struct sd_sched {
     size_t waiting;
     size_t waiting_reported; /* this worker's share of a->queued_now */
     sd_conn *dirty;
+    void (*ready)(sd_conn *c);  /* sd_sched_run's, kept for sd_sched_report */
+    sd_submit_fn submit;        /* NULL: decide with sl_take_batch */
+    void *submit_ctx;
     sd_item *batch[BATCH];
     sl_request reqs[BATCH];
     sl_decision ds[BATCH];
@@ -481,9 +484,28 @@ static void reject_excess(sd_sched *s, int64_t now_ms)
     s->act_tail = last;
 }
 
+void sd_sched_set_submit(sd_sched *s, sd_submit_fn fn, void *ctx)
+{
+    s->submit = fn;
+    s->submit_ctx = ctx;
+}
+
+void sd_sched_decided(sd_sched *s, sd_item *it)
+{
+    atomic_fetch_sub_explicit(&s->a->in_progress, 1, memory_order_release);
+    finish(s, it, SD_ITEM_DONE);
+}
+
+void sd_sched_report(sd_sched *s)
+{
+    if (s->ready)
+        report(s, s->ready);
+}
+
 size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
 {
     size_t done = 0;
+    s->ready = ready;
     while (s->waiting && done < RUN_MAX) {
         int64_t want = s->waiting < BATCH ? (int64_t)s->waiting : BATCH;
         int64_t got = reserve(s->a, want);
@@ -501,6 +523,15 @@ size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
             s->batch[n] = it;
             s->reqs[n] = it->req;
             n++;
+        }
+        if (s->submit) { /* each item holds its reservation until it is decided */
+            atomic_fetch_sub_explicit(&s->a->in_progress, got - n, memory_order_release);
+            atomic_fetch_add_explicit(&s->a->admitted, (uint64_t)n, memory_order_relaxed);
+            if (n)
+                s->submit(s->submit_ctx, s->batch, n);
+            done += (size_t)n;
+            report(s, ready);
+            continue;
         }
         int64_t t0 = sd_mono_ns();
         sl_take_batch(s->lim, s->reqs, (size_t)n, SL_NOW, s->ds);

@@ -567,6 +567,10 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
     it->flags = (t->close ? F_CLOSE : 0) | (t->keep_alive_10 ? F_KEEP_ALIVE_10 : 0) |
                 (t->head ? F_HEAD : 0);
     it->req.cost = cost;
+    if (x->ep == SD_EP_STATUS && c->srv->rstore) {
+        it->req.cost = 1;
+        it->req.peek = 1;
+    }
     if (pol) {
         it->pol = *pol;
         it->req.inline_policy = &it->pol;
@@ -661,7 +665,10 @@ void sd_api_emit(sd_conn *c, sd_item *it, resp_buf *out)
     sl_limiter *l = c->srv->lim;
     int64_t now = sl_now(l); /* the decision was made moments ago, in this loop iteration */
     sl_decision d = it->d;
-    if (ep == SD_EP_STATUS && d.err == SL_OK) {
+    if (ep == SD_EP_STATUS && d.err == SL_OK && c->srv->rstore) {
+        /* A peek of cost 1 reports the units left after the request it imagines. */
+        d.remaining += d.allowed ? 1 : 0;
+    } else if (ep == SD_EP_STATUS && d.err == SL_OK) {
         /* A cost-0 decision always passes: whether the next request would is sl_peek's
          * answer (which reports the units left after it, so only these two fields). */
         sl_decision next;
@@ -843,6 +850,8 @@ static void h_status(ctx *x, int method)
     seg key[3] = {x->arg[0], x->arg[2], x->arg[1]};
     submit(x, key, 0, NULL);
 }
+/* With the Redis store a second round trip (sl_peek) cannot block the loop, so the status is
+ * one peek of cost 1 (see sd_api_emit). */
 
 /* POST /api/release */
 static void h_release(ctx *x, int method)
@@ -1314,7 +1323,10 @@ static void h_snapshot(ctx *x, int method)
     (void)method;
     sd_save_result r = sd_state_save(x->c->srv);
     if (r.rc == SL_ENOTFOUND)
-        return reply_error(x, 409, NULL, "no --data-dir: bucket state is not kept on disk");
+        return reply_error(x, 409, NULL, "%s",
+                           x->c->srv->rstore
+                               ? "the Redis store keeps bucket state in Redis"
+                               : "no --data-dir: bucket state is not kept on disk");
     if (r.rc == SL_EIO)
         return reply_error(x, r.err == ENOSPC || r.err == EDQUOT ? 507 : 500, NULL,
                            "snapshot not saved: %s", strerror(r.err));

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "limiter_int.h"
 #include "server.h"
 #include "state.h"
 
@@ -56,6 +57,10 @@ void sd_settings_init(sd_settings *s)
     s->idle_timeout_s = 300;
     s->shutdown_timeout_ms = 5000;
     s->snapshot_interval_ms = 1000;
+    strcpy(s->store, "memory");
+    strcpy(s->fail_mode, "closed");
+    s->redis_timeout_ms = 1000;
+    s->near_cache = 1;
 }
 
 static const char k_usage[] =
@@ -74,6 +79,14 @@ static const char k_usage[] =
     "  --shutdown-timeout MS   on SIGTERM, wait at most MS for in-flight requests (5000)\n"
     "  --snapshot-interval S   snapshot bucket state into --data-dir every S seconds\n"
     "                          (default 1; 0 = only on shutdown and on demand)\n"
+    "  --store STORE           memory (default) or redis://[:PASSWORD@]HOST:PORT[,HOST:PORT...][/DB]\n"
+    "                          (one Redis, or seed nodes of a Redis Cluster)\n"
+    "  --redis-password P      AUTH password for Redis (instead of in the URL)\n"
+    "  --redis-db N            Redis database (not with a cluster; instead of /DB)\n"
+    "  --fail-mode MODE        Redis unreachable: closed (deny, default) or open (allow)\n"
+    "  --redis-timeout MS      Redis connect and reply timeout (default 1000)\n"
+    "  --near-cache 0|1        deny keys known to be over their limit without asking Redis\n"
+    "                          until their retry time (default 1)\n"
     "  --log-level LEVEL       error, warn, info (default) or debug\n"
     "  --help, --version\n";
 
@@ -105,6 +118,13 @@ static const opt k_opts[] = {
     {"--shutdown-timeout", "shutdown_timeout_ms", 'i', OFF(shutdown_timeout_ms), 0, 600000, 0},
     {"--log-level", "log_level", 'l', OFF(log_level), 0, 0, 0},
     {"--snapshot-interval", "snapshot_interval", 'm', OFF(snapshot_interval_ms), 0, 3600, 0},
+    {"--store", "store", 's', OFF(store), 0, 0, sizeof(((sd_settings *)0)->store)},
+    {"--redis-password", "redis_password", 's', OFF(redis_password), 0, 0,
+     sizeof(((sd_settings *)0)->redis_password)},
+    {"--redis-db", "redis_db", 'i', OFF(redis_db), 0, 1000000, 0},
+    {"--fail-mode", "fail_mode", 's', OFF(fail_mode), 0, 0, sizeof(((sd_settings *)0)->fail_mode)},
+    {"--redis-timeout", "redis_timeout_ms", 'i', OFF(redis_timeout_ms), 1, 600000, 0},
+    {"--near-cache", "near_cache", 'i', OFF(near_cache), 0, 1, 0},
 };
 #define NOPTS (sizeof k_opts / sizeof k_opts[0])
 
@@ -252,6 +272,57 @@ static void parse_args(sd_settings *s, int argc, char **argv)
         bad("--resp-port and --http-port are both 0: nothing to serve");
 }
 
+/* --store: "memory", or a redis:// URL split into the library's options (servers, password
+ * and db point into `buf`). Exits 2 naming the problem. */
+static void parse_store(const sd_settings *s, sl_redis_options *ro, char *buf, size_t cap)
+{
+    if (strcmp(s->store, "memory") == 0)
+        return;
+    if (strncmp(s->store, "redis://", 8) != 0)
+        bad("--store: '%s' is neither memory nor redis://HOST:PORT[,HOST:PORT...]", s->store);
+    snprintf(buf, cap, "%s", s->store + 8);
+    char *p = buf, *slash = strchr(p, '/'), *at = strrchr(p, '@');
+    if (slash && at && at > slash)
+        at = NULL;
+    ro->db = (unsigned)s->redis_db;
+    if (slash) {
+        *slash = '\0';
+        char *end;
+        errno = 0;
+        long db = strtol(slash + 1, &end, 10);
+        if (!slash[1] || *end || errno || db < 0 || db > 1000000)
+            bad("--store: '%s' is not a database number", slash + 1);
+        ro->db = (unsigned)db;
+    }
+    if (at) { /* [user]:password@ */
+        *at = '\0';
+        char *colon = strchr(p, ':');
+        ro->password = colon ? colon + 1 : p;
+        p = at + 1;
+    }
+    if (s->redis_password[0])
+        ro->password = s->redis_password;
+    ro->servers = p;
+    if (strcmp(s->fail_mode, "open") == 0)
+        ro->fail_mode = SL_FAIL_OPEN;
+    else if (strcmp(s->fail_mode, "closed") == 0)
+        ro->fail_mode = SL_FAIL_CLOSED;
+    else
+        bad("--fail-mode: '%s' is not open or closed", s->fail_mode);
+    ro->timeout_ms = (unsigned)s->redis_timeout_ms;
+    ro->no_near_cache = !s->near_cache;
+}
+
+static void on_store_state(void *ctx, int up, const char *why)
+{
+    const sd_server *srv = ctx;
+    if (up)
+        sd_info("redis: reachable again (%s)", why);
+    else
+        sd_warn("redis: unreachable (%s): deciding by --fail-mode %s until it is back", why,
+                srv->cfg.fail_mode);
+}
+
 int main(int argc, char **argv)
 {
     static sd_server srv;
@@ -262,11 +333,23 @@ int main(int argc, char **argv)
     sl_options o;
     sl_options_init(&o);
     o.max_keys = srv.cfg.max_keys;
+    sl_redis_options ro;
+    sl_redis_options_init(&ro);
+    char store_buf[sizeof srv.cfg.store];
+    parse_store(&srv.cfg, &ro, store_buf, sizeof store_buf);
+    if (ro.servers) {
+        ro.on_state = on_store_state;
+        ro.on_state_ctx = &srv;
+        o.redis = &ro;
+    }
     int rc = sl_open(&srv.lim, &o);
+    if (rc == SL_EADDRESS || rc == SL_EINVAL)
+        bad("--store: %s", sl_strerror(rc));
     if (rc != SL_OK) {
         sd_error("cannot open the limiter: %s", sl_strerror(rc));
         return 1;
     }
+    srv.rstore = sl_limiter_rstore(srv.lim);
     srv.started_ns = sl_now(srv.lim);
     sd_admission_init(&srv.adm);
     char err[1024];
@@ -274,7 +357,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "sluiced: %s\n", err); /* nothing started: refuse, do not run half-configured */
         return 2;
     }
-    if (sd_state_open(&srv, err, sizeof err) != 0) {
+    if (!srv.rstore && sd_state_open(&srv, err, sizeof err) != 0) {
         fprintf(stderr, "sluiced: %s\n", err);
         return 1;
     }
@@ -292,10 +375,10 @@ int main(int argc, char **argv)
         sl_close(srv.lim);
         return 1;
     }
-    if (sd_state_start(&srv) != 0)
+    if (!srv.rstore && sd_state_start(&srv) != 0)
         sd_error("state: cannot start the snapshot thread; snapshots only on shutdown");
-    sd_info("sluiced %s ready: %d threads, in-memory store%s%s%s", sl_version_string(),
-            srv.cfg.threads, srv.cfg.data_dir[0] ? ", data in " : " (nothing kept on disk)",
+    sd_info("sluiced %s ready: %d threads, %s store%s%s%s", sl_version_string(),
+            srv.cfg.threads, srv.rstore ? "Redis" : "in-memory", srv.cfg.data_dir[0] ? ", data in " : " (nothing kept on disk)",
             srv.cfg.data_dir, srv.cfg.requirepass[0] ? ", AUTH required" : "");
     int sig = 0;
     sigwait(&set, &sig);
@@ -303,7 +386,8 @@ int main(int argc, char **argv)
             sig == SIGINT ? "SIGINT" : "SIGTERM", srv.cfg.shutdown_timeout_ms);
     sd_net_stop(&srv);
     sd_net_wait(&srv);
-    sd_state_stop(&srv); /* the workers are gone: this snapshot is the final state */
+    if (!srv.rstore)
+        sd_state_stop(&srv); /* the workers are gone: this snapshot is the final state */
     sd_config_close(&srv);
     sl_close(srv.lim);
     sd_info("stopped");

@@ -218,6 +218,34 @@ static void scalar(resp_buf *o, const char *name, const char *type, const char *
     putf(o, "%s %" PRIu64 "\n", name, v);
 }
 
+/* The Redis store (distributed mode): only when sluiced runs on it. */
+static void render_store(sd_server *srv, resp_buf *o)
+{
+    sl_store_stats st;
+    if (!srv->rstore || sl_store_stats_get(srv->lim, &st) != SL_OK)
+        return;
+    scalar(o, "sluice_redis_up", "gauge", "1 while every Redis node is reachable, else 0.",
+           (uint64_t)st.up);
+    scalar(o, "sluice_redis_cluster", "gauge", "1 when the store is a Redis Cluster.",
+           (uint64_t)st.cluster);
+    family(o, "sluice_redis_decisions_total", "counter",
+           "Decisions on the Redis store, by who made them: redis (the script), near_cache "
+           "(denied locally until the retry time), fail_open / fail_closed (Redis unreachable).");
+    putf(o, "sluice_redis_decisions_total{source=\"redis\"} %" PRIu64 "\n", st.calls);
+    putf(o, "sluice_redis_decisions_total{source=\"near_cache\"} %" PRIu64 "\n", st.near_cache);
+    putf(o, "sluice_redis_decisions_total{source=\"fail_open\"} %" PRIu64 "\n", st.fail_open);
+    putf(o, "sluice_redis_decisions_total{source=\"fail_closed\"} %" PRIu64 "\n",
+         st.fail_closed);
+    scalar(o, "sluice_redis_errors_total", "counter",
+           "Redis connection failures, timeouts and error replies.", st.errors);
+    scalar(o, "sluice_redis_connects_total", "counter", "Connections to Redis opened.",
+           st.reconnects);
+    scalar(o, "sluice_redis_script_loads_total", "counter",
+           "SCRIPT LOADs after Redis answered NOSCRIPT.", st.script_loads);
+    scalar(o, "sluice_redis_redirects_total", "counter",
+           "Redis Cluster MOVED and ASK redirections followed.", st.redirects);
+}
+
 void sd_metrics_render(sd_server *srv, resp_buf *o)
 {
     sd_metrics *m = &srv->m;
@@ -248,5 +276,6 @@ void sd_metrics_render(sd_server *srv, resp_buf *o)
     scalar(o, "sluice_http_requests_received_total", "counter", "HTTP requests received.",
            atomic_load(&m->http_requests));
     render_admission(&srv->adm, o);
+    render_store(srv, o);
     render_http(o);
 }

@@ -20,6 +20,7 @@
 #include <uv.h>
 
 #include "net.h"
+#include "redis_link.h"
 
 #define READ_CHUNK (64 * 1024)
 
@@ -49,6 +50,7 @@ struct worker {
     uv_check_t check; /* after each poll: run admission control */
     uv_idle_t idle;   /* active while requests wait: the loop must not block in poll */
     sd_sched *sched;
+    sd_rlink *rlink; /* the Redis store's connections (NULL: in-memory store) */
     int have[2];
     conn *conns;
     int stopping;
@@ -353,6 +355,7 @@ static void close_if_done(worker *w)
             conn_close(k);
     }
     if (!w->conns) {
+        sd_rlink_close(w->rlink);
         uv_handle_t *hs[] = {(uv_handle_t *)&w->tick, (uv_handle_t *)&w->wake,
                              (uv_handle_t *)&w->check, (uv_handle_t *)&w->idle};
         for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++)
@@ -506,9 +509,11 @@ static void walk_close(uv_handle_t *h, void *arg)
 static void workers_free(void)
 {
     for (int i = 0; i < g_nworkers; i++) {
+        sd_rlink_close(g_workers[i].rlink);
         uv_walk(&g_workers[i].loop, walk_close, NULL);
         uv_run(&g_workers[i].loop, UV_RUN_DEFAULT);
         uv_loop_close(&g_workers[i].loop);
+        sd_rlink_free(g_workers[i].rlink);
         sd_sched_free(g_workers[i].sched);
     }
     free(g_workers);
@@ -537,7 +542,8 @@ int sd_net_start(sd_server *srv)
         uv_check_start(&w->check, on_check);
         uv_idle_init(&w->loop, &w->idle);
         w->idle.data = w;
-        if (!(w->sched = sd_sched_new(&srv->adm, srv->lim))) {
+        if (!(w->sched = sd_sched_new(&srv->adm, srv->lim)) ||
+            (srv->rstore && !(w->rlink = sd_rlink_new(&w->loop, srv->rstore, w->sched)))) {
             g_nworkers = i + 1;
             workers_free();
             return -1;

@@ -725,7 +725,8 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
             return arity(o, name), 0;
         sd_save_result r = sd_state_save(c->srv);
         if (r.rc == SL_ENOTFOUND)
-            resp_error(o, "ERR no --data-dir: bucket state is not kept on disk");
+            resp_error(o, c->srv->rstore ? "ERR the Redis store keeps bucket state in Redis"
+                                         : "ERR no --data-dir: bucket state is not kept on disk");
         else if (r.rc == SL_EIO)
             resp_error(o, "ERR snapshot not saved: %s", strerror(r.err));
         else if (r.rc != SL_OK)

@@ -30,6 +30,12 @@ typedef struct sd_settings {
     int idle_timeout_s;      /* close connections idle this long (0 = never) */
     int shutdown_timeout_ms; /* graceful stop: longest wait for in-flight requests */
     int snapshot_interval_ms; /* bucket-state snapshots into data_dir (0 = only on stop) */
+    char store[1024];        /* "memory" or "redis://[:password@]host:port[,host:port...][/db]" */
+    char redis_password[256];
+    int redis_db;
+    char fail_mode[16];      /* "closed" (default) or "open" */
+    int redis_timeout_ms;
+    int near_cache;          /* 1 (default) or 0 */
 } sd_settings;
 
 void sd_settings_init(sd_settings *s);
@@ -44,6 +50,7 @@ typedef struct sd_metrics {
 typedef struct sd_server {
     sd_settings cfg;
     sl_limiter *lim;
+    struct sl_rstore *rstore; /* the limiter's Redis store, or NULL (in-memory) */
     sd_metrics m;
     sd_admission adm;
     struct sd_config *config; /* durable configuration (config.c) */

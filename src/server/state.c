@@ -64,7 +64,7 @@ int sd_state_open(sd_server *srv, char *err, size_t errlen)
 sd_save_result sd_state_save(sd_server *srv)
 {
     sd_save_result r = {SL_ENOTFOUND, 0, 0, 0};
-    if (!srv->cfg.data_dir[0])
+    if (!srv->cfg.data_dir[0] || srv->rstore) /* Redis keeps the Redis store's state */
         return r;
     pthread_mutex_lock(&g_save_lock);
     int64_t t0 = mono_ms();

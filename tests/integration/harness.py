@@ -115,3 +115,97 @@ def raw(port, data, read_until_close=False, timeout=5.0, expect=None):
                 break
             out += chunk
         return out
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, in its own temp dir, no persistence.
+
+        with RedisServer() as r:       # r.port, r.client() (redis-py)
+            r.kill(); r.start()        # SIGKILL it, start it again on the same port
+    """
+
+    def __init__(self, *args, port=None):
+        self.port = port or free_port()
+        self.dir = tempfile.TemporaryDirectory(prefix="sluice-redis-")
+        self.extra = [str(a) for a in args]
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", self.dir.name, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.kill()
+            raise RuntimeError("redis-server did not start on port %d" % self.port)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
+        self.dir.cleanup()
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+def free_cluster_port():
+    """A free port p < 55536 whose cluster bus port p + 10000 is free too."""
+    import random
+    for _ in range(1000):
+        p = random.randint(20000, 55000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free cluster port")
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` real redis-server processes on loopback (no replicas),
+    created with redis-cli --cluster create; waits until cluster_state is ok.
+
+        with RedisCluster() as c:      # c.nodes (RedisServer), c.addrs ("127.0.0.1:p,...")
+    """
+
+    def __init__(self, masters=3):
+        self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file",
+                                  "nodes.conf", "--cluster-node-timeout", "2000",
+                                  port=free_cluster_port())
+                      for _ in range(masters)]
+        self.addrs = ",".join("127.0.0.1:%d" % n.port for n in self.nodes)
+
+    def __enter__(self):
+        try:
+            for n in self.nodes:
+                n.start()
+            subprocess.run(["redis-cli", "--cluster", "create",
+                            *["127.0.0.1:%d" % n.port for n in self.nodes],
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, capture_output=True, timeout=30)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if all(b"cluster_state:ok" in subprocess.run(
+                        ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                        capture_output=True, timeout=5).stdout for n in self.nodes):
+                    return self
+                time.sleep(0.1)
+            raise RuntimeError("the cluster did not become ok")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        for n in self.nodes:
+            n.__exit__()

@@ -1,5 +1,11 @@
 /* test_limiter.c — the public API end to end: errors, resolution order, rules, tiers,
- * carry-over on policy change, stacked limits, leases, counters, eviction, reclaim, batch. */
+ * carry-over on policy change, stacked limits, leases, counters, eviction, reclaim, batch.
+ *
+ * Compiled twice: as itself (the in-memory store) and by test_redis_limiter.c with
+ * SL_TEST_REDIS defined, when every limiter it opens uses the Redis store on a private
+ * redis-server (each with a key prefix of its own), so the same semantics are checked
+ * against both stores. Tests of what only the in-memory table has (max_keys eviction,
+ * reclaiming idle keys) run only there. */
 #include <math.h>
 #include <stdarg.h>
 #include <setjmp.h>
@@ -17,13 +23,53 @@
 #define S SL_SECOND
 #define T0 (1000 * S) /* an arbitrary start time */
 
+#ifdef SL_TEST_REDIS
+#include "redis_fixture.h"
+static redis_fixture g_redis;
+#define STORE_KEYS(n) 0 /* keys live in Redis: sl_stats.keys counts the local table */
+
+static int group_setup(void **st)
+{
+    (void)st;
+    return redis_fixture_start(&g_redis, NULL);
+}
+
+static int group_teardown(void **st)
+{
+    (void)st;
+    redis_fixture_stop(&g_redis);
+    return 0;
+}
+
+/* sl_open on the Redis store, keys prefixed "t<n>:" so that limiters never share a key. */
+static int store_open(sl_limiter **l, sl_options *o)
+{
+    static unsigned n;
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "t%u:", ++n);
+    sl_redis_options ro;
+    sl_redis_options_init(&ro);
+    ro.servers = g_redis.addr;
+    ro.key_prefix = prefix;
+    o->redis = &ro;
+    int rc = sl_open(l, o); /* copies ro and its strings */
+    o->redis = NULL;
+    return rc;
+}
+#else
+#define STORE_KEYS(n) (n)
+#define group_setup NULL
+#define group_teardown NULL
+static int store_open(sl_limiter **l, sl_options *o) { return sl_open(l, o); }
+#endif
+
 static sl_limiter *open_default(size_t max_keys)
 {
     sl_limiter *l = NULL;
     sl_options o;
     sl_options_init(&o);
     o.max_keys = max_keys;
-    assert_int_equal(sl_open(&l, &o), SL_OK);
+    assert_int_equal(store_open(&l, &o), SL_OK);
     return l;
 }
 
@@ -40,7 +86,7 @@ static void test_version_and_errors(void **st)
 {
     (void)st;
     assert_int_equal(sl_version(), SLUICE_VERSION_HEX);
-    assert_string_equal(sl_version_string(), "0.1.0");
+    assert_string_equal(sl_version_string(), "0.2.0");
     assert_non_null(strstr(sl_strerror(SL_ECOST), "cost"));
     assert_string_equal(sl_strerror(SL_OK), "success");
     assert_string_equal(sl_strerror(12345), "unknown error");
@@ -385,7 +431,7 @@ static void test_counters(void **st)
     assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
     assert_int_equal(s.allowed, 6);
     assert_int_equal(s.denied, 2);
-    assert_int_equal(s.keys, 2);
+    assert_int_equal(s.keys, STORE_KEYS(2));
     seen x = {0, 0};
     assert_int_equal(sl_stats_list(l, list_tenants, &x), SL_OK);
     assert_true(x.found_acme);
@@ -393,6 +439,7 @@ static void test_counters(void **st)
     sl_close(l);
 }
 
+#ifndef SL_TEST_REDIS /* the in-memory table's own bounds */
 static void test_max_keys_evicts_and_counts(void **st)
 {
     (void)st;
@@ -432,6 +479,8 @@ static void test_idle_full_keys_reclaimed(void **st)
     assert_int_equal(take(l, "t", "a", "client-3", 1, T0 + S).remaining, 4);
     sl_close(l);
 }
+
+#endif
 
 static void test_batch_matches_single_calls(void **st)
 {
@@ -488,7 +537,7 @@ static void test_clock_injection_and_backwards_time(void **st)
     sl_options_init(&o);
     o.clock = fake_clock;
     fake_now = T0;
-    assert_int_equal(sl_open(&l, &o), SL_OK);
+    assert_int_equal(store_open(&l, &o), SL_OK);
     assert_int_equal(sl_now(l), T0);
     sl_key k = SL_KEY("t", "a", "c");
     sl_decision d;
@@ -528,7 +577,7 @@ static void test_open_options(void **st)
     sl_policy good = SL_POLICY_WINDOW(SL_SLIDING_WINDOW, 3, 1);
     o.default_policy = &good;
     o.shards = 1;
-    assert_int_equal(sl_open(&l, &o), SL_OK);
+    assert_int_equal(store_open(&l, &o), SL_OK);
     assert_int_equal(take(l, "t", "a", "c", 1, T0).limit, 3);
     sl_close(l);
     assert_int_equal(sl_open(NULL, NULL), SL_EINVAL);
@@ -548,11 +597,13 @@ int main(void)
         cmocka_unit_test(test_concurrency_leases),
         cmocka_unit_test(test_peek_and_cost_zero_create_nothing),
         cmocka_unit_test(test_counters),
+#ifndef SL_TEST_REDIS
         cmocka_unit_test(test_max_keys_evicts_and_counts),
         cmocka_unit_test(test_idle_full_keys_reclaimed),
+#endif
         cmocka_unit_test(test_batch_matches_single_calls),
         cmocka_unit_test(test_clock_injection_and_backwards_time),
         cmocka_unit_test(test_open_options),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -1,0 +1,404 @@
+/*
+ * redis_link.c — a worker's connections to the Redis store (see redis_link.h).
+ */
+#include "redis_link.h"
+
+#include <hiredis/adapters/libuv.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "metrics.h"
+#include "redis.h"
+
+#define CONNS_PER_NODE 2
+#define SWEEP_MS 50 /* how often in-flight requests are checked against the timeout */
+
+typedef struct rl_conn rl_conn;
+
+/* One request in flight: its item and the formatted call. */
+typedef struct rl_req {
+    struct rl_req *next; /* the connection's in-flight FIFO, or the free list */
+    sd_item *it;
+    rl_conn *conn;
+    int64_t t0;
+    sl_rcall call;
+} rl_req;
+
+struct rl_conn {
+    sd_rlink *lk;
+    int node;
+    redisAsyncContext *ac; /* NULL: not connected */
+    int load_queued;       /* a SCRIPT LOAD is queued ahead of later commands */
+    rl_req *head, *tail;   /* requests in flight, in send order (replies come in order) */
+};
+
+typedef struct rl_node {
+    rl_conn c[CONNS_PER_NODE];
+    unsigned rr;
+} rl_node;
+
+struct sd_rlink {
+    uv_loop_t *loop;
+    sl_rstore *rs;
+    sd_sched *sched;
+    rl_node *nodes[SL_RS_MAX_NODES];
+    rl_req *free;
+    rl_req *wait_head, *wait_tail; /* waiting for the topology */
+    int discovering;
+    int closing;
+    uv_timer_t sweep;
+};
+
+/* ---- requests ---------------------------------------------------------------------------- */
+
+static rl_req *req_new(sd_rlink *lk)
+{
+    rl_req *q = lk->free;
+    if (q)
+        lk->free = q->next;
+    else if (!(q = malloc(sizeof *q)))
+        return NULL;
+    q->next = NULL;
+    q->conn = NULL;
+    return q;
+}
+
+static void complete(sd_rlink *lk, rl_req *q)
+{
+    sd_metrics_decision(sd_mono_ns() - q->t0);
+    sd_sched_decided(lk->sched, q->it);
+    q->next = lk->free;
+    lk->free = q;
+}
+
+static void fail(sd_rlink *lk, rl_req *q)
+{
+    sl_rs_fallback(lk->rs, &q->call, &q->it->d, NULL);
+    complete(lk, q);
+}
+
+/* ---- connections ------------------------------------------------------------------------- */
+
+static void send_req(sd_rlink *lk, rl_req *q);
+
+static rl_conn *conn_of(redisAsyncContext *ac) { return ac->data; }
+
+/* The connection is gone (hiredis frees `ac` after this): every request still in flight has
+ * had its callback with a NULL reply already. */
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    rl_conn *c = ac->data;
+    if (!c)
+        return;
+    c->ac = NULL;
+    c->load_queued = 0;
+    if (status != REDIS_OK && !c->lk->closing)
+        sl_rs_node_failed(c->lk->rs, c->node, ac->errstr[0] ? ac->errstr : "connection lost");
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    rl_conn *c = ac->data;
+    if (status != REDIS_OK && c) {
+        c->ac = NULL;
+        c->load_queued = 0;
+        sl_rs_node_failed(c->lk->rs, c->node, ac->errstr[0] ? ac->errstr : "connect failed");
+    }
+}
+
+/* AUTH / SELECT answered: an error means this connection is useless. */
+static void on_setup(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)priv;
+    redisReply *rep = r;
+    rl_conn *c = conn_of(ac);
+    if (rep && rep->type == REDIS_REPLY_ERROR && c && !c->lk->closing) {
+        sl_rs_node_failed(c->lk->rs, c->node, rep->str);
+        redisAsyncDisconnect(ac);
+    }
+}
+
+static int conn_open(sd_rlink *lk, rl_conn *c)
+{
+    const sl_rnode *a = sl_rs_node(lk->rs, c->node);
+    const sl_redis_options *o = sl_rs_options(lk->rs);
+    redisAsyncContext *ac = redisAsyncConnect(a->host, a->port);
+    if (!ac)
+        return -1;
+    if (ac->err) {
+        sl_rs_node_failed(lk->rs, c->node, ac->errstr);
+        redisAsyncFree(ac);
+        return -1;
+    }
+    ac->data = c;
+    if (redisLibuvAttach(ac, lk->loop) != REDIS_OK) {
+        redisAsyncFree(ac);
+        return -1;
+    }
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    c->ac = ac;
+    if (o->password)
+        redisAsyncCommand(ac, on_setup, NULL, "AUTH %s", o->password);
+    if (o->db && !sl_rs_is_cluster(lk->rs))
+        redisAsyncCommand(ac, on_setup, NULL, "SELECT %u", o->db);
+    sl_rs_count_reconnect(lk->rs);
+    return 0;
+}
+
+static rl_conn *pick(sd_rlink *lk, int node)
+{
+    rl_node *n = lk->nodes[node];
+    if (!n) {
+        if (!(n = calloc(1, sizeof *n)))
+            return NULL;
+        for (int i = 0; i < CONNS_PER_NODE; i++) {
+            n->c[i].lk = lk;
+            n->c[i].node = node;
+        }
+        lk->nodes[node] = n;
+    }
+    rl_conn *c = &n->c[n->rr++ % CONNS_PER_NODE];
+    if (!c->ac && conn_open(lk, c) != 0)
+        return NULL;
+    return c;
+}
+
+/* ---- replies ----------------------------------------------------------------------------- */
+
+static void on_loaded(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)priv;
+    rl_conn *c = conn_of(ac);
+    redisReply *rep = r;
+    if (c)
+        c->load_queued = 0;
+    if (rep && rep->type == REDIS_REPLY_STRING && c)
+        sl_rs_count_script_load(c->lk->rs);
+}
+
+static void on_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)ac;
+    rl_req *q = priv;
+    rl_conn *c = q->conn;
+    sd_rlink *lk = c->lk;
+    /* replies come in send order: q is the head */
+    c->head = q->next;
+    if (!c->head)
+        c->tail = NULL;
+    q->next = NULL;
+    if (!r) { /* the connection failed or was closed */
+        fail(lk, q);
+        return;
+    }
+    sl_rs_node_ok(lk->rs, c->node);
+    switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, NULL)) {
+    case SL_RS_DONE:
+        complete(lk, q);
+        break;
+    case SL_RS_NOSCRIPT: /* load it ahead of the resent request, once per connection */
+        if (c->ac && !c->load_queued) {
+            size_t len;
+            const char *s = sl_rs_script(&len);
+            if (redisAsyncCommand(c->ac, on_loaded, NULL, "SCRIPT LOAD %b", s, len) == REDIS_OK)
+                c->load_queued = 1;
+        }
+        send_req(lk, q);
+        break;
+    case SL_RS_RESEND:
+        send_req(lk, q);
+        break;
+    default:
+        fail(lk, q);
+    }
+}
+
+static void on_slots(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)priv;
+    rl_conn *c = conn_of(ac);
+    if (!c)
+        return;
+    sd_rlink *lk = c->lk;
+    lk->discovering = 0;
+    int ok = r && sl_rs_apply_slots(lk->rs, c->node, r) == SL_OK;
+    rl_req *q = lk->wait_head;
+    lk->wait_head = lk->wait_tail = NULL;
+    while (q) {
+        rl_req *next = q->next;
+        q->next = NULL;
+        if (ok) {
+            q->call.node = sl_rs_slot_node(lk->rs, q->call.slot);
+            send_req(lk, q);
+        } else {
+            fail(lk, q);
+        }
+        q = next;
+    }
+}
+
+/* Ask a node that may answer for the topology (CLUSTER SLOTS). */
+static void discover(sd_rlink *lk)
+{
+    if (lk->discovering)
+        return;
+    int64_t now = sl_rs_mono();
+    for (int i = 0; i < sl_rs_nnodes(lk->rs); i++) {
+        if (!sl_rs_node_usable(lk->rs, i, now))
+            continue;
+        rl_conn *c = pick(lk, i);
+        if (c && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {
+            lk->discovering = 1;
+            return;
+        }
+    }
+    /* nobody to ask: whoever waits is decided by the fail mode */
+    rl_req *q = lk->wait_head;
+    lk->wait_head = lk->wait_tail = NULL;
+    while (q) {
+        rl_req *next = q->next;
+        fail(lk, q);
+        q = next;
+    }
+}
+
+static void send_req(sd_rlink *lk, rl_req *q)
+{
+    if (!sl_rs_topology_known(lk->rs)) {
+        q->next = NULL;
+        if (lk->wait_tail)
+            lk->wait_tail->next = q;
+        else
+            lk->wait_head = q;
+        lk->wait_tail = q;
+        discover(lk);
+        return;
+    }
+    if (sl_rs_is_cluster(lk->rs) && sl_rs_claim_refresh(lk->rs))
+        discover(lk); /* a node failed: the slot map may have changed (goes on meanwhile) */
+    int node = q->call.node;
+    rl_conn *c = NULL;
+    if (node < sl_rs_nnodes(lk->rs) && sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
+        c = pick(lk, node);
+    if (!c) {
+        fail(lk, q);
+        return;
+    }
+    if (q->call.asking)
+        redisAsyncCommand(c->ac, NULL, NULL, "ASKING");
+    q->conn = c;
+    q->next = NULL;
+    if (redisAsyncFormattedCommand(c->ac, on_reply, q, q->call.cmd, q->call.len) != REDIS_OK) {
+        fail(lk, q);
+        return;
+    }
+    if (c->tail)
+        c->tail->next = q;
+    else
+        c->head = q;
+    c->tail = q;
+}
+
+/* ---- the scheduler's side ---------------------------------------------------------------- */
+
+static void submit(void *ctx, sd_item **items, int n)
+{
+    sd_rlink *lk = ctx;
+    for (int i = 0; i < n; i++) {
+        sd_item *it = items[i];
+        rl_req *q = req_new(lk);
+        if (!q) { /* out of memory: decide by the fail mode without a call */
+            sl_rcall call;
+            if (!sl_rs_prepare(lk->rs, SL_RS_PEEK, &it->req, SL_NOW, &call, &it->d))
+                sl_rs_fallback(lk->rs, &call, &it->d, NULL);
+            sd_sched_decided(lk->sched, it);
+            continue;
+        }
+        q->it = it;
+        q->t0 = sd_mono_ns();
+        int op = it->req.peek || it->req.cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
+        if (sl_rs_prepare(lk->rs, op, &it->req, SL_NOW, &q->call, &it->d)) {
+            complete(lk, q); /* bad input, or the near cache */
+            continue;
+        }
+        send_req(lk, q);
+    }
+}
+
+/* Requests older than the timeout: their connection is dropped (hiredis then calls back
+ * every request on it with no reply, so they are decided by the fail mode). */
+static void on_sweep(uv_timer_t *t)
+{
+    sd_rlink *lk = t->data;
+    int64_t limit = (int64_t)sl_rs_options(lk->rs)->timeout_ms * 1000000;
+    int64_t now = sd_mono_ns();
+    for (int i = 0; i < SL_RS_MAX_NODES; i++) {
+        rl_node *n = lk->nodes[i];
+        for (int k = 0; n && k < CONNS_PER_NODE; k++) {
+            rl_conn *c = &n->c[k];
+            if (c->ac && c->head && now - c->head->t0 > limit) {
+                sl_rs_node_failed(lk->rs, c->node, "timeout");
+                redisAsyncContext *ac = c->ac;
+                c->ac = NULL;
+                redisAsyncFree(ac);
+            }
+        }
+    }
+}
+
+sd_rlink *sd_rlink_new(uv_loop_t *loop, sl_rstore *rs, sd_sched *sched)
+{
+    sd_rlink *lk = calloc(1, sizeof *lk);
+    if (!lk)
+        return NULL;
+    lk->loop = loop;
+    lk->rs = rs;
+    lk->sched = sched;
+    uv_timer_init(loop, &lk->sweep);
+    lk->sweep.data = lk;
+    uv_timer_start(&lk->sweep, on_sweep, SWEEP_MS, SWEEP_MS);
+    uv_unref((uv_handle_t *)&lk->sweep);
+    sd_sched_set_submit(sched, submit, lk);
+    return lk;
+}
+
+void sd_rlink_close(sd_rlink *lk)
+{
+    if (!lk || lk->closing)
+        return;
+    lk->closing = 1;
+    if (!uv_is_closing((uv_handle_t *)&lk->sweep))
+        uv_close((uv_handle_t *)&lk->sweep, NULL);
+    for (int i = 0; i < SL_RS_MAX_NODES; i++) {
+        rl_node *n = lk->nodes[i];
+        for (int k = 0; n && k < CONNS_PER_NODE; k++)
+            if (n->c[k].ac) { /* in-flight requests are called back (fail mode) */
+                redisAsyncContext *ac = n->c[k].ac;
+                n->c[k].ac = NULL;
+                redisAsyncFree(ac);
+            }
+    }
+    rl_req *q = lk->wait_head;
+    lk->wait_head = lk->wait_tail = NULL;
+    while (q) {
+        rl_req *next = q->next;
+        fail(lk, q);
+        q = next;
+    }
+}
+
+void sd_rlink_free(sd_rlink *lk)
+{
+    if (!lk)
+        return;
+    for (int i = 0; i < SL_RS_MAX_NODES; i++)
+        free(lk->nodes[i]);
+    for (rl_req *q = lk->free, *n; q; q = n) {
+        n = q->next;
+        free(q);
+    }
+    free(lk);
+}

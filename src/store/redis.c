@@ -1,0 +1,729 @@
+/*
+ * redis.c — the Redis store's core, shared by both transports (see redis.h): configuration,
+ * node table and slot map, node health, the near cache, and the codec (request -> EVALSHA
+ * command, script reply -> decision).
+ */
+#include "redis.h"
+
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "limiter_int.h"
+
+#define NS_PER_MS INT64_C(1000000)
+#define BACKOFF_MIN (50 * NS_PER_MS)
+#define BACKOFF_MAX (2000 * NS_PER_MS)
+#define MAX_REDIRECTS 5
+#define FAIL_CLOSED_RETRY (1000 * NS_PER_MS)
+
+/* Near cache: direct-mapped, NC_SHARDS x NC_SLOTS entries, one mutex per shard. A slot holds
+ * the last denial seen for one key hash; a newer denial of another key overwrites it (it is a
+ * cache: losing an entry only costs a round trip). */
+#define NC_SHARDS 64
+#define NC_SLOTS 256
+
+typedef struct nc_ent {
+    uint64_t hash;      /* 0: empty */
+    uint32_t policy;    /* the policy it was denied under: another policy misses */
+    uint32_t limit_index;
+    uint64_t cost;      /* denied for this cost: a smaller one might pass, so it misses */
+    int64_t until;      /* monotonic ns: the retry time */
+    int64_t reset_at;   /* monotonic ns: when the key was to be full */
+    uint64_t remaining;
+    double tokens, reserve;
+} nc_ent;
+
+typedef struct nc_shard {
+    pthread_mutex_t mu;
+    nc_ent e[NC_SLOTS];
+} nc_shard;
+
+typedef struct node_st {
+    sl_rnode addr;
+    _Atomic int64_t retry_at; /* monotonic ns before which the node is not tried */
+    _Atomic int64_t backoff;
+    _Atomic int down;
+    struct sl_rpool *pool;    /* the blocking transport's idle connections */
+} node_st;
+
+struct sl_rstore {
+    sl_limiter *l;
+    sl_redis_options o;
+    char *servers, *password;
+    char prefix[SL_RS_PREFIX_MAX + 1];
+    size_t prefix_len;
+    pthread_mutex_t nodes_mu;           /* serialises additions to the node table */
+    _Atomic int nnodes;
+    node_st *nodes[SL_RS_MAX_NODES];    /* published before nnodes grows; never removed */
+    _Atomic uint8_t slots[SL_RS_SLOTS]; /* node index of each slot */
+    _Atomic int topology;               /* 0 unknown, 1 one Redis, 2 cluster */
+    _Atomic int ndown;
+    _Atomic int stale;                  /* a cluster node failed: refresh the slot map */
+    _Atomic int64_t refreshed;          /* monotonic ns of the last refresh claim */
+    pthread_mutex_t state_mu;           /* orders on_state calls */
+    int reported_up;
+    nc_shard *nc;
+    _Atomic uint64_t calls, near, fopen, fclosed, errors, reconnects, loads, redirects;
+};
+
+int64_t sl_rs_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define BUMP(x) atomic_fetch_add_explicit(&(x), 1, memory_order_relaxed)
+
+/* ---- options, nodes ---------------------------------------------------------------------- */
+
+void sl_redis_options_init(sl_redis_options *o)
+{
+    if (o)
+        memset(o, 0, sizeof *o);
+}
+
+static char *dup_or_null(const char *s)
+{
+    if (!s)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+/* "host:port": the host is everything before the last ':' ("[::1]:6379" brackets allowed). */
+static int parse_addr(const char *s, size_t len, const char **host, size_t *hostlen, int *port)
+{
+    const char *colon = NULL;
+    for (size_t i = 0; i < len; i++)
+        if (s[i] == ':')
+            colon = s + i;
+    if (!colon || colon == s || colon + 1 == s + len)
+        return SL_EADDRESS;
+    long p = 0;
+    for (const char *c = colon + 1; c < s + len; c++) {
+        if (*c < '0' || *c > '9' || (p = p * 10 + (*c - '0')) > 65535)
+            return SL_EADDRESS;
+    }
+    if (p < 1)
+        return SL_EADDRESS;
+    *host = s;
+    *hostlen = (size_t)(colon - s);
+    if (*hostlen >= 2 && s[0] == '[' && colon[-1] == ']') {
+        (*host)++;
+        *hostlen -= 2;
+    }
+    if (*hostlen == 0 || *hostlen >= sizeof(((sl_rnode *)0)->host))
+        return SL_EADDRESS;
+    *port = (int)p;
+    return SL_OK;
+}
+
+int sl_rs_node_index(sl_rstore *rs, const char *host, size_t hostlen, int port)
+{
+    if (hostlen == 0 || hostlen >= sizeof(((sl_rnode *)0)->host))
+        return -1;
+    int n = atomic_load_explicit(&rs->nnodes, memory_order_acquire);
+    for (int i = 0; i < n; i++) {
+        const sl_rnode *a = &rs->nodes[i]->addr;
+        if (a->port == port && strlen(a->host) == hostlen && !memcmp(a->host, host, hostlen))
+            return i;
+    }
+    pthread_mutex_lock(&rs->nodes_mu);
+    int i, found = -1;
+    n = atomic_load_explicit(&rs->nnodes, memory_order_relaxed);
+    for (i = 0; i < n && found < 0; i++) {
+        const sl_rnode *a = &rs->nodes[i]->addr;
+        if (a->port == port && strlen(a->host) == hostlen && !memcmp(a->host, host, hostlen))
+            found = i;
+    }
+    if (found < 0 && n < SL_RS_MAX_NODES) {
+        node_st *nd = calloc(1, sizeof *nd);
+        if (nd) {
+            memcpy(nd->addr.host, host, hostlen);
+            nd->addr.port = port;
+            rs->nodes[n] = nd;
+            atomic_store_explicit(&rs->nnodes, n + 1, memory_order_release);
+            found = n;
+        }
+    }
+    pthread_mutex_unlock(&rs->nodes_mu);
+    return found;
+}
+
+int sl_rs_nnodes(sl_rstore *rs) { return atomic_load_explicit(&rs->nnodes, memory_order_acquire); }
+const sl_rnode *sl_rs_node(sl_rstore *rs, int i) { return &rs->nodes[i]->addr; }
+const sl_redis_options *sl_rs_options(sl_rstore *rs) { return &rs->o; }
+int sl_rs_topology_known(sl_rstore *rs) { return atomic_load(&rs->topology) != 0; }
+int sl_rs_is_cluster(sl_rstore *rs) { return atomic_load(&rs->topology) == 2; }
+
+int sl_rs_slot_node(sl_rstore *rs, uint16_t slot)
+{
+    return atomic_load_explicit(&rs->slots[slot & (SL_RS_SLOTS - 1)], memory_order_relaxed);
+}
+
+int sl_rs_claim_refresh(sl_rstore *rs)
+{
+    if (!atomic_load_explicit(&rs->stale, memory_order_relaxed))
+        return 0;
+    int64_t now = sl_rs_mono(), last = atomic_load(&rs->refreshed);
+    if (now - last < 100 * NS_PER_MS || !atomic_compare_exchange_strong(&rs->refreshed, &last, now))
+        return 0;
+    atomic_store(&rs->stale, 0);
+    return 1;
+}
+
+struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i); /* redis_sync.c's */
+struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i) { return &rs->nodes[i]->pool; }
+void sl_rs_pool_free(struct sl_rpool *p);
+
+int sl_rs_new(sl_limiter *l, const sl_redis_options *o, sl_rstore **out)
+{
+    if (!o || !o->servers || (o->fail_mode != SL_FAIL_CLOSED && o->fail_mode != SL_FAIL_OPEN))
+        return SL_EINVAL;
+    const char *pre = o->key_prefix ? o->key_prefix : "sl:";
+    if (strlen(pre) > SL_RS_PREFIX_MAX)
+        return SL_EINVAL;
+    sl_rstore *rs = calloc(1, sizeof *rs);
+    if (!rs)
+        return SL_ENOMEM;
+    rs->l = l;
+    rs->o = *o;
+    rs->prefix_len = strlen(pre);
+    memcpy(rs->prefix, pre, rs->prefix_len);
+    rs->reported_up = 1;
+    pthread_mutex_init(&rs->nodes_mu, NULL);
+    pthread_mutex_init(&rs->state_mu, NULL);
+    int rc = SL_ENOMEM;
+    rs->servers = dup_or_null(o->servers);
+    rs->password = dup_or_null(o->password);
+    rs->nc = calloc(NC_SHARDS, sizeof *rs->nc);
+    if (!rs->servers || (o->password && !rs->password) || !rs->nc)
+        goto fail;
+    for (int i = 0; i < NC_SHARDS; i++)
+        pthread_mutex_init(&rs->nc[i].mu, NULL);
+    rs->o.servers = rs->servers;
+    rs->o.password = rs->password;
+    rs->o.key_prefix = rs->prefix;
+    if (!rs->o.timeout_ms)
+        rs->o.timeout_ms = 1000;
+    /* the seed nodes */
+    const char *s = rs->servers;
+    rc = SL_EADDRESS;
+    for (;;) {
+        const char *end = strchr(s, ',');
+        size_t len = end ? (size_t)(end - s) : strlen(s);
+        const char *host;
+        size_t hl;
+        int port;
+        if (parse_addr(s, len, &host, &hl, &port) != SL_OK)
+            goto fail;
+        if (sl_rs_node_index(rs, host, hl, port) < 0) {
+            rc = SL_EINVAL; /* more than SL_RS_MAX_NODES */
+            goto fail;
+        }
+        if (!end)
+            break;
+        s = end + 1;
+    }
+    *out = rs;
+    return SL_OK;
+fail:
+    sl_rs_free(rs);
+    return rc;
+}
+
+void sl_rs_free(sl_rstore *rs)
+{
+    if (!rs)
+        return;
+    int n = atomic_load(&rs->nnodes);
+    for (int i = 0; i < n; i++) {
+        sl_rs_pool_free(rs->nodes[i]->pool);
+        free(rs->nodes[i]);
+    }
+    if (rs->nc)
+        for (int i = 0; i < NC_SHARDS; i++)
+            pthread_mutex_destroy(&rs->nc[i].mu);
+    free(rs->nc);
+    free(rs->servers);
+    free(rs->password);
+    pthread_mutex_destroy(&rs->nodes_mu);
+    pthread_mutex_destroy(&rs->state_mu);
+    free(rs);
+}
+
+/* ---- health ------------------------------------------------------------------------------ */
+
+static void report_state(sl_rstore *rs, const char *why)
+{
+    pthread_mutex_lock(&rs->state_mu);
+    int up = atomic_load(&rs->ndown) == 0;
+    if (up != rs->reported_up) {
+        rs->reported_up = up;
+        if (rs->o.on_state)
+            rs->o.on_state(rs->o.on_state_ctx, up, why);
+    }
+    pthread_mutex_unlock(&rs->state_mu);
+}
+
+void sl_rs_node_failed(sl_rstore *rs, int i, const char *why)
+{
+    node_st *nd = rs->nodes[i];
+    BUMP(rs->errors);
+    if (sl_rs_is_cluster(rs))
+        atomic_store(&rs->stale, 1);
+    int64_t b = atomic_load(&nd->backoff);
+    b = b ? (2 * b > BACKOFF_MAX ? BACKOFF_MAX : 2 * b) : BACKOFF_MIN;
+    atomic_store(&nd->backoff, b);
+    atomic_store(&nd->retry_at, sl_rs_mono() + b);
+    if (atomic_exchange(&nd->down, 1) == 0) {
+        atomic_fetch_add(&rs->ndown, 1);
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s:%d: %s", nd->addr.host, nd->addr.port, why);
+        report_state(rs, msg);
+    }
+}
+
+void sl_rs_node_ok(sl_rstore *rs, int i)
+{
+    node_st *nd = rs->nodes[i];
+    if (atomic_load_explicit(&nd->down, memory_order_relaxed) == 0)
+        return;
+    atomic_store(&nd->backoff, 0);
+    atomic_store(&nd->retry_at, 0);
+    if (atomic_exchange(&nd->down, 0) == 1) {
+        atomic_fetch_sub(&rs->ndown, 1);
+        char msg[300];
+        snprintf(msg, sizeof msg, "%s:%d reachable", nd->addr.host, nd->addr.port);
+        report_state(rs, msg);
+    }
+}
+
+int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono)
+{
+    return now_mono >= atomic_load_explicit(&rs->nodes[i]->retry_at, memory_order_relaxed);
+}
+
+void sl_rs_count_reconnect(sl_rstore *rs) { BUMP(rs->reconnects); }
+void sl_rs_count_script_load(sl_rstore *rs) { BUMP(rs->loads); }
+
+void sl_rs_stats(sl_rstore *rs, sl_store_stats *out)
+{
+    out->redis = 1;
+    out->up = atomic_load(&rs->ndown) == 0;
+    out->cluster = sl_rs_is_cluster(rs);
+    out->calls = atomic_load(&rs->calls);
+    out->near_cache = atomic_load(&rs->near);
+    out->fail_open = atomic_load(&rs->fopen);
+    out->fail_closed = atomic_load(&rs->fclosed);
+    out->errors = atomic_load(&rs->errors);
+    out->reconnects = atomic_load(&rs->reconnects);
+    out->script_loads = atomic_load(&rs->loads);
+    out->redirects = atomic_load(&rs->redirects);
+}
+
+/* ---- slots ------------------------------------------------------------------------------- */
+
+/* CRC16/XMODEM (polynomial 0x1021, initial 0), as Redis Cluster hashes keys; bitwise — a
+ * key is hashed once per request. */
+static uint16_t crc16(const char *p, size_t n)
+{
+    uint16_t crc = 0;
+    for (size_t i = 0; i < n; i++) {
+        crc ^= (uint16_t)((unsigned char)p[i] << 8);
+        for (int b = 0; b < 8; b++)
+            crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+    }
+    return crc;
+}
+
+/* Only the part between the first '{' and the next '}' is hashed, if that is not empty. */
+uint16_t sl_rs_slot(const char *key, size_t len)
+{
+    const char *open = memchr(key, '{', len);
+    if (open) {
+        const char *from = open + 1;
+        const char *close = memchr(from, '}', len - (size_t)(from - key));
+        if (close && close > from)
+            return crc16(from, (size_t)(close - from)) & (SL_RS_SLOTS - 1);
+    }
+    return crc16(key, len) & (SL_RS_SLOTS - 1);
+}
+
+int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
+{
+    if (!rep)
+        return SL_ESTORE;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        if (!strstr(rep->str, "cluster support disabled"))
+            return SL_ESTORE;
+        for (int s = 0; s < SL_RS_SLOTS; s++)
+            atomic_store_explicit(&rs->slots[s], (uint8_t)from, memory_order_relaxed);
+        atomic_store(&rs->topology, 1);
+        return SL_OK;
+    }
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements == 0)
+        return SL_ESTORE; /* a cluster with no slots assigned yet */
+    for (size_t i = 0; i < rep->elements; i++) {
+        const redisReply *r = rep->element[i];
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
+            r->element[0]->type != REDIS_REPLY_INTEGER ||
+            r->element[1]->type != REDIS_REPLY_INTEGER ||
+            r->element[2]->type != REDIS_REPLY_ARRAY || r->element[2]->elements < 2)
+            return SL_ESTORE;
+        const redisReply *m = r->element[2];
+        if (m->element[0]->type != REDIS_REPLY_STRING || m->element[1]->type != REDIS_REPLY_INTEGER)
+            return SL_ESTORE;
+        long long lo = r->element[0]->integer, hi = r->element[1]->integer;
+        int nd = sl_rs_node_index(rs, m->element[0]->str, m->element[0]->len,
+                                  (int)m->element[1]->integer);
+        if (nd < 0 || lo < 0 || hi >= SL_RS_SLOTS || lo > hi)
+            return SL_ESTORE;
+        for (long long s = lo; s <= hi; s++)
+            atomic_store_explicit(&rs->slots[s], (uint8_t)nd, memory_order_relaxed);
+    }
+    atomic_store(&rs->topology, 2);
+    return SL_OK;
+}
+
+/* ---- the near cache ---------------------------------------------------------------------- */
+
+static nc_shard *nc_shard_of(sl_rstore *rs, uint64_t h) { return &rs->nc[h >> 58]; }
+static nc_ent *nc_slot_of(nc_shard *s, uint64_t h) { return &s->e[h % NC_SLOTS]; }
+
+static int nc_usable(const sl_rstore *rs, const sl_rcall *c)
+{
+    return !rs->o.no_near_cache && !c->explicit_now && !c->cp->has_lease && c->op != SL_RS_RELEASE;
+}
+
+/* A denial known for this key, policy and a cost <= this one, still before its retry time? */
+static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
+{
+    uint64_t h = c->hash | 1;
+    nc_shard *s = nc_shard_of(rs, h);
+    int hit = 0;
+    pthread_mutex_lock(&s->mu);
+    nc_ent *e = nc_slot_of(s, h);
+    if (e->hash == h && e->policy == c->cp->id && c->cost >= e->cost && c->sent < e->until) {
+        const sl_climit *lim = &c->cp->lim[e->limit_index];
+        memset(d, 0, sizeof *d);
+        d->limit = lim->limit;
+        d->remaining = e->remaining;
+        d->reset_after = e->reset_at > c->sent ? e->reset_at - c->sent : 0;
+        d->retry_after = e->until - c->sent;
+        d->tokens = e->tokens;
+        d->reserve = e->reserve;
+        d->limit_index = e->limit_index;
+        d->algorithm = lim->algorithm;
+        d->window = lim->tau ? lim->tau : lim->window;
+        d->source = SL_SOURCE_NEAR_CACHE;
+        hit = 1;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return hit;
+}
+
+static void nc_insert(sl_rstore *rs, const sl_rcall *c, const sl_decision *d)
+{
+    uint64_t h = c->hash | 1;
+    nc_shard *s = nc_shard_of(rs, h);
+    pthread_mutex_lock(&s->mu);
+    nc_ent *e = nc_slot_of(s, h);
+    /* measured from when the request was prepared, so never later than Redis's own retry
+       time (the round trip only shortens the local wait) */
+    *e = (nc_ent){h, c->cp->id, d->limit_index, c->cost, c->sent + d->retry_after,
+                  c->sent + d->reset_after, d->remaining, d->tokens, d->reserve};
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- the codec --------------------------------------------------------------------------- */
+
+typedef struct obuf {
+    char *p;
+    size_t n, cap;
+    int overflow;
+} obuf;
+
+static void put(obuf *b, const void *s, size_t n)
+{
+    if (b->n + n > b->cap) {
+        b->overflow = 1;
+        return;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+}
+
+static size_t u64_dec(char *out, uint64_t v)
+{
+    char t[24];
+    size_t n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        out[i] = t[n - 1 - i];
+    return n;
+}
+
+static void put_bulk(obuf *b, const void *s, size_t n)
+{
+    char h[32];
+    h[0] = '$';
+    size_t k = 1 + u64_dec(h + 1, n);
+    h[k++] = '\r';
+    h[k++] = '\n';
+    put(b, h, k);
+    put(b, s, n);
+    put(b, "\r\n", 2);
+}
+
+static void put_num(obuf *b, uint64_t v)
+{
+    char t[24];
+    put_bulk(b, t, u64_dec(t, v));
+}
+
+static void put_count(obuf *b, size_t n)
+{
+    char h[32];
+    h[0] = '*';
+    size_t k = 1 + u64_dec(h + 1, n);
+    h[k++] = '\r';
+    h[k++] = '\n';
+    put(b, h, k);
+}
+
+/* The Redis key: prefix, then "<tenant length>:<tenant>:<action length>:<action>:<client>"
+ * (lengths in decimal, so any bytes are unambiguous and keys stay readable). */
+static size_t redis_key(const sl_rstore *rs, const char *enc, size_t len, char *out)
+{
+    size_t tl = (unsigned char)enc[0], al = (unsigned char)enc[1], cl = len - 2 - tl - al;
+    size_t n = rs->prefix_len;
+    memcpy(out, rs->prefix, n);
+    n += u64_dec(out + n, tl);
+    out[n++] = ':';
+    memcpy(out + n, enc + 2, tl);
+    n += tl;
+    out[n++] = ':';
+    n += u64_dec(out + n, al);
+    out[n++] = ':';
+    memcpy(out + n, enc + 2 + tl, al);
+    n += al;
+    out[n++] = ':';
+    memcpy(out + n, enc + 2 + tl + al, cl);
+    return n + cl;
+}
+
+static int span_ok(const sl_cpolicy *cp)
+{
+    for (uint32_t i = 0; i < cp->nlimits; i++) {
+        const sl_climit *c = &cp->lim[i];
+        if (c->interval > SL_RS_MAX_SPAN || c->tau > SL_RS_MAX_SPAN ||
+            c->window > SL_RS_MAX_SPAN || c->rinterval > SL_RS_MAX_SPAN ||
+            c->rtau > SL_RS_MAX_SPAN)
+            return 0;
+    }
+    return 1;
+}
+
+static const char *const op_names[] = {"take", "peek", "release"};
+
+/* Resolve, check and format. SL_OK or the error for the request. */
+static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, uint64_t cost,
+                  int64_t now, sl_rcall *c)
+{
+    char enc[SL_KEY_MAX];
+    size_t len;
+    int rc = sl_limiter_resolve(rs->l, k, inl, enc, &len, &c->hash, &c->cp);
+    if (rc != SL_OK)
+        return rc;
+    if (op != SL_RS_RELEASE && cost > c->cp->max_cost)
+        return SL_ECOST;
+    if (!span_ok(c->cp))
+        return SL_ESPAN;
+    c->op = op;
+    c->cost = cost;
+    c->explicit_now = now != SL_NOW;
+    c->sent = sl_rs_mono();
+    c->asking = 0;
+    c->redirects = 0;
+    c->tenant_len = (unsigned char)enc[0];
+    memcpy(c->tenant, enc + 2, c->tenant_len);
+
+    char key[SL_RS_PREFIX_MAX + SL_KEY_MAX + 16];
+    size_t klen = redis_key(rs, enc, len, key);
+    c->slot = sl_rs_slot(key, klen);
+    c->node = atomic_load_explicit(&rs->slots[c->slot], memory_order_relaxed);
+
+    obuf b = {c->cmd, 0, sizeof c->cmd, 0};
+    put_count(&b, 8 + 6 * (size_t)c->cp->nlimits);
+    put_bulk(&b, "EVALSHA", 7);
+    put_bulk(&b, sl_rs_script_sha(), 40);
+    put_bulk(&b, "1", 1);
+    put_bulk(&b, key, klen);
+    if (now == SL_NOW)
+        put_bulk(&b, "", 0);
+    else
+        put_num(&b, (uint64_t)now);
+    put_bulk(&b, op_names[op], strlen(op_names[op]));
+    put_num(&b, cost);
+    put_num(&b, c->cp->nlimits);
+    for (uint32_t i = 0; i < c->cp->nlimits; i++) {
+        const sl_climit *lim = &c->cp->lim[i];
+        put_num(&b, (uint64_t)lim->algorithm);
+        put_num(&b, lim->limit);
+        put_num(&b, (uint64_t)lim->interval);
+        put_num(&b, (uint64_t)lim->window);
+        put_num(&b, (uint64_t)lim->rinterval);
+        put_num(&b, lim->rcap);
+    }
+    if (b.overflow)
+        return SL_EINVAL; /* cannot happen: SL_RS_CMD_MAX covers the longest request */
+    c->len = b.n;
+    return SL_OK;
+}
+
+int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rcall *call,
+                  sl_decision *d)
+{
+    int rc = encode(rs, op, &r->key, r->inline_policy, r->cost, now, call);
+    if (rc != SL_OK) {
+        memset(d, 0, sizeof *d);
+        d->err = rc;
+        return 1;
+    }
+    if (nc_usable(rs, call) && nc_lookup(rs, call, d)) {
+        BUMP(rs->near);
+        if (op == SL_RS_TAKE)
+            sl_limiter_count(rs->l, call->tenant, call->tenant_len, 0);
+        return 1;
+    }
+    return 0;
+}
+
+int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
+                          sl_rcall *call, int *rc)
+{
+    *rc = encode(rs, SL_RS_RELEASE, k, NULL, lease, now, call);
+    return *rc != SL_OK;
+}
+
+/* "MOVED 3999 127.0.0.1:6381" / "ASK ...": the node index of the target, or -1. */
+static int redirect_target(sl_rstore *rs, const char *msg, size_t len)
+{
+    const char *sp = memchr(msg, ' ', len);
+    if (!sp)
+        return -1;
+    const char *addr = memchr(sp + 1, ' ', len - (size_t)(sp + 1 - msg));
+    if (!addr)
+        return -1;
+    addr++;
+    const char *host;
+    size_t hl;
+    int port;
+    if (parse_addr(addr, len - (size_t)(addr - msg), &host, &hl, &port) != SL_OK)
+        return -1;
+    return sl_rs_node_index(rs, host, hl, port);
+}
+
+static int is_int(const redisReply *r) { return r->type == REDIS_REPLY_INTEGER; }
+
+int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision *d,
+                 int *release_rc)
+{
+    if (!rep)
+        return SL_RS_FAILED;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        size_t n = rep->len;
+        int moved = n > 6 && !memcmp(rep->str, "MOVED ", 6);
+        int ask = n > 4 && !memcmp(rep->str, "ASK ", 4);
+        if (n >= 8 && !memcmp(rep->str, "NOSCRIPT", 8))
+            return SL_RS_NOSCRIPT;
+        if (moved || ask) {
+            int to = redirect_target(rs, rep->str, n);
+            if (to < 0 || ++c->redirects > MAX_REDIRECTS)
+                return SL_RS_FAILED;
+            BUMP(rs->redirects);
+            if (moved) /* the slot lives there now */
+                atomic_store_explicit(&rs->slots[c->slot], (uint8_t)to, memory_order_relaxed);
+            c->node = to;
+            c->asking = ask;
+            return SL_RS_RESEND;
+        }
+        BUMP(rs->errors); /* CLUSTERDOWN, TRYAGAIN, LOADING, NOAUTH, a script error, ... */
+        return SL_RS_FAILED;
+    }
+    if (c->op == SL_RS_RELEASE) {
+        if (!is_int(rep))
+            return SL_RS_FAILED;
+        BUMP(rs->calls);
+        *release_rc = rep->integer == 1 ? SL_OK : SL_ELEASE;
+        return SL_RS_DONE;
+    }
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 10)
+        return SL_RS_FAILED;
+    redisReply *const *e = rep->element;
+    for (int i = 0; i < 10; i++)
+        if (i == 6 || i == 7 || i == 9 ? e[i]->type != REDIS_REPLY_STRING : !is_int(e[i]))
+            return SL_RS_FAILED;
+    long long idx = e[1]->integer;
+    if (idx < 0 || idx >= (long long)c->cp->nlimits)
+        return SL_RS_FAILED;
+    const sl_climit *lim = &c->cp->lim[idx];
+    memset(d, 0, sizeof *d);
+    d->allowed = e[0]->integer != 0;
+    d->limit_index = (unsigned)idx;
+    d->limit = lim->limit;
+    d->remaining = (uint64_t)e[2]->integer;
+    d->reset_after = e[3]->integer;
+    d->retry_after = e[4]->integer;
+    d->delay = e[5]->integer;
+    d->tokens = strtod(e[6]->str, NULL);
+    d->reserve = strtod(e[7]->str, NULL);
+    d->lease = (uint64_t)e[8]->integer;
+    d->algorithm = lim->algorithm;
+    d->window = lim->tau ? lim->tau : lim->window;
+    d->source = SL_SOURCE_STORE;
+    BUMP(rs->calls);
+    if (c->op == SL_RS_TAKE) {
+        sl_limiter_count(rs->l, c->tenant, c->tenant_len, d->allowed);
+        if (!d->allowed && d->retry_after > 0 && nc_usable(rs, c))
+            nc_insert(rs, c, d);
+    }
+    return SL_RS_DONE;
+}
+
+void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *release_rc)
+{
+    if (c->op == SL_RS_RELEASE) {
+        *release_rc = SL_ESTORE;
+        return;
+    }
+    const sl_climit *lim = &c->cp->lim[0];
+    memset(d, 0, sizeof *d);
+    d->limit = lim->limit;
+    d->algorithm = lim->algorithm;
+    d->window = lim->tau ? lim->tau : lim->window;
+    if (rs->o.fail_mode == SL_FAIL_OPEN) {
+        d->allowed = 1;
+        d->source = SL_SOURCE_FAIL_OPEN;
+        BUMP(rs->fopen);
+    } else {
+        d->retry_after = FAIL_CLOSED_RETRY;
+        d->source = SL_SOURCE_FAIL_CLOSED;
+        BUMP(rs->fclosed);
+    }
+    if (c->op == SL_RS_TAKE)
+        sl_limiter_count(rs->l, c->tenant, c->tenant_len, d->allowed);
+}

@@ -1,0 +1,130 @@
+/*
+ * redis.h — the Redis store: decisions as one atomic Lua script per request on Redis or Redis
+ * Cluster (the script is redis_script.lua; its arguments and reply are described there).
+ *
+ * Two transports share everything below:
+ *  - the library's own, blocking (redis.c): sl_take & co. on a limiter opened with
+ *    sl_options.redis, pipelined per batch over pooled hiredis connections;
+ *  - sluiced's, asynchronous: hiredis contexts on each worker's libuv loop, which call
+ *    sl_rs_prepare / sl_rs_finish / sl_rs_fallback around their own I/O and use the slot map
+ *    and node table here.
+ *
+ * A request's life: sl_rs_prepare validates and resolves it (the limiter's rules), and either
+ * decides it locally (bad input, the near cache) or formats its EVALSHA command and names the
+ * node it goes to. The transport sends it; the reply goes to sl_rs_finish, which either fills
+ * the decision or says what to do: load the script and resend (NOSCRIPT), resend to another
+ * node (MOVED, which also updates the slot map), or resend there after ASKING (ASK). When the
+ * node cannot be reached, sl_rs_fallback decides by the fail mode.
+ *
+ * Thread-safety: everything here may be called from any thread at once.
+ */
+#ifndef SL_REDIS_H
+#define SL_REDIS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "policy.h"
+#include "sluice.h"
+
+typedef struct sl_rstore sl_rstore;
+struct redisReply;
+
+#define SL_RS_MAX_NODES 256
+#define SL_RS_SLOTS 16384
+#define SL_RS_CMD_MAX 2048 /* an EVALSHA command: key <= ~800 bytes, 4 limits of 6 numbers */
+#define SL_RS_MAX_SPAN (INT64_C(1) << 52)
+#define SL_RS_PREFIX_MAX 64
+
+enum { SL_RS_TAKE, SL_RS_PEEK, SL_RS_RELEASE };
+
+/* One request on its way to Redis. */
+typedef struct sl_rcall {
+    int op;                 /* SL_RS_* */
+    int node;               /* where to send it (index into the node table) */
+    int asking;             /* send ASKING first (an ASK redirection) */
+    int redirects;          /* redirections followed so far */
+    uint16_t slot;
+    uint64_t cost;          /* or the lease id (release) */
+    uint64_t hash;          /* of the encoded key (near cache) */
+    int64_t sent;           /* local clock when prepared (near cache) */
+    int explicit_now;       /* the caller gave `now` (no near cache) */
+    const sl_cpolicy *cp;   /* resolved policy (lives as long as the limiter) */
+    size_t tenant_len;
+    char tenant[SL_MAX_ID_LEN];
+    size_t len;
+    char cmd[SL_RS_CMD_MAX];/* the formatted EVALSHA (RESP) */
+} sl_rcall;
+
+/* From sl_options.redis; SL_EADDRESS for a bad server list, SL_EINVAL, SL_ENOMEM. Does not
+ * connect (the first decision does). */
+int sl_rs_new(sl_limiter *l, const sl_redis_options *o, sl_rstore **out);
+void sl_rs_free(sl_rstore *rs);
+
+/* Prepare request `r` at `now` (SL_NOW: Redis's clock). Returns 1 when `d` is decided
+ * already (d->err set for bad input; or the near cache), else 0 with `call` ready to send. */
+int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rcall *call,
+                  sl_decision *d);
+/* Prepare a release of `lease` on key `k`; returns 1 with *rc set when decided already. */
+int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
+                          sl_rcall *call, int *rc);
+
+/* What sl_rs_finish says about a reply. */
+enum {
+    SL_RS_DONE,     /* `d` (or *release_rc) is filled */
+    SL_RS_RESEND,   /* send call->cmd again to call->node (after ASKING if call->asking) */
+    SL_RS_NOSCRIPT, /* SCRIPT LOAD (sl_rs_script) on that connection, then resend */
+    SL_RS_FAILED    /* the node failed this request (CLUSTERDOWN, TRYAGAIN, too many
+                       redirections, a malformed reply): use sl_rs_fallback */
+};
+int sl_rs_finish(sl_rstore *rs, sl_rcall *call, const struct redisReply *rep, sl_decision *d,
+                 int *release_rc);
+/* Decide `call` by the fail mode (d), or SL_ESTORE for a release (*release_rc). */
+void sl_rs_fallback(sl_rstore *rs, const sl_rcall *call, sl_decision *d, int *release_rc);
+
+/* The script's text and SHA1 (hex). */
+const char *sl_rs_script(size_t *len);
+const char *sl_rs_script_sha(void);
+
+/* ---- nodes, slots, health (for transports) ---- */
+typedef struct sl_rnode {
+    char host[256];
+    int port;
+} sl_rnode;
+int sl_rs_nnodes(sl_rstore *rs);
+const sl_rnode *sl_rs_node(sl_rstore *rs, int i);
+const sl_redis_options *sl_rs_options(sl_rstore *rs);
+/* The node index for host:port, added to the table if new (-1: table full). */
+int sl_rs_node_index(sl_rstore *rs, const char *host, size_t hostlen, int port);
+/* Apply a CLUSTER SLOTS reply (or, when it is an error saying cluster support is disabled,
+ * mark the store standalone: every slot on node `from`). SL_OK or SL_ESTORE. */
+int sl_rs_apply_slots(sl_rstore *rs, int from, const struct redisReply *rep);
+int sl_rs_topology_known(sl_rstore *rs);
+/* The node serving `slot` (as far as known). */
+int sl_rs_slot_node(sl_rstore *rs, uint16_t slot);
+/* 1 (once, for one caller) when the cluster's slot map should be asked for again: a node
+ * failed since the last refresh, and the last refresh was 100 ms ago or more. */
+int sl_rs_claim_refresh(sl_rstore *rs);
+int sl_rs_is_cluster(sl_rstore *rs);
+
+/* Health of node i, as every transport reports it: a failure starts (or doubles) its back-off
+ * (50 ms .. 2 s), a success clears it. sl_rs_node_usable says whether to try it now (not
+ * within its back-off). The store's up/down state (and on_state) follows these. */
+void sl_rs_node_failed(sl_rstore *rs, int i, const char *why);
+void sl_rs_node_ok(sl_rstore *rs, int i);
+int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono);
+int64_t sl_rs_mono(void); /* CLOCK_MONOTONIC ns */
+
+void sl_rs_count_reconnect(sl_rstore *rs);
+void sl_rs_count_script_load(sl_rstore *rs);
+void sl_rs_stats(sl_rstore *rs, sl_store_stats *out);
+
+/* ---- the library's blocking transport ---- */
+int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now, int force_peek,
+                sl_decision *out);
+int sl_rs_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now);
+
+/* Redis slot of a key (CRC16/XMODEM of the key or of its {hash tag}, mod 16384). */
+uint16_t sl_rs_slot(const char *key, size_t len);
+
+#endif

@@ -1,0 +1,248 @@
+"""Distributed mode: several sluiced processes sharing their limits through a real Redis and a
+real three-master Redis Cluster (created by the test on loopback), hammered together by real
+clients (redis-py); Redis killed and restarted under load."""
+import json
+import threading
+import time
+import unittest
+import urllib.request
+
+import redis
+
+from harness import RedisCluster, RedisServer, Sluiced, run_sluiced
+
+
+def metrics(srv):
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % srv.http_port,
+                                  timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sluice_redis"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def hammer(ports, keys, per_key, threads_per_port=2, seconds=20.0, command="CL.THROTTLE",
+           args=("99", "1", "3600")):
+    """Every thread sends `per_key` requests for every key (pipelined, interleaved), each
+    through its own connection to one of `ports`. Returns {key: admitted} summed over all."""
+    admitted = {k: 0 for k in keys}
+    lock = threading.Lock()
+    errors = []
+    deadline = time.monotonic() + seconds
+
+    def work(port):
+        try:
+            r = redis.Redis(port=port, socket_timeout=10)
+            mine = {k: 0 for k in keys}
+            for _ in range(per_key // 10):
+                if time.monotonic() > deadline:
+                    break
+                p = r.pipeline(transaction=False)
+                for k in keys:
+                    for _ in range(10):
+                        p.execute_command(command, k, *args)
+                for k, rep in zip([k for k in keys for _ in range(10)], p.execute()):
+                    ok = rep[0] == 0 if command == "CL.THROTTLE" else rep[0] == 1
+                    mine[k] += ok
+            with lock:
+                for k in keys:
+                    admitted[k] += mine[k]
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=work, args=(p,)) for p in ports
+          for _ in range(threads_per_port)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise AssertionError("client errors: %s" % errors[:3])
+    return admitted
+
+
+def stop_all(servers):
+    for s in servers:
+        code = s.stop()
+        assert code == 0, (code, s.log())
+
+
+class SharedRedisTest(unittest.TestCase):
+    def test_three_servers_share_one_limit(self):
+        """Three sluiced on one Redis: per key, exactly the limit is admitted in total (never
+        more: no over-admission; not less: no lost tokens while Redis is up)."""
+        with RedisServer() as r:
+            srvs = [Sluiced("--store", "redis://127.0.0.1:%d" % r.port).start()
+                    for _ in range(3)]
+            try:
+                keys = ["shared-%d" % i for i in range(6)]
+                # capacity 100, refilling 1 per hour: 100 in the test's few seconds
+                got = hammer([s.resp_port for s in srvs], keys, per_key=60)
+                for k in keys:
+                    self.assertEqual(got[k], 100, (k, got))
+                m = [metrics(s) for s in srvs]
+                self.assertTrue(all(x["sluice_redis_up"] == 1 for x in m))
+                # denials of exhausted keys were answered locally too
+                self.assertGreater(sum(x['sluice_redis_decisions_total{source="near_cache"}']
+                                       for x in m), 0)
+                keys_in_redis = r.client().keys("sl:*")
+                self.assertEqual(len(keys_in_redis), len(keys))
+                ttl = r.client().pttl(keys_in_redis[0])
+                self.assertGreater(ttl, 0)  # the time to refill: about 100 hours
+                self.assertLessEqual(ttl, 100 * 3600 * 1000)
+            finally:
+                stop_all(srvs)
+
+    def test_http_and_resp_on_redis(self):
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            body = json.dumps({"tenant_id": "t", "client_id": "c", "action_type": "a",
+                               "max_requests": 2, "window_duration_seconds": 60}).encode()
+            codes = []
+            for _ in range(3):
+                req = urllib.request.Request("http://127.0.0.1:%d/api/check_and_consume" %
+                                             s.http_port, data=body, method="POST")
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        codes.append(resp.status)
+                except urllib.error.HTTPError as e:
+                    codes.append(e.code)
+                    self.assertIn("Retry-After", e.headers)
+            self.assertEqual(codes, [200, 200, 429])
+            st = json.loads(urllib.request.urlopen(
+                "http://127.0.0.1:%d/api/status/t/c/a" % s.http_port, timeout=5).read())
+            self.assertEqual(st["allowed"], False)
+            self.assertEqual(st["remaining_requests"], 0)
+            rc = redis.Redis(port=s.resp_port)
+            self.assertEqual(rc.execute_command("SL.TAKE", "x", "y", "z")[0], 1)
+            with self.assertRaises(redis.ResponseError):
+                rc.execute_command("SL.TAKE", "x", "y", "")
+            self.assertEqual(s.stop(), 0)
+
+    def test_bad_store_settings_exit_2(self):
+        for args, word in ((["--store", "redis:/x"], "--store"),
+                           (["--store", "redis://nohost"], "--store"),
+                           (["--store", "redis://h:1", "--fail-mode", "maybe"], "--fail-mode"),
+                           (["--store", "redis://h:99999"], "--store")):
+            code, _, err = run_sluiced(*args)
+            self.assertEqual(code, 2, (args, err))
+            self.assertIn(word, err)
+
+
+class FaultTest(unittest.TestCase):
+    def outage(self, mode):
+        """Kill redis-server under load, then start it again on the same port."""
+        r = RedisServer().start()
+        s = Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--fail-mode", mode,
+                    "--redis-timeout", "300").start()
+        stop = threading.Event()
+        replies = []
+
+        def load():
+            c = redis.Redis(port=s.resp_port, socket_timeout=10)
+            i = 0
+            while not stop.is_set() and i < 200000:
+                i += 1
+                # a new key each time: allowed whenever Redis decides
+                replies.append((time.monotonic(),
+                                c.execute_command("SL.TAKE", "t", "a", "u%d" % i)[0]))
+
+        t = threading.Thread(target=load)
+        try:
+            t.start()
+            time.sleep(0.5)
+            r.kill()
+            down_at = time.monotonic()
+            time.sleep(1.5)
+            m = metrics(s)
+            self.assertEqual(m["sluice_redis_up"], 0)
+            src = 'sluice_redis_decisions_total{source="fail_%s"}' % mode
+            self.assertGreater(m[src], 0)
+            during = [a for (ts, a) in replies if down_at + 0.5 < ts < down_at + 1.5]
+            self.assertGreater(len(during), 10)  # still serving, at once
+            self.assertEqual(set(during), {1 if mode == "open" else 0})
+            r.start()
+            back_at = time.monotonic()
+            deadline = back_at + 10
+            while time.monotonic() < deadline and metrics(s)["sluice_redis_up"] != 1:
+                time.sleep(0.05)
+            self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+            recovered = time.monotonic() - back_at
+            self.assertLess(recovered, 5.0)
+            before = metrics(s)['sluice_redis_decisions_total{source="redis"}']
+            time.sleep(0.3)
+            self.assertGreater(metrics(s)['sluice_redis_decisions_total{source="redis"}'],
+                               before)
+        finally:
+            stop.set()
+            t.join()
+            code = s.stop()
+            r.__exit__()
+        self.assertEqual(code, 0, s.log())
+        log = s.log()
+        # logged once per change of state, not once per request
+        self.assertEqual(log.count("redis: unreachable"), 1, log)
+        self.assertEqual(log.count("redis: reachable again"), 1, log)
+
+    def test_fail_closed(self):
+        self.outage("closed")
+
+    def test_fail_open(self):
+        self.outage("open")
+
+
+class ClusterTest(unittest.TestCase):
+    def test_two_servers_on_a_cluster_while_slots_move(self):
+        """Two sluiced on a three-master cluster, each given one seed node: keys spread over
+        every master. While the clients hammer, the slots of the first master's keys move,
+        keys and all, to the second (ASK while a slot migrates, MOVED after). Per key the total
+        admitted is exactly the limit."""
+        with RedisCluster(3) as c:
+            srvs = [Sluiced("--store", "redis://127.0.0.1:%d" % c.nodes[0].port).start(),
+                    Sluiced("--store", "redis://127.0.0.1:%d" % c.nodes[1].port).start()]
+            try:
+                keys = ["ck-%d" % i for i in range(24)]
+                cl = [n.client() for n in c.nodes]
+                ids = [x.execute_command("CLUSTER", "MYID").decode() for x in cl]
+                result = {}
+                t = threading.Thread(target=lambda: result.update(hammer(
+                    [s.resp_port for s in srvs], keys, per_key=400, seconds=30)))
+                t.start()
+                time.sleep(0.3)  # the keys exist (on their masters) before their slots move
+                src, dst = cl[0], cl[1]
+                moved = 0
+                for name in src.keys("sl:*"):
+                    slot = src.execute_command("CLUSTER", "KEYSLOT", name)
+                    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[0])
+                    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[1])
+                    src.execute_command("MIGRATE", "127.0.0.1", c.nodes[1].port, name, 0, 5000)
+                    time.sleep(0.1)  # requests for it now get ASK from the source
+                    for x in cl:
+                        x.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[1])
+                    moved += 1
+                t.join()
+                self.assertGreater(moved, 0)
+                got = result
+                for k in keys:
+                    self.assertEqual(got[k], 100, (k, got))
+                # cost-0 requests skip the near cache: stale slot maps meet MOVED now
+                for s in srvs:
+                    r = redis.Redis(port=s.resp_port)
+                    for k in keys:
+                        self.assertEqual(r.execute_command("CL.THROTTLE", k, 99, 1, 3600, 0)[2],
+                                         0)
+                held = [x.dbsize() for x in cl]
+                self.assertEqual(sum(held), len(keys))
+                self.assertEqual(held[0], 0)
+                m = [metrics(s) for s in srvs]
+                self.assertTrue(all(x["sluice_redis_cluster"] == 1 for x in m))
+                self.assertGreater(sum(x["sluice_redis_redirects_total"] for x in m), 0)
+                self.assertEqual(sum(x['sluice_redis_decisions_total{source="fail_closed"}']
+                                     for x in m), 0)
+            finally:
+                stop_all(srvs)
+
+
+if __name__ == "__main__":
+    unittest.main()

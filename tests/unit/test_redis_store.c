@@ -1,0 +1,377 @@
+/* test_redis_store.c — what only the Redis store has, through the public API on a private
+ * redis-server: Redis's clock, the near cache, NOSCRIPT recovery, key names and TTLs, spans
+ * it refuses, bad addresses, the fail modes while Redis is down and recovery when it is back,
+ * and a Redis Cluster of three masters (slot routing, MOVED after a slot moves). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "redis_fixture.h"
+#include "sluice.h"
+
+#define S SL_SECOND
+
+static redis_fixture g_redis;
+
+static int group_setup(void **st)
+{
+    (void)st;
+    return redis_fixture_start(&g_redis, NULL);
+}
+
+static int group_teardown(void **st)
+{
+    (void)st;
+    redis_fixture_stop(&g_redis);
+    return 0;
+}
+
+typedef struct states {
+    int ups, downs;
+} states;
+
+static void on_state(void *ctx, int up, const char *why)
+{
+    states *s = ctx;
+    assert_non_null(why);
+    if (up)
+        s->ups++;
+    else
+        s->downs++;
+}
+
+static sl_limiter *open_redis(const char *servers, sl_fail_mode mode, const char *prefix,
+                              states *st)
+{
+    sl_redis_options ro;
+    sl_redis_options_init(&ro);
+    ro.servers = servers;
+    ro.fail_mode = mode;
+    ro.key_prefix = prefix;
+    ro.timeout_ms = 500;
+    ro.on_state = st ? on_state : NULL;
+    ro.on_state_ctx = st;
+    sl_options o;
+    sl_options_init(&o);
+    o.redis = &ro;
+    sl_limiter *l = NULL;
+    assert_int_equal(sl_open(&l, &o), SL_OK);
+    return l;
+}
+
+static redisReply *cmd(redisContext *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    assert_non_null(r);
+    return r;
+}
+
+static void test_redis_clock_and_near_cache(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "nc:", NULL);
+    sl_key k = SL_KEY("acme", "login", "u1");
+    sl_decision d;
+    for (int i = 0; i < 5; i++) { /* the default policy: 5, refilling 1/s (Redis's TIME) */
+        assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+        assert_true(d.allowed);
+        assert_int_equal(d.source, SL_SOURCE_STORE);
+        assert_int_equal(d.remaining, (uint64_t)(4 - i));
+    }
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    assert_true(d.retry_after > 0 && d.retry_after <= S);
+    /* known to be over its limit: answered here until its retry time, never allowed */
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_NEAR_CACHE);
+    assert_true(d.retry_after > 0 && d.retry_after <= S);
+    assert_int_equal(d.limit, 5);
+    sl_store_stats ss;
+    assert_int_equal(sl_store_stats_get(l, &ss), SL_OK);
+    assert_true(ss.redis && ss.up && !ss.cluster);
+    assert_int_equal(ss.calls, 6);
+    assert_int_equal(ss.near_cache, 1);
+    sl_stats t;
+    assert_int_equal(sl_stats_get(l, "acme", 4, &t), SL_OK);
+    assert_int_equal(t.allowed, 5);
+    assert_int_equal(t.denied, 2);
+    /* after the retry time Redis decides again: one unit has refilled */
+    usleep((useconds_t)(d.retry_after / 1000) + 20000);
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+
+    /* the key's name and its TTL (the time until it is full again, in ms) */
+    redisContext *c = redis_fixture_connect(&g_redis);
+    assert_non_null(c);
+    redisReply *r = cmd(c, "PTTL nc:4:acme:5:login:u1");
+    assert_int_equal(r->type, REDIS_REPLY_INTEGER);
+    assert_true(r->integer > 4000 && r->integer <= 5000);
+    freeReplyObject(r);
+    /* a policy with a concurrency limit never uses the near cache (a release frees early) */
+    sl_policy cc = SL_POLICY_WINDOW(SL_CONCURRENCY, 1, 60);
+    sl_key kc = SL_KEY("acme", "jobs", "u1");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &kc, &cc), SL_OK);
+    sl_decision a;
+    assert_int_equal(sl_take(l, &kc, 1, SL_NOW, &a), SL_OK);
+    assert_true(a.allowed && a.lease);
+    assert_int_equal(sl_take(l, &kc, 1, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(sl_release(l, &kc, a.lease, SL_NOW), SL_OK);
+    assert_int_equal(sl_take(l, &kc, 1, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    redisFree(c);
+    sl_close(l);
+}
+
+static void test_noscript_reload_and_spans(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "ns:", NULL);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_decision d;
+    sl_store_stats ss;
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    sl_store_stats_get(l, &ss);
+    uint64_t loads = ss.script_loads;
+    redisContext *c = redis_fixture_connect(&g_redis);
+    freeReplyObject(cmd(c, "SCRIPT FLUSH"));
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK); /* NOSCRIPT: load, resend */
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 3);
+    sl_store_stats_get(l, &ss);
+    assert_int_equal(ss.script_loads, loads + 1);
+    assert_int_equal(ss.fail_closed, 0);
+    /* 60 days do not fit the store's exact arithmetic: refused, nothing sent */
+    sl_policy big = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 10, 60 * 86400.0);
+    sl_key kb = SL_KEY("t", "big", "c");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &kb, &big), SL_OK);
+    assert_int_equal(sl_take(l, &kb, 1, SL_NOW, &d), SL_ESPAN);
+    sl_policy month = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 10, 31 * 86400.0);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &kb, &month), SL_OK);
+    assert_int_equal(sl_take(l, &kb, 1, SL_NOW, &d), SL_OK);
+    assert_int_equal(d.remaining, 9);
+    /* bad input is refused before Redis, as with the in-memory store */
+    sl_key empty = SL_KEY("t", "a", "");
+    assert_int_equal(sl_take(l, &empty, 1, SL_NOW, &d), SL_EKEYEMPTY);
+    assert_int_equal(sl_take(l, &k, 6, SL_NOW, &d), SL_ECOST);
+    redisFree(c);
+    sl_close(l);
+}
+
+static void test_bad_addresses(void **st)
+{
+    (void)st;
+    const char *bad[] = {"", "nohost", "h:", ":1", "h:0", "h:65536", "h:1x", "h:1,", "h:1,,h:2"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        sl_redis_options ro;
+        sl_redis_options_init(&ro);
+        ro.servers = bad[i];
+        sl_options o;
+        sl_options_init(&o);
+        o.redis = &ro;
+        sl_limiter *l = NULL;
+        assert_int_equal(sl_open(&l, &o), SL_EADDRESS);
+        assert_null(l);
+    }
+    sl_redis_options ro;
+    sl_redis_options_init(&ro);
+    sl_options o;
+    sl_options_init(&o);
+    o.redis = &ro; /* no servers */
+    sl_limiter *l = NULL;
+    assert_int_equal(sl_open(&l, &o), SL_EINVAL);
+}
+
+/* Redis goes away: decisions by the fail mode at once, one state change reported; it comes
+ * back on the same port: Redis decides again within its back-off (at most 2 s). */
+static void outage(sl_fail_mode mode)
+{
+    redis_fixture r;
+    assert_int_equal(redis_fixture_start(&r, NULL), 0);
+    states st = {0, 0};
+    sl_limiter *l = open_redis(r.addr, mode, "out:", &st);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_decision d;
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    redis_fixture_stop(&r);
+    for (int i = 0; i < 100; i++) {
+        assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+        assert_int_equal(d.allowed, mode == SL_FAIL_OPEN);
+        assert_int_equal(d.source, mode == SL_FAIL_OPEN ? SL_SOURCE_FAIL_OPEN
+                                                        : SL_SOURCE_FAIL_CLOSED);
+        if (mode == SL_FAIL_CLOSED)
+            assert_int_equal(d.retry_after, S);
+    }
+    sl_key k2 = SL_KEY("t", "a", "other");
+    assert_int_equal(sl_release(l, &k2, 1, SL_NOW), SL_ESTORE);
+    assert_int_equal(st.downs, 1); /* once per change, not per request */
+    sl_store_stats ss;
+    sl_store_stats_get(l, &ss);
+    assert_false(ss.up);
+    assert_int_equal(mode == SL_FAIL_OPEN ? ss.fail_open : ss.fail_closed, 100);
+
+    assert_int_equal(redis_fixture_restart(&r), 0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        usleep(10000);
+        assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+    } while (d.source != SL_SOURCE_STORE && t1.tv_sec - t0.tv_sec < 5);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    assert_true(d.allowed); /* a new Redis: the key is new */
+    assert_int_equal(st.ups, 1);
+    sl_store_stats_get(l, &ss);
+    assert_true(ss.up);
+    sl_close(l);
+    redis_fixture_stop(&r);
+}
+
+static void test_fail_closed(void **st)
+{
+    (void)st;
+    outage(SL_FAIL_CLOSED);
+}
+
+static void test_fail_open(void **st)
+{
+    (void)st;
+    outage(SL_FAIL_OPEN);
+}
+
+/* Three masters; the limiter is given one of them and learns the rest (CLUSTER SLOTS). */
+static void test_cluster(void **st)
+{
+    (void)st;
+    redis_fixture n[3];
+    const char *args[] = {"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                          "--cluster-node-timeout", "2000", NULL};
+    char create[512] = "redis-cli --cluster create";
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(redis_fixture_start_cluster_node(&n[i], args), 0);
+        size_t len = strlen(create);
+        snprintf(create + len, sizeof create - len, " %s", n[i].addr);
+    }
+    strcat(create, " --cluster-replicas 0 --cluster-yes >/dev/null 2>&1");
+    assert_int_equal(system(create), 0);
+    int ok = 0;
+    for (int tries = 0; tries < 200 && !ok; tries++) {
+        ok = 1;
+        for (int i = 0; i < 3; i++) {
+            redisContext *c = redis_fixture_connect(&n[i]);
+            redisReply *r = cmd(c, "CLUSTER INFO");
+            ok &= strstr(r->str, "cluster_state:ok") != NULL;
+            freeReplyObject(r);
+            redisFree(c);
+        }
+        if (!ok)
+            usleep(50000);
+    }
+    assert_true(ok);
+
+    sl_limiter *l = open_redis(n[1].addr, SL_FAIL_CLOSED, "cl:", NULL);
+    enum { KEYS = 60 };
+    sl_request rq[KEYS];
+    sl_decision d[KEYS];
+    char names[KEYS][16];
+    for (int round = 0; round < 6; round++) {
+        for (int i = 0; i < KEYS; i++) {
+            snprintf(names[i], sizeof names[i], "u%d", i);
+            rq[i] = (sl_request){.key = SL_KEY("t", "a", names[i]), .cost = 1};
+        }
+        assert_int_equal(sl_take_batch(l, rq, KEYS, SL_NOW, d), SL_OK);
+        for (int i = 0; i < KEYS; i++) {
+            assert_int_equal(d[i].err, SL_OK);
+            assert_int_equal(d[i].allowed, round < 5); /* exactly 5 per key */
+        }
+    }
+    sl_store_stats ss;
+    sl_store_stats_get(l, &ss);
+    assert_true(ss.cluster && ss.up);
+    assert_int_equal(ss.fail_closed, 0);
+    long long held = 0, nodes_with_keys = 0;
+    for (int i = 0; i < 3; i++) {
+        redisContext *c = redis_fixture_connect(&n[i]);
+        redisReply *r = cmd(c, "DBSIZE");
+        held += r->integer;
+        nodes_with_keys += r->integer > 0;
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    assert_int_equal(held, KEYS);
+    assert_int_equal(nodes_with_keys, 3);
+
+    /* Move the slot of one key (with the key) to another master: the next decision gets
+     * MOVED, follows it, and the key keeps its state (still exhausted). */
+    sl_key k = SL_KEY("t", "a", "u0");
+    redisContext *c0 = redis_fixture_connect(&n[0]);
+    redisReply *r = cmd(c0, "CLUSTER KEYSLOT %s", "cl:1:t:1:a:u0");
+    long long slot = r->integer;
+    freeReplyObject(r);
+    int from = -1;
+    char ids[3][64];
+    for (int i = 0; i < 3; i++) {
+        redisContext *c = redis_fixture_connect(&n[i]);
+        r = cmd(c, "CLUSTER MYID");
+        snprintf(ids[i], sizeof ids[i], "%s", r->str);
+        freeReplyObject(r);
+        r = cmd(c, "CLUSTER COUNTKEYSINSLOT %lld", slot);
+        if (r->integer > 0)
+            from = i;
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    assert_true(from >= 0);
+    int to = (from + 1) % 3;
+    redisContext *cf = redis_fixture_connect(&n[from]), *ct = redis_fixture_connect(&n[to]);
+    freeReplyObject(cmd(ct, "CLUSTER SETSLOT %lld IMPORTING %s", slot, ids[from]));
+    freeReplyObject(cmd(cf, "CLUSTER SETSLOT %lld MIGRATING %s", slot, ids[to]));
+    freeReplyObject(cmd(cf, "MIGRATE 127.0.0.1 %d %s 0 5000", n[to].port, "cl:1:t:1:a:u0"));
+    for (int i = 0; i < 3; i++) {
+        redisContext *c = redis_fixture_connect(&n[i]);
+        freeReplyObject(cmd(c, "CLUSTER SETSLOT %lld NODE %s", slot, ids[to]));
+        redisFree(c);
+    }
+    sl_decision e; /* cost 0: below the near cache's denial of cost 1, so Redis is asked */
+    assert_int_equal(sl_take(l, &k, 0, SL_NOW, &e), SL_OK);
+    assert_int_equal(e.source, SL_SOURCE_STORE);
+    assert_int_equal(e.remaining, 0); /* the state moved with the slot */
+    sl_store_stats_get(l, &ss);
+    assert_true(ss.redirects >= 1);
+    assert_int_equal(ss.fail_closed, 0);
+    redisFree(cf);
+    redisFree(ct);
+    redisFree(c0);
+    sl_close(l);
+    for (int i = 0; i < 3; i++)
+        redis_fixture_stop(&n[i]);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_redis_clock_and_near_cache),
+        cmocka_unit_test(test_noscript_reload_and_spans),
+        cmocka_unit_test(test_bad_addresses),
+        cmocka_unit_test(test_fail_closed),
+        cmocka_unit_test(test_fail_open),
+        cmocka_unit_test(test_cluster),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
