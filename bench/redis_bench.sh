@@ -12,7 +12,9 @@
 #             everything is denied; sluiced's near cache answers those without Redis.
 # sluiced (--threads 1, --store redis://...) runs CL.THROTTLE; the peer runs bench_lib.sh's
 # token bucket through EVALSHA on the same redis-server (one instance: single-threaded, so
-# its core is the shared bottleneck). Each run is repeated ROUNDS times (default 3),
+# its core is the shared bottleneck). A third run calls sluice's own Redis function (FCALL,
+# the same exact decision sluiced sends) directly from the 50 clients: sluiced against it
+# shows what pipelining the clients onto few connections gains for the same Redis work. Each run is repeated ROUNDS times (default 3),
 # alternating; medians are printed as RESULT lines, then ratios and TARGET lines
 # (>= 2x the direct script's decisions/s, p99 < 2 ms). Exits non-zero only if something
 # fails to run.
@@ -52,6 +54,8 @@ SHA=$(peer_lua_load "$RP")
 # both sides must agree on what the attack workload decides: 1 allowed, then denied
 [ "$(redis-cli -p "$SP" CL.THROTTLE chk 0 1 3600 | head -1)$(redis-cli -p "$SP" CL.THROTTLE chk 0 1 3600 | head -1)" = 01 ] ||
     fail "sluiced does not deny the second request of capacity 1"
+FN=$(redis-cli -p "$RP" --raw FUNCTION LIST | grep -m1 '^sluice_') ||
+    fail "sluiced did not load its function library into Redis"
 
 : >"$OUT"
 T0=$(date +%s)
@@ -59,6 +63,8 @@ for r in $(seq 1 "$ROUNDS"); do
     redis-cli -p "$RP" FLUSHALL >/dev/null
     rb sluiced_redis_random "$SP" 1 100000 CL.THROTTLE "r$r:__rand_int__" 1000000 1000000 1
     rb lua_direct_random "$RP" 1 100000 EVALSHA "$SHA" 1 "l$r:__rand_int__" 1000000 1000000 1
+    # CL.THROTTLE k 1000000 1000000 1 = a token bucket of 1000001 refilling every 1000 ns
+    rb function_direct_random "$RP" 1 100000 FCALL "$FN" 1 "f$r:__rand_int__" "" take 1 1 1 1000001 1000 0 0 0
     rb sluiced_redis_attack "$SP" 1 100 CL.THROTTLE "a$r:__rand_int__" 0 1 3600
     rb lua_direct_attack "$RP" 1 100 EVALSHA "$SHA" 1 "b$r:__rand_int__" 1 0.000277 1
 done
@@ -67,4 +73,4 @@ grep -q "error\|unreachable" "$TMP/sluiced.log" && fail "sluiced logged errors: 
 
 echo "# sluiced Redis-store bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, $ROUNDS rounds," \
      "redis-benchmark -c 50 -P 1 -n $N, $((T1 - T0)) s"
-summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2" 2 "^sluiced"
+summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2 sluiced_redis_random:function_direct_random:1" 2 "^sluiced"

@@ -367,8 +367,8 @@ SL_API int sl_snapshot_last(sl_limiter *l, sl_snapshot_op op, sl_snapshot_info *
 
 /* ---- the Redis store (distributed mode) ----------------------------------------------------
  * Several processes share their limits through Redis or Redis Cluster: every decision is one
- * atomic Lua script on the key's Redis node (loaded once, called with EVALSHA, reloaded if
- * Redis forgot it), which takes its time from Redis (TIME), so no two processes' clocks can
+ * atomic Lua function call on the key's Redis node (the script is a Redis Function library:
+ * Redis >= 7.0; loaded once per node, reloaded if Redis lost it), which takes its time from Redis (TIME), so no two processes' clocks can
  * disagree. Each key is one Redis string, given a TTL equal to its time to refill (to
  * disappear when it is indistinguishable from a new key). Same algorithms and contracts as
  * the in-memory store, with two differences: spans (window, capacity / rate, reserve cap /
@@ -420,7 +420,7 @@ typedef struct sl_store_stats {
     uint64_t fail_closed;    /* decisions denied by fail_closed */
     uint64_t errors;         /* connection or protocol failures */
     uint64_t reconnects;     /* connections (re)opened */
-    uint64_t script_loads;   /* SCRIPT LOADs after NOSCRIPT */
+    uint64_t script_loads;   /* FUNCTION LOADs of the script (a node did not have it) */
     uint64_t redirects;      /* MOVED and ASK redirections followed */
 } sl_store_stats;
 SL_API int sl_store_stats_get(sl_limiter *l, sl_store_stats *out);

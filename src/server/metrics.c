@@ -241,7 +241,7 @@ static void render_store(sd_server *srv, resp_buf *o)
     scalar(o, "sluice_redis_connects_total", "counter", "Connections to Redis opened.",
            st.reconnects);
     scalar(o, "sluice_redis_script_loads_total", "counter",
-           "SCRIPT LOADs after Redis answered NOSCRIPT.", st.script_loads);
+           "Loads of the sluice function library (a Redis node did not have it).", st.script_loads);
     scalar(o, "sluice_redis_redirects_total", "counter",
            "Redis Cluster MOVED and ASK redirections followed.", st.redirects);
 }

@@ -30,7 +30,7 @@ struct rl_conn {
     sd_rlink *lk;
     int node;
     redisAsyncContext *ac; /* NULL: not connected */
-    int load_queued;       /* a SCRIPT LOAD is queued ahead of later commands */
+    int load_queued;       /* a FUNCTION LOAD is queued ahead of later commands */
     rl_req *head, *tail;   /* requests in flight, in send order (replies come in order) */
 };
 
@@ -199,11 +199,11 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
     case SL_RS_DONE:
         complete(lk, q);
         break;
-    case SL_RS_NOSCRIPT: /* load it ahead of the resent request, once per connection */
+    case SL_RS_NOTLOADED: /* load it ahead of the resent request, once per connection */
         if (c->ac && !c->load_queued) {
             size_t len;
             const char *s = sl_rs_script(&len);
-            if (redisAsyncCommand(c->ac, on_loaded, NULL, "SCRIPT LOAD %b", s, len) == REDIS_OK)
+            if (redisAsyncCommand(c->ac, on_loaded, NULL, "FUNCTION LOAD REPLACE %b", s, len) == REDIS_OK)
                 c->load_queued = 1;
         }
         send_req(lk, q);

@@ -4,10 +4,10 @@
  * Each worker has its own link: hiredis asynchronous contexts on the worker's libuv loop
  * (hiredis's libuv adapter), CONNS_PER_NODE per Redis node, opened on first use. The link is
  * the admission scheduler's `submit`: every request of a batch is prepared by the store
- * (policy resolved, near cache consulted, EVALSHA formatted) and written to its node's next
+ * (policy resolved, near cache consulted, FCALL formatted) and written to its node's next
  * connection, so requests from all of the worker's clients share a few pipelined
- * connections. Replies come back in order per connection; NOSCRIPT loads the script ahead of
- * the resent request, MOVED/ASK resend to the node named, and a failed connection, a reply
+ * connections. Replies come back in order per connection; "Function not found" loads the
+ * library ahead of the resent request, MOVED/ASK resend to the node named, and a failed connection, a reply
  * overdue by the store's timeout, or a node in back-off decides by the fail mode.
  */
 #ifndef SD_REDIS_LINK_H

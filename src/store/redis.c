@@ -1,7 +1,7 @@
 /*
  * redis.c — the Redis store's core, shared by both transports (see redis.h): configuration,
- * node table and slot map, node health, the near cache, and the codec (request -> EVALSHA
- * command, script reply -> decision).
+ * node table and slot map, node health, the near cache, and the codec (request -> FCALL
+ * command, function reply -> decision).
  */
 #include "redis.h"
 
@@ -568,8 +568,8 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
 
     obuf b = {c->cmd, 0, sizeof c->cmd, 0};
     put_count(&b, 8 + 6 * (size_t)c->cp->nlimits);
-    put_bulk(&b, "EVALSHA", 7);
-    put_bulk(&b, sl_rs_script_sha(), 40);
+    put_bulk(&b, "FCALL", 5);
+    put_bulk(&b, sl_rs_function(), strlen(sl_rs_function()));
     put_bulk(&b, "1", 1);
     put_bulk(&b, key, klen);
     if (now == SL_NOW)
@@ -648,8 +648,8 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
         size_t n = rep->len;
         int moved = n > 6 && !memcmp(rep->str, "MOVED ", 6);
         int ask = n > 4 && !memcmp(rep->str, "ASK ", 4);
-        if (n >= 8 && !memcmp(rep->str, "NOSCRIPT", 8))
-            return SL_RS_NOSCRIPT;
+        if (strstr(rep->str, "Function not found"))
+            return SL_RS_NOTLOADED;
         if (moved || ask) {
             int to = redirect_target(rs, rep->str, n);
             if (to < 0 || ++c->redirects > MAX_REDIRECTS)

@@ -1,6 +1,7 @@
 /*
- * redis.h — the Redis store: decisions as one atomic Lua script per request on Redis or Redis
- * Cluster (the script is redis_script.lua; its arguments and reply are described there).
+ * redis.h — the Redis store: decisions as one atomic Lua function call per request on Redis or
+ * Redis Cluster (redis_script.lua, loaded as a Redis Function library; its arguments and
+ * reply are described there).
  *
  * Two transports share everything below:
  *  - the library's own, blocking (redis.c): sl_take & co. on a limiter opened with
@@ -10,9 +11,9 @@
  *    and node table here.
  *
  * A request's life: sl_rs_prepare validates and resolves it (the limiter's rules), and either
- * decides it locally (bad input, the near cache) or formats its EVALSHA command and names the
+ * decides it locally (bad input, the near cache) or formats its FCALL command and names the
  * node it goes to. The transport sends it; the reply goes to sl_rs_finish, which either fills
- * the decision or says what to do: load the script and resend (NOSCRIPT), resend to another
+ * the decision or says what to do: load the library and resend ("Function not found"), resend to another
  * node (MOVED, which also updates the slot map), or resend there after ASKING (ASK). When the
  * node cannot be reached, sl_rs_fallback decides by the fail mode.
  *
@@ -32,7 +33,7 @@ struct redisReply;
 
 #define SL_RS_MAX_NODES 256
 #define SL_RS_SLOTS 16384
-#define SL_RS_CMD_MAX 2048 /* an EVALSHA command: key <= ~800 bytes, 4 limits of 6 numbers */
+#define SL_RS_CMD_MAX 2048 /* an FCALL command: key <= ~800 bytes, 4 limits of 6 numbers */
 #define SL_RS_MAX_SPAN (INT64_C(1) << 52)
 #define SL_RS_PREFIX_MAX 64
 
@@ -53,7 +54,7 @@ typedef struct sl_rcall {
     size_t tenant_len;
     char tenant[SL_MAX_ID_LEN];
     size_t len;
-    char cmd[SL_RS_CMD_MAX];/* the formatted EVALSHA (RESP) */
+    char cmd[SL_RS_CMD_MAX];/* the formatted FCALL (RESP) */
 } sl_rcall;
 
 /* From sl_options.redis; SL_EADDRESS for a bad server list, SL_EINVAL, SL_ENOMEM. Does not
@@ -73,7 +74,8 @@ int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_
 enum {
     SL_RS_DONE,     /* `d` (or *release_rc) is filled */
     SL_RS_RESEND,   /* send call->cmd again to call->node (after ASKING if call->asking) */
-    SL_RS_NOSCRIPT, /* SCRIPT LOAD (sl_rs_script) on that connection, then resend */
+    SL_RS_NOTLOADED, /* FUNCTION LOAD REPLACE sl_rs_script() on that connection, then resend
+                       (the node does not have the library: new, restarted, flushed) */
     SL_RS_FAILED    /* the node failed this request (CLUSTERDOWN, TRYAGAIN, too many
                        redirections, a malformed reply): use sl_rs_fallback */
 };
@@ -82,9 +84,10 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *call, const struct redisReply *rep, sl
 /* Decide `call` by the fail mode (d), or SL_ESTORE for a release (*release_rc). */
 void sl_rs_fallback(sl_rstore *rs, const sl_rcall *call, sl_decision *d, int *release_rc);
 
-/* The script's text and SHA1 (hex). */
+/* The script as a Redis Function library (for FUNCTION LOAD REPLACE) and the name of its
+ * function (for FCALL): "sluice_" and 16 hex digits of the script's SHA1. */
 const char *sl_rs_script(size_t *len);
-const char *sl_rs_script_sha(void);
+const char *sl_rs_function(void);
 
 /* ---- nodes, slots, health (for transports) ---- */
 typedef struct sl_rnode {

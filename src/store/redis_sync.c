@@ -5,7 +5,7 @@
  * (opening one if none is idle) and gives it back after, so a thread never waits for another
  * thread's round trip. A batch goes out in rounds: every request is formatted, all of a
  * round's commands are written to their nodes (pipelined), then the replies are read node by
- * node. Redirections (MOVED, ASK) and NOSCRIPT send a request again in the next round; a node
+ * node. Redirections (MOVED, ASK) and "Function not found" (after loading the library) send a request again in the next round; a node
  * that fails (connect, write, read, timeout) decides its requests by the fail mode and is not
  * tried again before its back-off has passed.
  */
@@ -183,7 +183,7 @@ static int load_script(sl_rstore *rs, redisContext *c)
 {
     size_t len;
     const char *s = sl_rs_script(&len);
-    redisReply *r = redisCommand(c, "SCRIPT LOAD %b", s, len);
+    redisReply *r = redisCommand(c, "FUNCTION LOAD REPLACE %b", s, len);
     int ok = r && r->type == REDIS_REPLY_STRING;
     if (r)
         freeReplyObject(r);
@@ -246,7 +246,7 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
             }
     }
     for (int k = 0; k < nord; k++) {
-        int nd = order[k], noscript = 0;
+        int nd = order[k], notloaded = 0;
         for (size_t i = 0; i < *npend; i++) {
             slot_req *q = pend[i];
             if (q->call.node != nd)
@@ -269,15 +269,15 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
             }
             int st = sl_rs_finish(rs, &q->call, r, q->d, q->release_rc);
             freeReplyObject(r);
-            if (st == SL_RS_NOSCRIPT)
-                noscript = 1;
-            if (st == SL_RS_RESEND || st == SL_RS_NOSCRIPT)
+            if (st == SL_RS_NOTLOADED)
+                notloaded = 1;
+            if (st == SL_RS_RESEND || st == SL_RS_NOTLOADED)
                 again[keep++] = q;
             else if (st == SL_RS_FAILED)
                 fallback(rs, q);
         }
         if (conn[k]) {
-            if (noscript && !load_script(rs, conn[k])) {
+            if (notloaded && !load_script(rs, conn[k])) {
                 conn_failed(rs, nd, conn[k]);
                 continue;
             }

@@ -1,8 +1,7 @@
 # Tests against a real redis-server: every tests/unit/test_redis*.c. Included from
 # tests/CMakeLists.txt after the loop that makes one target per test file (SL_TESTS); this
-# only adds to those targets: hiredis, the fixture that starts a private server
-# (redis_fixture.c), and the path of the Redis store's Lua script (SL_REDIS_SCRIPT, for
-# SCRIPT LOAD). They get the label "redis".
+# only adds to those targets: hiredis and the fixture that starts a private server
+# (redis_fixture.c). They get the label "redis" (and keep "concurrency" if they have it).
 if(NOT TARGET PkgConfig::HIREDIS)
   pkg_check_modules(HIREDIS REQUIRED IMPORTED_TARGET hiredis)
 endif()
@@ -12,8 +11,10 @@ foreach(src ${SL_TESTS})
   if(name MATCHES "^test_redis")
     target_sources(${name} PRIVATE ${CMAKE_CURRENT_LIST_DIR}/redis_fixture.c)
     target_link_libraries(${name} PRIVATE PkgConfig::HIREDIS)
-    target_compile_definitions(
-      ${name} PRIVATE SL_REDIS_SCRIPT="${PROJECT_SOURCE_DIR}/src/store/redis_script.lua")
-    set_tests_properties(${name} PROPERTIES LABELS redis)
+    if(name MATCHES "concurrency") # also run under ThreadSanitizer
+      set_tests_properties(${name} PROPERTIES LABELS "redis;concurrency")
+    else()
+      set_tests_properties(${name} PROPERTIES LABELS redis)
+    endif()
   endif()
 endforeach()

@@ -1,7 +1,8 @@
 /* test_redis_script.c — the Redis store's Lua script (src/store/redis_script.lua) against the
  * library's own decisions.
  *
- * A private redis-server (redis_fixture.c) runs the script with EVALSHA. The reference is an
+ * A private redis-server (redis_fixture.c) runs the script as the library loads it: a Redis
+ * Function library (sl_rs_script), called with FCALL. The reference is an
  * sl_limiter with the in-memory store, given the same policy as a client rule and the same
  * explicit `now`. Thousands of seeded random sequences of take / peek / release / policy
  * change (costs up to the whole limit; time steps of 0, a few ns, exact retry / reset /
@@ -37,6 +38,7 @@
 #include "limiter_int.h"
 #include "memory.h"
 #include "policy.h"
+#include "redis.h"
 #include "redis_fixture.h"
 #include "sluice.h"
 
@@ -54,7 +56,7 @@ typedef unsigned __int128 u128;
 
 static redis_fixture fx;
 static redisContext *rc;
-static char sha[41];
+static char fname[64]; /* the function FCALL calls */
 
 /* ---- deterministic random numbers ---------------------------------------------------------- */
 
@@ -93,7 +95,7 @@ static void expect_ok(redisReply *r)
     freeReplyObject(r);
 }
 
-/* Queue an EVALSHA of the script (pipelined; get_reply reads the answer). `now` < 0 sends ""
+/* Queue an FCALL of the script (pipelined; get_reply reads the answer). `now` < 0 sends ""
  * (Redis's clock). Limits come from the compiled policy (NULL: none). */
 static void append_call(const char *key, int64_t now, const char *op, uint64_t cost,
                         const sl_cpolicy *cp)
@@ -102,8 +104,8 @@ static void append_call(const char *key, int64_t now, const char *op, uint64_t c
     const char *argv[8 + 6 * SL_MAX_LIMITS];
     size_t lens[8 + 6 * SL_MAX_LIMITS];
     unsigned n = cp ? cp->nlimits : 0, k = 0;
-    argv[k++] = "EVALSHA";
-    argv[k++] = sha;
+    argv[k++] = "FCALL";
+    argv[k++] = fname;
     argv[k++] = "1";
     argv[k++] = key;
     if (now < 0)
@@ -722,7 +724,7 @@ static void test_differential(void **st)
 static redisReply *selftest(const char *name, int n, const long long *v)
 {
     char nums[8][24];
-    const char *argv[16] = {"EVALSHA", sha, "0", "selftest", name};
+    const char *argv[16] = {"FCALL", fname, "0", "selftest", name};
     int k = 5;
     for (int i = 0; i < n; i++)
         snprintf(nums[i], 24, "%lld", v[i]), argv[k++] = nums[i];
@@ -1053,7 +1055,7 @@ static void test_bad_arguments(void **st)
         {"1", "take", "1", "1", {"1", "5", "1", "0", "0", "x"}, 6},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        const char *argv[16] = {"EVALSHA", sha, "1", "sl:bad", cases[i].now, cases[i].op,
+        const char *argv[16] = {"FCALL", fname, "1", "sl:bad", cases[i].now, cases[i].op,
                                 cases[i].cost, cases[i].n};
         int k = 8;
         for (int j = 0; j < cases[i].nargs; j++)
@@ -1114,23 +1116,34 @@ static int group_setup(void **st)
     rc = redis_fixture_connect(&fx);
     if (!rc)
         return -1;
-    /* SL_TEST_SCRIPT=file runs the tests against another copy of the script */
-    const char *path = getenv("SL_TEST_SCRIPT") ? getenv("SL_TEST_SCRIPT") : SL_REDIS_SCRIPT;
+    /* what the library loads; SL_TEST_SCRIPT=file: another copy of the script, wrapped the
+       same way (CMakeLists.txt) under the name sluice_test */
+    const char *path = getenv("SL_TEST_SCRIPT");
     size_t len;
-    char *text = redis_fixture_read_file(path, &len);
-    if (!text) {
-        fprintf(stderr, "cannot read %s\n", path);
-        return -1;
+    char *text = NULL;
+    const char *lib = sl_rs_script(&len);
+    snprintf(fname, sizeof fname, "%s", sl_rs_function());
+    if (path) {
+        size_t flen;
+        char *file = redis_fixture_read_file(path, &flen);
+        if (!file || !(text = malloc(flen + 128))) {
+            fprintf(stderr, "cannot read %s\n", path);
+            free(file);
+            return -1;
+        }
+        snprintf(fname, sizeof fname, "sluice_test");
+        len = (size_t)sprintf(text, "#!lua name=sluice_test\n%sredis.register_function('sluice_test', main)\n", file);
+        free(file);
+        lib = text;
     }
-    redisReply *r = redisCommand(rc, "SCRIPT LOAD %b", text, len);
+    redisReply *r = redisCommand(rc, "FUNCTION LOAD REPLACE %b", lib, len);
     free(text);
-    if (!r || r->type != REDIS_REPLY_STRING || r->len != 40) {
-        fprintf(stderr, "SCRIPT LOAD failed: %s\n", r && r->str ? r->str : "no reply");
+    if (!r || r->type != REDIS_REPLY_STRING) {
+        fprintf(stderr, "FUNCTION LOAD failed: %s\n", r && r->str ? r->str : "no reply");
         if (r)
             freeReplyObject(r);
         return -1;
     }
-    memcpy(sha, r->str, 40);
     freeReplyObject(r);
     return 0;
 }

@@ -1,5 +1,5 @@
 /* test_redis_store.c — what only the Redis store has, through the public API on a private
- * redis-server: Redis's clock, the near cache, NOSCRIPT recovery, key names and TTLs, spans
+ * redis-server: Redis's clock, the near cache, reloading the function library, key names and TTLs, spans
  * it refuses, bad addresses, the fail modes while Redis is down and recovery when it is back,
  * and a Redis Cluster of three masters (slot routing, MOVED after a slot moves). */
 #include <setjmp.h>
@@ -138,7 +138,7 @@ static void test_redis_clock_and_near_cache(void **st)
     sl_close(l);
 }
 
-static void test_noscript_reload_and_spans(void **st)
+static void test_library_reload_and_spans(void **st)
 {
     (void)st;
     sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "ns:", NULL);
@@ -149,8 +149,8 @@ static void test_noscript_reload_and_spans(void **st)
     sl_store_stats_get(l, &ss);
     uint64_t loads = ss.script_loads;
     redisContext *c = redis_fixture_connect(&g_redis);
-    freeReplyObject(cmd(c, "SCRIPT FLUSH"));
-    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK); /* NOSCRIPT: load, resend */
+    freeReplyObject(cmd(c, "FUNCTION FLUSH"));
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK); /* not found: load, resend */
     assert_true(d.allowed);
     assert_int_equal(d.remaining, 3);
     sl_store_stats_get(l, &ss);
@@ -367,7 +367,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redis_clock_and_near_cache),
-        cmocka_unit_test(test_noscript_reload_and_spans),
+        cmocka_unit_test(test_library_reload_and_spans),
         cmocka_unit_test(test_bad_addresses),
         cmocka_unit_test(test_fail_closed),
         cmocka_unit_test(test_fail_open),
