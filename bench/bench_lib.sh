@@ -1,5 +1,15 @@
 # bench_lib.sh — shell helpers shared by the server benchmarks (sourced, not run).
-# The caller sets TMP (a private temp dir), OUT (the results file) and N (requests per run).
+# The caller sets TMP (a private temp dir), OUT (the results file) and N (requests per run),
+# and adds the pid of every server it starts to PIDS: they are killed, and TMP removed, on
+# exit.
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
 
 fail() { echo "${0##*/}: FAILED: $*" >&2; exit 1; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

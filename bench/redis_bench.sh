@@ -29,13 +29,6 @@ if [ $QUICK = 1 ]; then ROUNDS=1; N=20000; fi
 SLUICED=$BUILD/sluiced
 TMP=$(mktemp -d /tmp/sluice-redis-bench.XXXXXX)
 OUT=$TMP/results.txt
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
 . "$(dirname "$0")/bench_lib.sh"
 for t in redis-server redis-cli redis-benchmark; do
     command -v "$t" >/dev/null || fail "$t not installed (make deps)"

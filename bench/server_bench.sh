@@ -25,13 +25,6 @@ DUR=${BENCH_SECONDS:-4}     # wrk seconds per run
 if [ $QUICK = 1 ]; then ROUNDS=1; N=20000; DUR=1; fi
 SLUICED=$BUILD/sluiced
 TMP=$(mktemp -d /tmp/sluice-server-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
 . "$(dirname "$0")/bench_lib.sh"
 for t in redis-server redis-cli redis-benchmark wrk nginx; do
     command -v "$t" >/dev/null || fail "$t not installed (make deps)"

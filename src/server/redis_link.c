@@ -79,6 +79,18 @@ static void fail(sd_rlink *lk, rl_req *q)
     complete(lk, q);
 }
 
+/* Decide every request waiting for the topology by the fail mode. */
+static void fail_waiting(sd_rlink *lk)
+{
+    rl_req *q = lk->wait_head;
+    lk->wait_head = lk->wait_tail = NULL;
+    while (q) {
+        rl_req *next = q->next;
+        fail(lk, q);
+        q = next;
+    }
+}
+
 /* ---- connections ------------------------------------------------------------------------- */
 
 static void send_req(sd_rlink *lk, rl_req *q);
@@ -224,18 +236,17 @@ static void on_slots(redisAsyncContext *ac, void *r, void *priv)
         return;
     sd_rlink *lk = c->lk;
     lk->discovering = 0;
-    int ok = r && sl_rs_apply_slots(lk->rs, c->node, r) == SL_OK;
+    if (!r || sl_rs_apply_slots(lk->rs, c->node, r) != SL_OK) {
+        fail_waiting(lk);
+        return;
+    }
     rl_req *q = lk->wait_head;
     lk->wait_head = lk->wait_tail = NULL;
     while (q) {
         rl_req *next = q->next;
         q->next = NULL;
-        if (ok) {
-            q->call.node = sl_rs_slot_node(lk->rs, q->call.slot);
-            send_req(lk, q);
-        } else {
-            fail(lk, q);
-        }
+        q->call.node = sl_rs_slot_node(lk->rs, q->call.slot);
+        send_req(lk, q);
         q = next;
     }
 }
@@ -255,14 +266,7 @@ static void discover(sd_rlink *lk)
             return;
         }
     }
-    /* nobody to ask: whoever waits is decided by the fail mode */
-    rl_req *q = lk->wait_head;
-    lk->wait_head = lk->wait_tail = NULL;
-    while (q) {
-        rl_req *next = q->next;
-        fail(lk, q);
-        q = next;
-    }
+    fail_waiting(lk); /* nobody to ask */
 }
 
 static void send_req(sd_rlink *lk, rl_req *q)
@@ -381,13 +385,7 @@ void sd_rlink_close(sd_rlink *lk)
                 redisAsyncFree(ac);
             }
     }
-    rl_req *q = lk->wait_head;
-    lk->wait_head = lk->wait_tail = NULL;
-    while (q) {
-        rl_req *next = q->next;
-        fail(lk, q);
-        q = next;
-    }
+    fail_waiting(lk);
 }
 
 void sd_rlink_free(sd_rlink *lk)

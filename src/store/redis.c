@@ -476,14 +476,20 @@ static size_t u64_dec(char *out, uint64_t v)
     return n;
 }
 
-static void put_bulk(obuf *b, const void *s, size_t n)
+/* "*<n>\r\n" (array) or "$<n>\r\n" (bulk string) */
+static void put_header(obuf *b, char type, size_t n)
 {
     char h[32];
-    h[0] = '$';
+    h[0] = type;
     size_t k = 1 + u64_dec(h + 1, n);
     h[k++] = '\r';
     h[k++] = '\n';
     put(b, h, k);
+}
+
+static void put_bulk(obuf *b, const void *s, size_t n)
+{
+    put_header(b, '$', n);
     put(b, s, n);
     put(b, "\r\n", 2);
 }
@@ -492,16 +498,6 @@ static void put_num(obuf *b, uint64_t v)
 {
     char t[24];
     put_bulk(b, t, u64_dec(t, v));
-}
-
-static void put_count(obuf *b, size_t n)
-{
-    char h[32];
-    h[0] = '*';
-    size_t k = 1 + u64_dec(h + 1, n);
-    h[k++] = '\r';
-    h[k++] = '\n';
-    put(b, h, k);
 }
 
 /* The Redis key: prefix, then "<tenant length>:<tenant>:<action length>:<action>:<client>"
@@ -567,7 +563,7 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->node = atomic_load_explicit(&rs->slots[c->slot], memory_order_relaxed);
 
     obuf b = {c->cmd, 0, sizeof c->cmd, 0};
-    put_count(&b, 8 + 6 * (size_t)c->cp->nlimits);
+    put_header(&b, '*', 8 + 6 * (size_t)c->cp->nlimits);
     put_bulk(&b, "FCALL", 5);
     put_bulk(&b, sl_rs_function(), strlen(sl_rs_function()));
     put_bulk(&b, "1", 1);

@@ -2,6 +2,8 @@
 real three-master Redis Cluster (created by the test on loopback), hammered together by real
 clients (redis-py); Redis killed and restarted under load."""
 import json
+import os
+import tempfile
 import threading
 import time
 import unittest
@@ -119,6 +121,31 @@ class SharedRedisTest(unittest.TestCase):
             with self.assertRaises(redis.ResponseError):
                 rc.execute_command("SL.TAKE", "x", "y", "")
             self.assertEqual(s.stop(), 0)
+
+    def test_store_settings_from_the_config_file(self):
+        with RedisServer() as r, tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump({"store": "redis://127.0.0.1:%d" % r.port, "fail_mode": "open",
+                       "redis_timeout_ms": 300, "near_cache": 0}, f)
+            f.flush()
+            with Sluiced("--config", f.name) as s:
+                c = redis.Redis(port=s.resp_port)
+                for _ in range(5):
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "c")[0], 1)
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "c")[0], 0)
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "c")[0], 0)
+                m = metrics(s)  # near_cache 0: every denial went to Redis
+                self.assertEqual(m['sluice_redis_decisions_total{source="near_cache"}'], 0)
+                self.assertEqual(m['sluice_redis_decisions_total{source="redis"}'], 7)
+                r.kill()  # fail_mode open: allowed while Redis is away
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "c")[0], 1)
+                self.assertEqual(s.stop(), 0)
+            bad = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+            json.dump({"store": "redis://127.0.0.1:1", "fail_mode": "maybe"}, bad)
+            bad.close()
+            code, _, err = run_sluiced("--config", bad.name)
+            os.unlink(bad.name)
+            self.assertEqual(code, 2)
+            self.assertIn("fail-mode", err)
 
     def test_bad_store_settings_exit_2(self):
         for args, word in ((["--store", "redis:/x"], "--store"),

@@ -19,6 +19,8 @@
 
 #include <cmocka.h>
 
+#include "rng.h"
+
 #include "algo.h"
 
 typedef unsigned __int128 u128;
@@ -26,22 +28,6 @@ typedef unsigned __int128 u128;
 #define S INT64_C(1000000000)
 #define DAY (86400 * S)
 #define TMAX ((INT64_C(1) << 62) - 1)
-
-/* ---- deterministic random numbers ---------------------------------------------------------- */
-
-static uint64_t rng_state;
-static uint64_t rnd(void)
-{
-    uint64_t x = rng_state; /* xorshift64* */
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    rng_state = x;
-    return x * UINT64_C(2685821657736338717);
-}
-static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; } /* [0, n) */
-static uint64_t range(uint64_t lo, uint64_t hi) { return lo + below(hi - lo + 1); }
-static int chance(unsigned pct) { return below(100) < pct; }
 
 /* ---- the reference model ------------------------------------------------------------------- */
 

@@ -32,6 +32,8 @@
 
 #include <cmocka.h>
 
+#include "rng.h"
+
 #include <hiredis/hiredis.h>
 
 #include "algo.h"
@@ -60,19 +62,6 @@ static char fname[64]; /* the function FCALL calls */
 
 /* ---- deterministic random numbers ---------------------------------------------------------- */
 
-static uint64_t rng_state;
-static uint64_t rnd(void)
-{
-    uint64_t x = rng_state; /* xorshift64* */
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    rng_state = x;
-    return x * UINT64_C(2685821657736338717);
-}
-static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; } /* [0, n) */
-static uint64_t range(uint64_t lo, uint64_t hi) { return lo + below(hi - lo + 1); }
-static int chance(unsigned pct) { return below(100) < pct; }
 static uint64_t bits(unsigned max_bits) /* a number of random magnitude below 2^max_bits */
 {
     unsigned b = (unsigned)range(0, max_bits);
