@@ -632,7 +632,7 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
         if (!key)
             return SL_EINVAL;
         sl_request r = {.key = *key, .cost = cost, .peek = !take};
-        if ((rc = sl_rs_batch(l->redis, &r, 1, now, 0, d)) == SL_OK)
+        if ((rc = sl_rs_batch(l->redis, &r, 1, now, d)) == SL_OK)
             rc = d->err;
         return rc;
     }
@@ -725,7 +725,7 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
     if (rc != SL_OK)
         return rc;
     if (l->redis)
-        return sl_rs_batch(l->redis, reqs, n, now, 0, out);
+        return sl_rs_batch(l->redis, reqs, n, now, out);
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     prep ring[BATCH_AHEAD];

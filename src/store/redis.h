@@ -123,7 +123,9 @@ void sl_rs_count_script_load(sl_rstore *rs);
 void sl_rs_stats(sl_rstore *rs, sl_store_stats *out);
 
 /* ---- the library's blocking transport ---- */
-int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now, int force_peek,
+/* sl_take_batch on the store (now: SL_NOW = Redis's clock); sl_take and sl_peek are batches
+ * of one. */
+int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now,
                 sl_decision *out);
 int sl_rs_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now);
 

@@ -309,7 +309,7 @@ static void run(sl_rstore *rs, slot_req **pend, size_t npend)
     }
 }
 
-int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now, int force_peek,
+int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now,
                 sl_decision *out)
 {
     slot_req *q = malloc(sizeof *q * (n < CHUNK ? n : CHUNK));
@@ -320,7 +320,7 @@ int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now, in
         size_t m = n - base < CHUNK ? n - base : CHUNK, np = 0;
         for (size_t i = 0; i < m; i++) {
             const sl_request *r = &reqs[base + i];
-            int op = force_peek || r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
+            int op = r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
             q[i].d = &out[base + i];
             q[i].release_rc = NULL;
             if (!sl_rs_prepare(rs, op, r, now, &q[i].call, q[i].d))

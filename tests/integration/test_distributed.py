@@ -147,6 +147,27 @@ class SharedRedisTest(unittest.TestCase):
             self.assertEqual(code, 2)
             self.assertIn("fail-mode", err)
 
+    def test_redis_password(self):
+        """AUTH on every connection; a wrong password is a Redis that cannot be used: the
+        fail mode decides, and the log says why (once)."""
+        with RedisServer("--requirepass", "s3cret") as r:
+            with Sluiced("--store", "redis://:s3cret@127.0.0.1:%d" % r.port) as s:
+                self.assertEqual(redis.Redis(port=s.resp_port).execute_command(
+                    "SL.TAKE", "t", "a", "c")[0], 1)
+                self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+                self.assertEqual(s.stop(), 0)
+            with Sluiced("--store", "redis://127.0.0.1:%d" % r.port,
+                         "--redis-password", "wrong") as s:
+                c = redis.Redis(port=s.resp_port)
+                for _ in range(3):
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "d")[0], 0)
+                m = metrics(s)
+                self.assertEqual(m["sluice_redis_up"], 0)
+                self.assertGreater(m['sluice_redis_decisions_total{source="fail_closed"}'], 0)
+                self.assertEqual(s.stop(), 0)
+                self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
+                self.assertIn("WRONGPASS", s.log())
+
     def test_bad_store_settings_exit_2(self):
         for args, word in ((["--store", "redis:/x"], "--store"),
                            (["--store", "redis://nohost"], "--store"),
