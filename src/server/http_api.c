@@ -228,6 +228,7 @@ static int lib_status(int rc)
     case SL_ETIERINUSE:
         return 409;
     case SL_ENOMEM:
+    case SL_ESTORE:
         return 503;
     default:
         return 400;
@@ -567,6 +568,7 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
     it->flags = (t->close ? F_CLOSE : 0) | (t->keep_alive_10 ? F_KEEP_ALIVE_10 : 0) |
                 (t->head ? F_HEAD : 0);
     it->req.cost = cost;
+    it->release = x->ep == SD_EP_RELEASE; /* Redis store: cost is the lease id */
     if (x->ep == SD_EP_STATUS && c->srv->rstore) {
         it->req.cost = 1;
         it->req.peek = 1;
@@ -661,6 +663,12 @@ void sd_api_emit(sd_conn *c, sd_item *it, resp_buf *out)
                              : "overloaded: the request waited too long for admission");
         static const char retry[] = "Retry-After: 1\r\n";
         return sd_http_reply(out, tag, ep, 503, NULL, retry, sizeof retry - 1, body, (size_t)n);
+    }
+    if (it->release) {
+        if (it->d.err != SL_OK)
+            return decision_reply(out, tag, ep, &it->d, 0); /* the error reply */
+        static const char ok[] = "{\"released\": true}";
+        return sd_http_reply(out, tag, ep, 200, NULL, NULL, 0, ok, sizeof ok - 1);
     }
     sl_limiter *l = c->srv->lim;
     int64_t now = sl_now(l); /* the decision was made moments ago, in this loop iteration */
@@ -876,6 +884,11 @@ static void h_release(ctx *x, int method)
     if (bad) {
         json_decref(o);
         return reply_error(x, 400, NULL, "%s", err);
+    }
+    if (x->c->srv->rstore) { /* a round trip: in order with the connection's decisions */
+        submit(x, key, (uint64_t)lease, NULL);
+        json_decref(o);
+        return;
     }
     sl_key k = {key[0].p, key[0].len, key[1].p, key[1].len, key[2].p, key[2].len};
     int rc = sl_release(x->c->srv->lim, &k, (uint64_t)lease, SL_NOW);

@@ -75,7 +75,7 @@ static void complete(sd_rlink *lk, rl_req *q)
 
 static void fail(sd_rlink *lk, rl_req *q)
 {
-    sl_rs_fallback(lk->rs, &q->call, &q->it->d, NULL);
+    sl_rs_fallback(lk->rs, &q->call, &q->it->d, &q->it->d.err);
     complete(lk, q);
 }
 
@@ -207,7 +207,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
         return;
     }
     sl_rs_node_ok(lk->rs, c->node);
-    switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, NULL)) {
+    switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err)) {
     case SL_RS_DONE:
         complete(lk, q);
         break;
@@ -314,17 +314,19 @@ static void submit(void *ctx, sd_item **items, int n)
     for (int i = 0; i < n; i++) {
         sd_item *it = items[i];
         rl_req *q = req_new(lk);
-        if (!q) { /* out of memory: decide by the fail mode without a call */
-            sl_rcall call;
-            if (!sl_rs_prepare(lk->rs, SL_RS_PEEK, &it->req, SL_NOW, &call, &it->d))
-                sl_rs_fallback(lk->rs, &call, &it->d, NULL);
+        if (!q) { /* out of memory */
+            memset(&it->d, 0, sizeof it->d);
+            it->d.err = SL_ENOMEM;
             sd_sched_decided(lk->sched, it);
             continue;
         }
         q->it = it;
         q->t0 = sd_mono_ns();
         int op = it->req.peek || it->req.cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
-        if (sl_rs_prepare(lk->rs, op, &it->req, SL_NOW, &q->call, &it->d)) {
+        int local = it->release ? sl_rs_prepare_release(lk->rs, &it->req.key, it->req.cost,
+                                                        SL_NOW, &q->call, &it->d.err)
+                                : sl_rs_prepare(lk->rs, op, &it->req, SL_NOW, &q->call, &it->d);
+        if (local) {
             complete(lk, q); /* bad input, or the near cache */
             continue;
         }

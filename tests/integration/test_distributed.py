@@ -147,6 +147,44 @@ class SharedRedisTest(unittest.TestCase):
             self.assertEqual(code, 2)
             self.assertIn("fail-mode", err)
 
+    def test_leases_on_redis(self):
+        """Concurrency leases live in Redis: acquired on one server, released through
+        another (RESP and HTTP), in order with each connection's decisions."""
+        with RedisServer() as r:
+            a = Sluiced("--store", "redis://127.0.0.1:%d" % r.port).start()
+            b = Sluiced("--store", "redis://127.0.0.1:%d" % r.port).start()
+            try:
+                ra, rb = redis.Redis(port=a.resp_port), redis.Redis(port=b.resp_port)
+                for c in (ra, rb):
+                    self.assertTrue(c.execute_command("SL.RULE", "SET", "ACTION", "t", "job",
+                                                      "concurrency", "LIMIT", 2, "WINDOW", 60))
+                x = ra.execute_command("SL.TAKE", "t", "job", "w")
+                y = rb.execute_command("SL.TAKE", "t", "job", "w")
+                self.assertEqual((x[0], y[0]), (1, 1))
+                self.assertNotEqual(x[5], y[5])
+                self.assertEqual(ra.execute_command("SL.TAKE", "t", "job", "w")[0], 0)
+                self.assertEqual(rb.execute_command("SL.RELEASE", "t", "job", "w", x[5]), 1)
+                self.assertEqual(ra.execute_command("SL.RELEASE", "t", "job", "w", x[5]), 0)
+                self.assertEqual(ra.execute_command("SL.TAKE", "t", "job", "w")[0], 1)
+                body = json.dumps({"tenant_id": "t", "client_id": "w", "action_type": "job",
+                                   "lease_id": y[5]}).encode()
+                url = "http://127.0.0.1:%d/api/release" % a.http_port
+                with urllib.request.urlopen(urllib.request.Request(url, data=body),
+                                            timeout=5) as resp:
+                    self.assertEqual(json.loads(resp.read()), {"released": True})
+                with self.assertRaises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5)
+                self.assertEqual(e.exception.code, 404)
+                r.kill()  # Redis away: a release cannot be done, and says so
+                with self.assertRaises(redis.ResponseError) as e2:
+                    rb.execute_command("SL.RELEASE", "t", "job", "w", 12345)
+                self.assertIn("unreachable", str(e2.exception))
+                with self.assertRaises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5)
+                self.assertEqual(e.exception.code, 503)
+            finally:
+                stop_all([a, b])
+
     def test_redis_password(self):
         """AUTH on every connection; a wrong password is a Redis that cannot be used: the
         fail mode decides, and the log says why (once)."""
