@@ -359,6 +359,23 @@ uint16_t sl_rs_slot(const char *key, size_t len)
     return crc16(key, len) & (SL_RS_SLOTS - 1);
 }
 
+/* A failed node that no longer serves any slot (a master replaced by its replica) no longer
+ * makes the store "down". */
+static void forget_idle_failed(sl_rstore *rs)
+{
+    int n = atomic_load(&rs->nnodes), changed = 0;
+    char serving[SL_RS_MAX_NODES] = {0};
+    for (int s = 0; s < SL_RS_SLOTS; s++)
+        serving[atomic_load_explicit(&rs->slots[s], memory_order_relaxed)] = 1;
+    for (int i = 0; i < n; i++)
+        if (!serving[i] && atomic_exchange(&rs->nodes[i]->down, 0) == 1) {
+            atomic_fetch_sub(&rs->ndown, 1);
+            changed = 1;
+        }
+    if (changed)
+        report_state(rs, "the cluster's slots are all served again");
+}
+
 int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
 {
     if (!rep)
@@ -392,6 +409,7 @@ int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
             atomic_store_explicit(&rs->slots[s], (uint8_t)nd, memory_order_relaxed);
     }
     atomic_store(&rs->topology, 2);
+    forget_idle_failed(rs);
     return SL_OK;
 }
 

@@ -173,18 +173,33 @@ def free_cluster_port():
 
 
 class RedisCluster:
-    """A Redis Cluster of `masters` real redis-server processes on loopback (no replicas),
-    created with redis-cli --cluster create; waits until cluster_state is ok.
+    """A Redis Cluster of real redis-server processes on loopback: `masters` masters with
+    `replicas` replicas each, created with redis-cli --cluster create; waits until
+    cluster_state is ok everywhere.
 
         with RedisCluster() as c:      # c.nodes (RedisServer), c.addrs ("127.0.0.1:p,...")
     """
 
-    def __init__(self, masters=3):
+    def __init__(self, masters=3, replicas=0):
+        self.replicas = replicas
+        # diskless sync without Redis's default 5 s delay, so that replicas are in sync
+        # (and can be promoted) within moments of the cluster's creation
         self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file",
-                                  "nodes.conf", "--cluster-node-timeout", "2000",
+                                  "nodes.conf", "--cluster-node-timeout", "1000",
+                                  "--repl-diskless-sync-delay", "0",
                                   port=free_cluster_port())
-                      for _ in range(masters)]
+                      for _ in range(masters * (1 + replicas))]
         self.addrs = ",".join("127.0.0.1:%d" % n.port for n in self.nodes)
+
+    def wait_ok(self, nodes=None, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in subprocess.run(
+                    ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                    capture_output=True, timeout=5).stdout for n in (nodes or self.nodes)):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not become ok")
 
     def __enter__(self):
         try:
@@ -192,16 +207,10 @@ class RedisCluster:
                 n.start()
             subprocess.run(["redis-cli", "--cluster", "create",
                             *["127.0.0.1:%d" % n.port for n in self.nodes],
-                            "--cluster-replicas", "0", "--cluster-yes"],
+                            "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                            check=True, capture_output=True, timeout=30)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if all(b"cluster_state:ok" in subprocess.run(
-                        ["redis-cli", "-p", str(n.port), "cluster", "info"],
-                        capture_output=True, timeout=5).stdout for n in self.nodes):
-                    return self
-                time.sleep(0.1)
-            raise RuntimeError("the cluster did not become ok")
+            self.wait_ok()
+            return self
         except BaseException:
             self.__exit__()
             raise

@@ -330,5 +330,56 @@ class ClusterTest(unittest.TestCase):
                 stop_all(srvs)
 
 
+class FailoverTest(unittest.TestCase):
+    def test_master_fails_replica_takes_over(self):
+        """Three masters with a replica each. A master is killed: its keys are decided by the
+        fail mode at once (no hang) until the cluster promotes the replica; then sluiced finds
+        the new master (the slot map is asked for again after a node fails) and the keys'
+        state, replicated before the kill, is still there."""
+        with RedisCluster(3, replicas=1) as c:
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % c.nodes[0].port,
+                        "--redis-timeout", "300").start()
+            try:
+                r = redis.Redis(port=s.resp_port, socket_timeout=10)
+                self.assertTrue(r.execute_command("SL.RULE", "SET", "ACTION", "t", "a",
+                                                  "token_bucket", "LIMIT", 5, "RATE", 0.001))
+                keys = ["fo-%d" % i for i in range(30)]
+                for k in keys:
+                    self.assertEqual(r.execute_command("SL.TAKE", "t", "a", k)[:3], [1, 5, 4])
+                masters = [n for n in c.nodes
+                           if n.client().execute_command("ROLE")[0] == b"master"]
+                victim = next(n for n in masters if n.client().dbsize() > 0)
+                vc = victim.client()
+                mine = [k for k in keys if vc.execute_command(
+                    "CLUSTER", "COUNTKEYSINSLOT",
+                    vc.execute_command("CLUSTER", "KEYSLOT", "sl:1:t:1:a:" + k)) > 0]
+                self.assertTrue(mine)
+                self.assertEqual(vc.execute_command("WAIT", 1, 10000), 1)  # replicated
+                victim.kill()
+                t0 = time.monotonic()
+                first = r.execute_command("SL.TAKE", "t", "a", mine[0])
+                self.assertEqual(first[0], 0)  # fail closed, at once
+                self.assertLess(time.monotonic() - t0, 2.0)
+                c.wait_ok([n for n in c.nodes if n is not victim], timeout=30)
+                ok_at = time.monotonic()
+                while time.monotonic() - ok_at < 10:
+                    rep = r.execute_command("SL.TAKE", "t", "a", mine[0])
+                    if rep[0] == 1:
+                        break
+                    time.sleep(0.05)
+                self.assertEqual(rep[0], 1, "no decision from the new master")
+                self.assertLess(time.monotonic() - ok_at, 5.0)
+                self.assertEqual(rep[2], 3)  # 5 - 1 before the failover - 1 now: state kept
+                for k in mine[1:]:
+                    self.assertEqual(r.execute_command("SL.TAKE", "t", "a", k)[:3], [1, 5, 3])
+                m = metrics(s)
+                self.assertEqual(m["sluice_redis_up"], 1)
+                self.assertGreater(m['sluice_redis_decisions_total{source="fail_closed"}'], 0)
+            finally:
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
+            self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
+
+
 if __name__ == "__main__":
     unittest.main()
