@@ -6,6 +6,8 @@
 #                   the concurrency tests under TSan
 #   make test SANITIZE=address|thread   one sanitizer variant (thread: the concurrency tests)
 #   make bench      run the benchmarks (bench/RESULTS.md says how to read them)
+#   make python     build the Python extension (bindings/python) into the venv
+#                   build/python-venv (Debian's python3, offline); `make test` runs its tests
 #   make install    header, libraries and sluice.pc under PREFIX (default /usr/local)
 PREFIX ?= /usr/local
 JOBS ?= $(shell nproc)
@@ -19,7 +21,7 @@ BUILD := build/$(SANITIZE:address=asan)
 BUILD := $(BUILD:build/thread=build/tsan)
 endif
 
-.PHONY: all deps build run test test-one bench install clean
+.PHONY: all deps build run test test-one bench install clean python
 
 all: build
 
@@ -61,6 +63,14 @@ bench: deps build
 	@$(BUILD)/snapshot_bench
 	@bash bench/server_bench.sh $(BUILD)
 	@bash bench/redis_bench.sh $(BUILD)
+	@$(MAKE) --no-print-directory python
+	@build/python-venv/bin/python bench/python_bench.py
+
+# The Python binding, always against the plain build's libsluice.a (ctest's python_install
+# fixture runs the same script, so `make test` builds it too).
+python: deps
+	@$(MAKE) --no-print-directory build SANITIZE=
+	@bash bindings/python/install.sh build
 
 install: build
 	@$(CMAKE) --install $(BUILD)

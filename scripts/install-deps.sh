@@ -15,6 +15,8 @@ PKGS=(
   wrk nginx                                 # bench/server_bench.sh: HTTP load, nginx peer
   golang-go golang-golang-x-time-dev        # bench: the Go x/time/rate peer
   valgrind                                  # bench: instruction counts
+  python3-dev python3-setuptools            # bindings/python: the extension, built offline
+  python3-wheel python3-venv                #   into a venv (build/python-venv)
 )
 
 missing=()
