@@ -882,6 +882,40 @@ local function decide(key, stored, limits, cost, take, osec, ons)
             fmt_now(osec, ons)}
 end
 
+-- The common case without the general path's tables: a take or peek under one token_bucket
+-- limit, on a new key or on a value holding exactly that limit (same parameters) and no
+-- lease id. The same functions and the same bytes as decide() would use and write (the
+-- differential test runs both); nil when the value is anything else: decide() takes it.
+local TB1 = '<BBdBddddd' -- version, 1, lastid, TB, limit, interval, base, tat, last
+local TB1_LEN = 51
+
+local function decide_tb(key, v, c, cost, take, osec, ons)
+    local O, n, s = osec, ons, {tat = ons, last = ons}
+    if v then
+        if #v ~= TB1_LEN then return nil end
+        local ver, nl, lastid, a, limit, interval, B, tat, last = unpack(TB1, v, 1)
+        if ver ~= VERSION or nl ~= 1 or lastid ~= 0 or a ~= TB or limit ~= c.limit or
+            interval ~= c.interval or not isint(B, 0, MAX_SEC) or not isint(last, 0, NS - 1) or
+            not isoff(tat) or tat > last + TWO52 then
+            return nil
+        end
+        O, n = effective(B, last, osec, ons)
+        local boff = (B - O) * NS
+        s.tat, s.last = max(FLOOR, tat + boff), max(FLOOR, last + boff)
+    end
+    local o = {allowed = false, remaining = 0, reset = 0, retry = 0, delay = 0, tokens = 0,
+               reserve = 0, via_reserve = false}
+    gcra_check(c, s, cost, n, o)
+    if take then
+        if o.allowed then gcra_commit(c, s, cost, n) else s.last = n end
+        local ttl = max(1, ms_until(O, s.tat, 0, osec, ons))
+        redis.call('SET', key, pack(TB1, VERSION, 1, 0, TB, c.limit, c.interval, O, s.tat,
+                                    s.last), 'PX', string.format('%.0f', ttl))
+    end
+    return {o.allowed and 1 or 0, 0, o.remaining, o.reset, o.allowed and 0 or o.retry, 0,
+            string.format('%.17g', o.tokens), '0', 0, fmt_now(osec, ons)}
+end
+
 -- sl_release: on the stored limits; only the concurrency ones change.
 local function release(key, stored, id, osec, ons)
     if not stored or id == 0 then return 0 end
@@ -956,7 +990,12 @@ local function main(KEYS, ARGV)
         limits[i] = c
     end
     local key = KEYS[1]
-    local stored = parse(redis.call('GET', key))
+    local v = redis.call('GET', key)
+    if op ~= 'release' and nl == 1 and limits[1].alg == TB then
+        local res = decide_tb(key, v, limits[1], cost, op == 'take' and cost > 0, osec, ons)
+        if res then return res end
+    end
+    local stored = parse(v)
     if op == 'release' then return release(key, stored, cost, osec, ons) end
     return decide(key, stored, limits, cost, op == 'take' and cost > 0, osec, ons)
 end
