@@ -63,7 +63,7 @@ setup(
     version="0.2.0",
     description="libsluice, a multi-tenant rate limiter in C, as a CPython extension",
     license="see the sluice repository",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # PyModule_AddType,
     ext_modules=[
         Extension(
             "sluice",

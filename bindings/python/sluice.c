@@ -310,11 +310,16 @@ static int limit_from_dict(PyObject *d, sl_limit *lim, int ctor)
 {
     memset(lim, 0, sizeof *lim);
     PyObject *alg = PyDict_GetItemString(d, "algorithm");
+    Py_ssize_t nnone = 0; /* constructor keywords given as None mean "not given" */
+    if (ctor && alg == Py_None) {
+        alg = NULL;
+        nnone++;
+    }
     if (algorithm_from(alg, &lim->algorithm) < 0)
         return -1;
     const alg_spec *sp = spec_of(lim->algorithm);
     double v[NFIELDS];
-    Py_ssize_t used = alg ? 1 : 0;
+    Py_ssize_t used = (alg ? 1 : 0) + nnone;
     for (int f = 0; f < NFIELDS; f++) {
         const char *given = NULL;
         v[f] = sp->dflt[f];

@@ -128,6 +128,8 @@ class Configuration(unittest.TestCase):
     def test_positional_and_every_algorithm_by_name(self):
         self.assertEqual(sluice.RateLimiter(7, 0.5).get_default(),
                          {"algorithm": "token_bucket", "limit": 7, "rate": 0.5})
+        self.assertEqual(sluice.RateLimiter(algorithm=None, window=None).get_default(),
+                         {"algorithm": "token_bucket", "limit": 5, "rate": 1.0})  # None: not given
         expect = {
             "token_bucket": dict(capacity=3, refill_rate=2),
             "leaky_bucket": dict(capacity=3, leak_rate=2),
