@@ -387,7 +387,13 @@ SL_API int sl_snapshot_last(sl_limiter *l, sl_snapshot_op op, sl_snapshot_info *
  * Redis unreachable (connection refused, timeout, a node down): decisions are made by the
  * fail mode, without waiting for Redis again until a back-off (50 ms doubling to 2 s) has
  * passed: fail_closed (the default: abuse protection) denies with retry_after = 1 s, and
- * fail_open allows; d.source says which. sl_release returns SL_ESTORE. */
+ * fail_open allows; d.source says which. sl_release returns SL_ESTORE. A request that timed
+ * out may still run on Redis when it resumes (fail_closed: a unit counted that the caller
+ * was denied; never one more admitted).
+ *
+ * The in-memory table's own features do not apply: max_keys and sl_sweep (Redis expires
+ * keys itself), snapshots (a snapshot of a Redis limiter holds no keys: Redis keeps the
+ * state; use its persistence). */
 typedef enum sl_fail_mode { SL_FAIL_CLOSED = 0, SL_FAIL_OPEN = 1 } sl_fail_mode;
 typedef struct sl_redis_options {
     const char *servers;   /* "host:port[,host:port...]": one Redis, or seed nodes of a

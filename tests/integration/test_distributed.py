@@ -3,6 +3,7 @@ real three-master Redis Cluster (created by the test on loopback), hammered toge
 clients (redis-py); Redis killed and restarted under load."""
 import json
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -270,6 +271,40 @@ class FaultTest(unittest.TestCase):
         # logged once per change of state, not once per request
         self.assertEqual(log.count("redis: unreachable"), 1, log)
         self.assertEqual(log.count("redis: reachable again"), 1, log)
+
+    def test_redis_hangs(self):
+        """A Redis that stops answering (SIGSTOP) but keeps its connections open: requests
+        in flight are decided by the fail mode after --redis-timeout, later ones at once
+        while the node backs off; after SIGCONT, Redis decides again."""
+        with RedisServer() as r:
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--redis-timeout",
+                        "300").start()
+            try:
+                c = redis.Redis(port=s.resp_port, socket_timeout=10)
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "h0")[0], 1)
+                os.kill(r.proc.pid, signal.SIGSTOP)
+                t0 = time.monotonic()
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "h1")[0], 0)
+                waited = time.monotonic() - t0
+                self.assertGreater(waited, 0.2)  # it waited for Redis ...
+                self.assertLess(waited, 1.5)     # ... up to the timeout, not for ever
+                t0 = time.monotonic()
+                for i in range(20):
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "x%d" % i)[0], 0)
+                self.assertLess(time.monotonic() - t0, 1.0)  # backing off: no waiting
+                self.assertEqual(metrics(s)["sluice_redis_up"], 0)
+                os.kill(r.proc.pid, signal.SIGCONT)
+                deadline = time.monotonic() + 10
+                ok = 0
+                while time.monotonic() < deadline and not ok:
+                    ok = c.execute_command("SL.TAKE", "t", "a", "h%f" % time.monotonic())[0]
+                    time.sleep(0.05)
+                self.assertEqual(ok, 1)
+                self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
 
     def test_fail_closed(self):
         self.outage("closed")
