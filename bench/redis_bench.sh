@@ -4,7 +4,7 @@
 #
 #   bash bench/redis_bench.sh <build-dir> [--quick]          (make bench runs it)
 #
-# redis-benchmark, 50 connections, no client pipelining, two workloads:
+# redis-benchmark, 50 connections, without and with client pipelining (-P 16), two workloads:
 #   random  — 100k random keys under a generous limit: nearly every request is allowed, so
 #             every decision is a script call; sluiced gains by pipelining the 50 clients'
 #             requests onto a few connections to Redis.
@@ -14,7 +14,9 @@
 # token bucket through EVALSHA on the same redis-server (one instance: single-threaded, so
 # its core is the shared bottleneck). A third run calls sluice's own Redis function (FCALL,
 # the same exact decision sluiced sends) directly from the 50 clients: sluiced against it
-# shows what pipelining the clients onto few connections gains for the same Redis work. Each run is repeated ROUNDS times (default 3),
+# shows what pipelining the clients onto few connections gains for the same Redis work.
+# redis_ping (Redis answering PING) is the ceiling of this setup: one request per round
+# trip per connection, with the load generator on the same 2 cores. Each run is repeated ROUNDS times (default 3),
 # alternating; medians are printed as RESULT lines, then ratios and TARGET lines
 # (>= 2x the direct script's decisions/s, p99 < 2 ms). Exits non-zero only if something
 # fails to run.
@@ -60,10 +62,17 @@ for r in $(seq 1 "$ROUNDS"); do
     rb function_direct_random "$RP" 1 100000 FCALL "$FN" 1 "f$r:__rand_int__" "" take 1 1 1 1000001 1000 0 0 0
     rb sluiced_redis_attack "$SP" 1 100 CL.THROTTLE "a$r:__rand_int__" 0 1 3600
     rb lua_direct_attack "$RP" 1 100 EVALSHA "$SHA" 1 "b$r:__rand_int__" 1 0.000277 1
+    # the ceiling of this setup: Redis answering PING, no work at all
+    rb redis_ping "$RP" 1 100 PING
+    # clients that pipeline (16 deep): the same workloads
+    rb sluiced_redis_random_P16 "$SP" 16 100000 CL.THROTTLE "s$r:__rand_int__" 1000000 1000000 1
+    rb lua_direct_random_P16 "$RP" 16 100000 EVALSHA "$SHA" 1 "m$r:__rand_int__" 1000000 1000000 1
+    rb sluiced_redis_attack_P16 "$SP" 16 100 CL.THROTTLE "c$r:__rand_int__" 0 1 3600
+    rb lua_direct_attack_P16 "$RP" 16 100 EVALSHA "$SHA" 1 "d$r:__rand_int__" 1 0.000277 1
 done
 T1=$(date +%s)
 grep -q "error\|unreachable" "$TMP/sluiced.log" && fail "sluiced logged errors: $(head -3 "$TMP/sluiced.log")"
 
 echo "# sluiced Redis-store bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, $ROUNDS rounds," \
-     "redis-benchmark -c 50 -P 1 -n $N, $((T1 - T0)) s"
-summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2 sluiced_redis_random:function_direct_random:1" 2 "^sluiced"
+     "redis-benchmark -c 50 -P 1 and -P 16 -n $N, $((T1 - T0)) s"
+summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2 sluiced_redis_random:function_direct_random:1 sluiced_redis_attack:redis_ping:0.9 sluiced_redis_random_P16:lua_direct_random_P16:2 sluiced_redis_attack_P16:lua_direct_attack_P16:2" 2 "^sluiced"

@@ -554,8 +554,10 @@ static int span_ok(const sl_cpolicy *cp)
 static const char *const op_names[] = {"take", "peek", "release"};
 
 /* Resolve, check and format. SL_OK or the error for the request. */
+#define NEAR_HIT 1 /* encode: the near cache answered (d filled); nothing formatted */
+
 static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, uint64_t cost,
-                  int64_t now, sl_rcall *c)
+                  int64_t now, sl_rcall *c, sl_decision *d)
 {
     char enc[SL_KEY_MAX];
     size_t len;
@@ -574,6 +576,8 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->redirects = 0;
     c->tenant_len = (unsigned char)enc[0];
     memcpy(c->tenant, enc + 2, c->tenant_len);
+    if (d && nc_usable(rs, c) && nc_lookup(rs, c, d)) /* before any formatting: under attack */
+        return NEAR_HIT;                              /* this is most requests */
 
     char key[SL_RS_PREFIX_MAX + SL_KEY_MAX + 16];
     size_t klen = redis_key(rs, enc, len, key);
@@ -611,16 +615,16 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
 int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rcall *call,
                   sl_decision *d)
 {
-    int rc = encode(rs, op, &r->key, r->inline_policy, r->cost, now, call);
-    if (rc != SL_OK) {
-        memset(d, 0, sizeof *d);
-        d->err = rc;
-        return 1;
-    }
-    if (nc_usable(rs, call) && nc_lookup(rs, call, d)) {
+    int rc = encode(rs, op, &r->key, r->inline_policy, r->cost, now, call, d);
+    if (rc == NEAR_HIT) {
         BUMP(rs->near);
         if (op == SL_RS_TAKE)
             sl_limiter_count(rs->l, call->tenant, call->tenant_len, 0);
+        return 1;
+    }
+    if (rc != SL_OK) {
+        memset(d, 0, sizeof *d);
+        d->err = rc;
         return 1;
     }
     return 0;
@@ -629,7 +633,7 @@ int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rc
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc)
 {
-    *rc = encode(rs, SL_RS_RELEASE, k, NULL, lease, now, call);
+    *rc = encode(rs, SL_RS_RELEASE, k, NULL, lease, now, call, NULL);
     return *rc != SL_OK;
 }
 
