@@ -186,6 +186,39 @@ class SharedRedisTest(unittest.TestCase):
             finally:
                 stop_all([a, b])
 
+    def test_admission_cap_bounds_requests_waiting_on_redis(self):
+        """With the Redis store a decision is in progress until Redis answers: a cap of 2
+        requests in progress still serves a pipelined flood completely and in order, and
+        every reservation is given back afterwards."""
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            c = redis.Redis(port=s.resp_port)
+            c.execute_command("SL.ADMISSION", "SET", "max_global_concurrent_requests", 2)
+            results = []
+
+            def flood(i):
+                p = redis.Redis(port=s.resp_port).pipeline(transaction=False)
+                for j in range(300):
+                    p.execute_command("SL.TAKE", "t%d" % i, "a", "c%d" % (j % 30))
+                results.append(p.execute())
+
+            ts = [threading.Thread(target=flood, args=(i,)) for i in range(4)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            self.assertEqual(len(results), 4)
+            for res in results:  # every key: 5 allowed (capacity 5), then denied, in order
+                allowed = {}
+                for j, rep in enumerate(res):
+                    allowed.setdefault(j % 30, []).append(rep[0])
+                for seq in allowed.values():
+                    self.assertEqual(seq, [1] * 5 + [0] * 5)
+            text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % s.http_port,
+                                          timeout=5).read().decode()
+            self.assertIn("sluice_admission_in_progress 0\n", text)
+            self.assertIn('sluice_admission_rejected_total{reason="queue_full"} 0\n', text)
+            self.assertEqual(s.stop(), 0)
+
     def test_redis_password(self):
         """AUTH on every connection; a wrong password is a Redis that cannot be used: the
         fail mode decides, and the log says why (once)."""
