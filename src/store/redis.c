@@ -333,16 +333,28 @@ void sl_rs_stats(sl_rstore *rs, sl_store_stats *out)
 
 /* ---- slots ------------------------------------------------------------------------------- */
 
-/* CRC16/XMODEM (polynomial 0x1021, initial 0), as Redis Cluster hashes keys; bitwise — a
- * key is hashed once per request. */
-static uint16_t crc16(const char *p, size_t n)
+/* CRC16/XMODEM (polynomial 0x1021, initial 0), as Redis Cluster hashes keys: a byte at a
+ * time through a table of the CRC of every byte value, built once. (Bit by bit it was 6% of
+ * sluiced's CPU on the Redis store.) */
+static uint16_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void)
 {
-    uint16_t crc = 0;
-    for (size_t i = 0; i < n; i++) {
-        crc ^= (uint16_t)((unsigned char)p[i] << 8);
+    for (unsigned v = 0; v < 256; v++) {
+        uint16_t crc = (uint16_t)(v << 8);
         for (int b = 0; b < 8; b++)
             crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+        crc_table[v] = crc;
     }
+}
+
+static uint16_t crc16(const char *p, size_t n)
+{
+    pthread_once(&crc_once, crc_init);
+    uint16_t crc = 0;
+    for (size_t i = 0; i < n; i++)
+        crc = (uint16_t)((crc << 8) ^ crc_table[((crc >> 8) ^ (unsigned char)p[i]) & 0xff]);
     return crc;
 }
 

@@ -16,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include "redis.h"
 #include "redis_fixture.h"
 #include "sluice.h"
 
@@ -173,6 +174,19 @@ static void test_library_reload_and_spans(void **st)
     assert_int_equal(sl_take(l, &k, 6, SL_NOW, &d), SL_ECOST);
     redisFree(c);
     sl_close(l);
+}
+
+/* Redis Cluster's key hashing (cluster spec): CRC16/XMODEM, and only a non-empty {tag}. */
+static void test_slots(void **st)
+{
+    (void)st;
+    assert_int_equal(sl_rs_slot("123456789", 9), 0x31C3); /* the CRC's check value */
+    assert_int_equal(sl_rs_slot("foo", 3), 12182);
+    assert_int_equal(sl_rs_slot("bar", 3), 5061);
+    assert_int_equal(sl_rs_slot("{user1000}.following", 20), sl_rs_slot("user1000", 8));
+    assert_int_not_equal(sl_rs_slot("foo{}{bar}", 10), sl_rs_slot("bar", 3)); /* empty {} */
+    assert_int_equal(sl_rs_slot("foo{{bar}}zap", 13), sl_rs_slot("{bar", 4));
+    assert_int_equal(sl_rs_slot("foo{bar}{zap}", 13), sl_rs_slot("bar", 3));
 }
 
 static void test_bad_addresses(void **st)
@@ -419,6 +433,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redis_clock_and_near_cache),
         cmocka_unit_test(test_library_reload_and_spans),
+        cmocka_unit_test(test_slots),
         cmocka_unit_test(test_bad_addresses),
         cmocka_unit_test(test_redis_hangs),
         cmocka_unit_test(test_fail_closed),
