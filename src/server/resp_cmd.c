@@ -671,7 +671,16 @@ static void cmd_info(sd_conn *c)
                      s.evicted, s.reclaimed, atomic_load(&srv->adm.admitted),
                      atomic_load(&srv->adm.rejected_full), atomic_load(&srv->adm.rejected_expired),
                      atomic_load(&srv->adm.queued_now));
-    resp_bulk(sd_reply_buf(c), buf, (size_t)n);
+    sl_store_stats st;
+    if (srv->rstore && sl_store_stats_get(srv->lim, &st) == SL_OK && n > 0 &&
+        (size_t)n < sizeof buf)
+        n += snprintf(buf + n, sizeof buf - (size_t)n,
+                      "\r\n# Store\r\nstore:redis\r\nredis_up:%d\r\nredis_cluster:%d\r\n"
+                      "redis_decisions:%" PRIu64 "\r\nnear_cache_denials:%" PRIu64
+                      "\r\nfail_open_decisions:%" PRIu64 "\r\nfail_closed_decisions:%" PRIu64
+                      "\r\n",
+                      st.up, st.cluster, st.calls, st.near_cache, st.fail_open, st.fail_closed);
+    resp_bulk(sd_reply_buf(c), buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
 static void unknown(resp_buf *o, const resp_cmd *m)

@@ -119,6 +119,10 @@ class SharedRedisTest(unittest.TestCase):
             self.assertEqual(st["remaining_requests"], 0)
             rc = redis.Redis(port=s.resp_port)
             self.assertEqual(rc.execute_command("SL.TAKE", "x", "y", "z")[0], 1)
+            info = rc.info()
+            self.assertEqual(info["store"], "redis")
+            self.assertEqual(info["redis_up"], 1)
+            self.assertGreaterEqual(info["redis_decisions"], 1)
             with self.assertRaises(redis.ResponseError):
                 rc.execute_command("SL.TAKE", "x", "y", "")
             self.assertEqual(s.stop(), 0)
