@@ -27,6 +27,16 @@ typedef struct sl_climit {
     int64_t rtau;        /* rcap * rinterval */
 } sl_climit;
 
+/* The period a decision reports for this limit (sl_decision.window): the time to refill
+ * from empty (tau) for the bucket algorithms, else the window or lease TTL. */
+static inline int64_t sl_climit_window(const sl_climit *c)
+{
+    return (c->algorithm == SL_TOKEN_BUCKET || c->algorithm == SL_LEAKY_BUCKET ||
+            c->algorithm == SL_BURST_RESERVE)
+               ? c->tau
+               : c->window;
+}
+
 /* Validate and convert. SL_OK or the specific SL_E* code; `out` untouched on error. */
 int sl_climit_compile(const sl_limit *in, sl_climit *out);
 

@@ -482,10 +482,7 @@ static inline void report(const sl_climit *lim, uint32_t r, const sl_check *c, i
     d->lease = lease;
     d->limit_index = r;
     d->algorithm = lim->algorithm;
-    d->window = (lim->algorithm == SL_TOKEN_BUCKET || lim->algorithm == SL_LEAKY_BUCKET ||
-                 lim->algorithm == SL_BURST_RESERVE)
-                    ? lim->tau
-                    : lim->window;
+    d->window = sl_climit_window(lim);
 }
 
 static uint64_t new_lease(sl_limiter *l, const sl_cpolicy *cp)

@@ -29,6 +29,7 @@
 #include <xxhash.h>
 
 #include "algo.h"
+#include "inject.h"
 #include "limiter_int.h"
 #include "memory.h"
 #include "policy.h"
@@ -91,11 +92,7 @@ void sl_snapshot_fail_writes_after(long n)
 
 static int write_denied(void)
 {
-    long n = atomic_load_explicit(&g_fail_writes, memory_order_relaxed);
-    while (n > 0)
-        if (atomic_compare_exchange_weak(&g_fail_writes, &n, n - 1))
-            return 0;
-    return n == 0;
+    return sl_inject_fails(&g_fail_writes);
 }
 
 static int64_t wall_ns(void)

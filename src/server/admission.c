@@ -119,7 +119,6 @@ struct sd_sched {
     size_t waiting;
     size_t waiting_reported; /* this worker's share of a->queued_now */
     sd_conn *dirty;
-    void (*ready)(sd_conn *c);  /* sd_sched_run's, kept for sd_sched_report */
     sd_submit_fn submit;        /* NULL: decide with sl_take_batch */
     void *submit_ctx;
     sd_item *batch[BATCH];
@@ -496,16 +495,9 @@ void sd_sched_decided(sd_sched *s, sd_item *it)
     finish(s, it, SD_ITEM_DONE);
 }
 
-void sd_sched_report(sd_sched *s)
-{
-    if (s->ready)
-        report(s, s->ready);
-}
-
 size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
 {
     size_t done = 0;
-    s->ready = ready;
     while (s->waiting && done < RUN_MAX) {
         int64_t want = s->waiting < BATCH ? (int64_t)s->waiting : BATCH;
         int64_t got = reserve(s->a, want);

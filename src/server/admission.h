@@ -100,11 +100,10 @@ size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c));
  * sl_take_batch. `submit` owns the items until it calls sd_sched_decided for each (it->d
  * filled), at once or from a later callback on this worker's loop; every such item holds one
  * request "in progress" until then. Replies go out at the next sd_sched_run (the worker's
- * check handler runs it after every poll) or sd_sched_report. */
+ * check handler runs it after every poll). */
 typedef void (*sd_submit_fn)(void *ctx, sd_item **items, int n);
 void sd_sched_set_submit(sd_sched *s, sd_submit_fn fn, void *ctx);
 void sd_sched_decided(sd_sched *s, sd_item *it);
-void sd_sched_report(sd_sched *s);
 
 /* Move every finished item at the head of c's order into c->out (through the protocol's
  * emit); stop at the first one still waiting. */

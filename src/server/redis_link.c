@@ -322,10 +322,9 @@ static void submit(void *ctx, sd_item **items, int n)
         }
         q->it = it;
         q->t0 = sd_mono_ns();
-        int op = it->req.peek || it->req.cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
         int local = it->release ? sl_rs_prepare_release(lk->rs, &it->req.key, it->req.cost,
                                                         SL_NOW, &q->call, &it->d.err)
-                                : sl_rs_prepare(lk->rs, op, &it->req, SL_NOW, &q->call, &it->d);
+                                : sl_rs_prepare(lk->rs, &it->req, SL_NOW, &q->call, &it->d);
         if (local) {
             complete(lk, q); /* bad input, or the near cache */
             continue;

@@ -49,6 +49,7 @@
 #include <string.h>
 
 #include "bytes.h"
+#include "inject.h"
 
 /* XXH3 compiled into this file (same function as libxxhash's XXH3_64bits): short keys hash
  * without a call through the PLT. */
@@ -125,11 +126,7 @@ void sl_table_fail_allocs_after(long n)
 
 static bool alloc_denied(void)
 {
-    long n = atomic_load_explicit(&g_fail_after, memory_order_relaxed);
-    while (n > 0)
-        if (atomic_compare_exchange_weak(&g_fail_after, &n, n - 1))
-            return false;
-    return n == 0;
+    return sl_inject_fails(&g_fail_after);
 }
 
 static void *t_malloc(size_t n)

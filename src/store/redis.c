@@ -181,9 +181,7 @@ int sl_rs_claim_refresh(sl_rstore *rs)
     return 1;
 }
 
-struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i); /* redis_sync.c's */
 struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i) { return &rs->nodes[i]->pool; }
-void sl_rs_pool_free(struct sl_rpool *p);
 
 int sl_rs_new(sl_limiter *l, const sl_redis_options *o, sl_rstore **out)
 {
@@ -435,6 +433,18 @@ static int nc_usable(const sl_rstore *rs, const sl_rcall *c)
     return !rs->o.no_near_cache && !c->explicit_now && !c->cp->has_lease && c->op != SL_RS_RELEASE;
 }
 
+/* Start `d` for limit `idx` of c's policy: zeroed, with the limit's own fields. */
+static const sl_climit *report_limit(const sl_rcall *c, unsigned idx, sl_decision *d)
+{
+    const sl_climit *lim = &c->cp->lim[idx];
+    memset(d, 0, sizeof *d);
+    d->limit = lim->limit;
+    d->limit_index = idx;
+    d->algorithm = lim->algorithm;
+    d->window = sl_climit_window(lim);
+    return lim;
+}
+
 /* A denial known for this key, policy and a cost <= this one, still before its retry time? */
 static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
 {
@@ -444,17 +454,12 @@ static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
     pthread_mutex_lock(&s->mu);
     nc_ent *e = nc_slot_of(s, h);
     if (e->hash == h && e->policy == c->cp->id && c->cost >= e->cost && c->sent < e->until) {
-        const sl_climit *lim = &c->cp->lim[e->limit_index];
-        memset(d, 0, sizeof *d);
-        d->limit = lim->limit;
+        report_limit(c, e->limit_index, d);
         d->remaining = e->remaining;
         d->reset_after = e->reset_at > c->sent ? e->reset_at - c->sent : 0;
         d->retry_after = e->until - c->sent;
         d->tokens = e->tokens;
         d->reserve = e->reserve;
-        d->limit_index = e->limit_index;
-        d->algorithm = lim->algorithm;
-        d->window = lim->tau ? lim->tau : lim->window;
         d->source = SL_SOURCE_NEAR_CACHE;
         hit = 1;
     }
@@ -624,9 +629,10 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     return SL_OK;
 }
 
-int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rcall *call,
+int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
                   sl_decision *d)
 {
+    int op = r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
     int rc = encode(rs, op, &r->key, r->inline_policy, r->cost, now, call, d);
     if (rc == NEAR_HIT) {
         BUMP(rs->near);
@@ -710,11 +716,8 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
     long long idx = e[1]->integer;
     if (idx < 0 || idx >= (long long)c->cp->nlimits)
         return SL_RS_FAILED;
-    const sl_climit *lim = &c->cp->lim[idx];
-    memset(d, 0, sizeof *d);
+    report_limit(c, (unsigned)idx, d);
     d->allowed = e[0]->integer != 0;
-    d->limit_index = (unsigned)idx;
-    d->limit = lim->limit;
     d->remaining = (uint64_t)e[2]->integer;
     d->reset_after = e[3]->integer;
     d->retry_after = e[4]->integer;
@@ -722,8 +725,6 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
     d->tokens = strtod(e[6]->str, NULL);
     d->reserve = strtod(e[7]->str, NULL);
     d->lease = (uint64_t)e[8]->integer;
-    d->algorithm = lim->algorithm;
-    d->window = lim->tau ? lim->tau : lim->window;
     d->source = SL_SOURCE_STORE;
     BUMP(rs->calls);
     if (c->op == SL_RS_TAKE) {
@@ -740,11 +741,7 @@ void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *relea
         *release_rc = SL_ESTORE;
         return;
     }
-    const sl_climit *lim = &c->cp->lim[0];
-    memset(d, 0, sizeof *d);
-    d->limit = lim->limit;
-    d->algorithm = lim->algorithm;
-    d->window = lim->tau ? lim->tau : lim->window;
+    report_limit(c, 0, d);
     if (rs->o.fail_mode == SL_FAIL_OPEN) {
         d->allowed = 1;
         d->source = SL_SOURCE_FAIL_OPEN;

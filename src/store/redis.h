@@ -62,9 +62,10 @@ typedef struct sl_rcall {
 int sl_rs_new(sl_limiter *l, const sl_redis_options *o, sl_rstore **out);
 void sl_rs_free(sl_rstore *rs);
 
-/* Prepare request `r` at `now` (SL_NOW: Redis's clock). Returns 1 when `d` is decided
- * already (d->err set for bad input; or the near cache), else 0 with `call` ready to send. */
-int sl_rs_prepare(sl_rstore *rs, int op, const sl_request *r, int64_t now, sl_rcall *call,
+/* Prepare request `r` at `now` (SL_NOW: Redis's clock): a take, or a peek when r->peek or
+ * r->cost is 0. Returns 1 when `d` is decided already (d->err set for bad input; or the near
+ * cache), else 0 with `call` ready to send. */
+int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
                   sl_decision *d);
 /* Prepare a release of `lease` on key `k`; returns 1 with *rc set when decided already. */
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
@@ -122,7 +123,10 @@ void sl_rs_count_reconnect(sl_rstore *rs);
 void sl_rs_count_script_load(sl_rstore *rs);
 void sl_rs_stats(sl_rstore *rs, sl_store_stats *out);
 
-/* ---- the library's blocking transport ---- */
+/* ---- the library's blocking transport (redis_sync.c) ---- */
+struct sl_rpool; /* a node's idle connections */
+struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i); /* node i's, made on first use */
+void sl_rs_pool_free(struct sl_rpool *p);
 /* sl_take_batch on the store (now: SL_NOW = Redis's clock); sl_take and sl_peek are batches
  * of one. */
 int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now,

@@ -30,9 +30,6 @@ typedef struct sl_rpool {
     redisContext *c[POOL_MAX];
 } sl_rpool;
 
-struct sl_rpool **sl_rs_pool_slot(sl_rstore *rs, int i);
-void sl_rs_pool_free(struct sl_rpool *p);
-
 void sl_rs_pool_free(sl_rpool *p)
 {
     if (!p)
@@ -64,7 +61,6 @@ static sl_rpool *pool_of(sl_rstore *rs, int node)
 static int setup_cmd(redisContext *c, const char *why_prefix, char *why, size_t whylen,
                      const char *fmt, ...)
 {
-    (void)why_prefix;
     va_list ap;
     va_start(ap, fmt);
     redisReply *r = redisvCommand(c, fmt, ap);
@@ -320,10 +316,9 @@ int sl_rs_batch(sl_rstore *rs, const sl_request *reqs, size_t n, int64_t now,
         size_t m = n - base < CHUNK ? n - base : CHUNK, np = 0;
         for (size_t i = 0; i < m; i++) {
             const sl_request *r = &reqs[base + i];
-            int op = r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
             q[i].d = &out[base + i];
             q[i].release_rc = NULL;
-            if (!sl_rs_prepare(rs, op, r, now, &q[i].call, q[i].d))
+            if (!sl_rs_prepare(rs, r, now, &q[i].call, q[i].d))
                 pend[np++] = &q[i];
         }
         run(rs, pend, np);
