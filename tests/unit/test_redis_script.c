@@ -70,7 +70,7 @@ static uint64_t bits(unsigned max_bits) /* a number of random magnitude below 2^
 
 /* ---- talking to Redis ------------------------------------------------------------------------ */
 
-static redisReply *get_reply(void)
+static redisReply *read_reply(void)
 {
     void *r = NULL;
     assert_int_equal(redisGetReply(rc, &r), REDIS_OK);
@@ -82,6 +82,47 @@ static void expect_ok(redisReply *r)
 {
     assert_true(r->type != REDIS_REPLY_ERROR);
     freeReplyObject(r);
+}
+
+/* A write and the PTTL / PERSIST that follow it go in one MULTI/EXEC: Redis evaluates expiry
+ * against one time for the whole transaction, so a key given a TTL of a millisecond (by the
+ * test's `now`) cannot expire before the PERSIST on a loaded machine. get_reply hands out
+ * the EXEC's replies one by one, as if they had come on their own. */
+static int tx_queued;  /* commands queued since MULTI, not read yet */
+static redisReply *tx; /* the EXEC reply being handed out */
+static size_t tx_next;
+
+static void tx_begin(void)
+{
+    assert_int_equal(redisAppendCommand(rc, "MULTI"), REDIS_OK);
+}
+
+static void tx_end(int queued)
+{
+    assert_int_equal(redisAppendCommand(rc, "EXEC"), REDIS_OK);
+    tx_queued = queued;
+}
+
+static redisReply *get_reply(void)
+{
+    if (tx_queued) { /* +OK to MULTI, +QUEUED to each command, then EXEC's array */
+        for (int i = 0; i <= tx_queued; i++)
+            expect_ok(read_reply());
+        tx = read_reply();
+        assert_int_equal(tx->type, REDIS_REPLY_ARRAY);
+        assert_int_equal(tx->elements, (size_t)tx_queued);
+        tx_next = 0;
+        tx_queued = 0;
+    }
+    if (!tx)
+        return read_reply();
+    redisReply *r = tx->element[tx_next];
+    tx->element[tx_next++] = NULL; /* now the caller's */
+    if (tx_next == tx->elements) {
+        freeReplyObject(tx);
+        tx = NULL;
+    }
+    return r;
 }
 
 /* Queue an FCALL of the script (pipelined; get_reply reads the answer). `now` < 0 sends ""
@@ -478,8 +519,8 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * S + ts.tv_nsec;
 }
 
-/* Queued right after a writing call (so that Redis runs them together): PTTL, then PERSIST
- * (the key must not expire by Redis's clock, which does not follow the test's `now`). */
+/* Queued right after a writing call, in its transaction: PTTL, then PERSIST (the key must
+ * not expire by Redis's clock, which does not follow the test's `now`). */
 static void append_pttl_persist(const seq *q)
 {
     assert_int_equal(redisAppendCommand(rc, "PTTL %s", q->rkey), REDIS_OK);
@@ -539,11 +580,15 @@ static void do_take(seq *q, int peek)
     if (!writes) /* a peek: the value before and after must be the same bytes (or none) */
         assert_int_equal(redisAppendCommand(rc, "GET %s", q->rkey), REDIS_OK);
     q->sent = mono_ns();
-    append_call(q->rkey, q->now, op, cost, &q->cp);
     if (writes)
+        tx_begin();
+    append_call(q->rkey, q->now, op, cost, &q->cp);
+    if (writes) {
         append_pttl_persist(q);
-    else
+        tx_end(3);
+    } else {
         assert_int_equal(redisAppendCommand(rc, "GET %s", q->rkey), REDIS_OK);
+    }
     redisReply *before = writes ? NULL : get_reply();
     parse_decision(get_reply(), &s);
     compare(q, op, cost, &d, &s);
@@ -604,8 +649,10 @@ static void do_release(seq *q)
         fprintf(stderr, "%u: release %llu/%llu at %lld: %d\n", q->step, (unsigned long long)cid,
                 (unsigned long long)sid, (long long)q->now, crc);
     q->sent = mono_ns();
+    tx_begin();
     append_call(q->rkey, q->now, "release", sid, &q->cp);
     append_pttl_persist(q);
+    tx_end(3);
     redisReply *r = get_reply();
     if (r->type == REDIS_REPLY_ERROR)
         fail_msg("script error: %s", r->str);
