@@ -675,6 +675,50 @@ static int redirect_target(sl_rstore *rs, const char *msg, size_t len)
 
 static int is_int(const redisReply *r) { return r->type == REDIS_REPLY_INTEGER; }
 
+/* The script's reply to a take or peek (redis_script.lua, REPLY): 74 bytes, little-endian:
+ * allowed and limit index as bytes, then nine doubles. */
+#define REPLY_LEN 74
+
+static double le_double(const char *p)
+{
+    uint64_t u = 0;
+    for (int i = 7; i >= 0; i--)
+        u = u << 8 | (unsigned char)p[i];
+    double v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* The integral double at p into *out; 0 unless it is an integer in [0, 2^53]. */
+static int le_count(const char *p, int64_t *out)
+{
+    double v = le_double(p);
+    if (!(v >= 0 && v <= 9007199254740992.0) || v != (double)(int64_t)v)
+        return 0;
+    *out = (int64_t)v;
+    return 1;
+}
+
+int sl_rs_decode(const char *p, size_t len, unsigned nlimits, sl_rs_reply *r)
+{
+    if (len != REPLY_LEN || (unsigned char)p[0] > 1 || (unsigned char)p[1] >= nlimits)
+        return 0;
+    r->allowed = p[0];
+    r->index = (unsigned char)p[1];
+    int64_t *ints[] = {&r->remaining, &r->reset_after, &r->retry_after, &r->delay};
+    for (int i = 0; i < 4; i++)
+        if (!le_count(p + 2 + 8 * i, ints[i]))
+            return 0;
+    r->tokens = le_double(p + 34);
+    r->reserve = le_double(p + 42);
+    int64_t sec, ns;
+    if (!le_count(p + 50, &r->lease) || !le_count(p + 58, &sec) || !le_count(p + 66, &ns) ||
+        ns >= 1000000000 || sec > INT64_MAX / 1000000000 - 1)
+        return 0;
+    r->now = sec * 1000000000 + ns;
+    return 1;
+}
+
 int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision *d,
                  int *release_rc)
 {
@@ -707,24 +751,19 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
         *release_rc = rep->integer == 1 ? SL_OK : SL_ELEASE;
         return SL_RS_DONE;
     }
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 10)
+    sl_rs_reply r;
+    if (rep->type != REDIS_REPLY_STRING ||
+        !sl_rs_decode(rep->str, rep->len, c->cp->nlimits, &r))
         return SL_RS_FAILED;
-    redisReply *const *e = rep->element;
-    for (int i = 0; i < 10; i++)
-        if (i == 6 || i == 7 || i == 9 ? e[i]->type != REDIS_REPLY_STRING : !is_int(e[i]))
-            return SL_RS_FAILED;
-    long long idx = e[1]->integer;
-    if (idx < 0 || idx >= (long long)c->cp->nlimits)
-        return SL_RS_FAILED;
-    report_limit(c, (unsigned)idx, d);
-    d->allowed = e[0]->integer != 0;
-    d->remaining = (uint64_t)e[2]->integer;
-    d->reset_after = e[3]->integer;
-    d->retry_after = e[4]->integer;
-    d->delay = e[5]->integer;
-    d->tokens = strtod(e[6]->str, NULL);
-    d->reserve = strtod(e[7]->str, NULL);
-    d->lease = (uint64_t)e[8]->integer;
+    report_limit(c, r.index, d);
+    d->allowed = r.allowed;
+    d->remaining = (uint64_t)r.remaining;
+    d->reset_after = r.reset_after;
+    d->retry_after = r.retry_after;
+    d->delay = r.delay;
+    d->tokens = r.tokens;
+    d->reserve = r.reserve;
+    d->lease = (uint64_t)r.lease;
     d->source = SL_SOURCE_STORE;
     BUMP(rs->calls);
     if (c->op == SL_RS_TAKE) {

@@ -71,6 +71,18 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
 
+/* The function's reply to a take or peek, decoded (redis_script.lua, REPLY). */
+typedef struct sl_rs_reply {
+    int allowed;
+    unsigned index; /* < the policy's nlimits */
+    int64_t remaining, reset_after, retry_after, delay, lease;
+    double tokens, reserve;
+    int64_t now; /* ns the script decided at */
+} sl_rs_reply;
+
+/* 1 and *r when p[0..len) is a well-formed reply for a policy of nlimits limits, else 0. */
+int sl_rs_decode(const char *p, size_t len, unsigned nlimits, sl_rs_reply *r);
+
 /* What sl_rs_finish says about a reply. */
 enum {
     SL_RS_DONE,     /* `d` (or *release_rc) is filled */

@@ -20,6 +20,7 @@
  * Environment, for exploring: SL_TEST_SEED=n (other random sequences), SL_TEST_SEQUENCES=n,
  * SL_TRACE_SEQ=n (print every step of sequence n), SL_TEST_SCRIPT=file (another script).
  */
+#include <math.h>
 #include <stdarg.h>
 #include <setjmp.h>
 #include <stddef.h>
@@ -162,29 +163,28 @@ typedef struct sdec {
     unsigned index;
     uint64_t remaining, lease;
     int64_t reset_after, retry_after, delay;
-    char tokens[40], reserve[40], now[24];
+    char tokens[40], reserve[40];
+    int64_t now; /* ns the script decided at */
 } sdec;
 
-static void parse_decision(redisReply *r, sdec *d)
+static void parse_decision(redisReply *r, sdec *d, const sl_cpolicy *cp)
 {
     if (r->type == REDIS_REPLY_ERROR)
         fail_msg("script error: %s", r->str);
-    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
-    assert_int_equal(r->elements, 10);
-    for (int i = 0; i < 10; i++)
-        assert_int_equal(r->element[i]->type, i == 6 || i == 7 || i == 9
-                                                   ? REDIS_REPLY_STRING
-                                                   : REDIS_REPLY_INTEGER);
-    d->allowed = (int)r->element[0]->integer;
-    d->index = (unsigned)r->element[1]->integer;
-    d->remaining = (uint64_t)r->element[2]->integer;
-    d->reset_after = r->element[3]->integer;
-    d->retry_after = r->element[4]->integer;
-    d->delay = r->element[5]->integer;
-    snprintf(d->tokens, sizeof d->tokens, "%s", r->element[6]->str);
-    snprintf(d->reserve, sizeof d->reserve, "%s", r->element[7]->str);
-    d->lease = (uint64_t)r->element[8]->integer;
-    snprintf(d->now, sizeof d->now, "%s", r->element[9]->str);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    sl_rs_reply x;
+    if (!sl_rs_decode(r->str, r->len, cp->nlimits, &x))
+        fail_msg("malformed reply of %zu bytes", r->len);
+    d->allowed = x.allowed;
+    d->index = x.index;
+    d->remaining = (uint64_t)x.remaining;
+    d->reset_after = x.reset_after;
+    d->retry_after = x.retry_after;
+    d->delay = x.delay;
+    snprintf(d->tokens, sizeof d->tokens, "%.17g", x.tokens);
+    snprintf(d->reserve, sizeof d->reserve, "%.17g", x.reserve);
+    d->lease = (uint64_t)x.lease;
+    d->now = x.now;
     freeReplyObject(r);
 }
 
@@ -192,7 +192,7 @@ static void call_decision(const char *key, int64_t now, const char *op, uint64_t
                           const sl_cpolicy *cp, sdec *d)
 {
     append_call(key, now, op, cost, cp);
-    parse_decision(get_reply(), d);
+    parse_decision(get_reply(), d, cp);
 }
 
 static char *get_value(const char *key, size_t *len) /* NULL when the key does not exist */
@@ -494,7 +494,7 @@ static void compare(const seq *q, const char *op, uint64_t cost, const sl_decisi
         d->remaining != s->remaining || d->reset_after != s->reset_after ||
         d->retry_after != s->retry_after || d->delay != s->delay ||
         strcmp(tok, s->tokens) != 0 || strcmp(res, s->reserve) != 0 ||
-        strcmp(now, s->now) != 0 || (d->lease != 0) != (s->lease != 0)) {
+        q->now != s->now || (d->lease != 0) != (s->lease != 0)) {
         fprintf(stderr, "sequence %llu step %u: %s cost %llu at %s (policy:", q->id, q->step,
                 op, (unsigned long long)cost, now);
         print_policy(q);
@@ -504,10 +504,10 @@ static void compare(const seq *q, const char *op, uint64_t cost, const sl_decisi
                 (long long)d->reset_after, (long long)d->retry_after, (long long)d->delay, tok,
                 res, (unsigned long long)d->lease);
         fprintf(stderr, "  script: allowed %d index %u remaining %llu reset %lld retry %lld "
-                        "delay %lld tokens %s reserve %s lease %llu now %s\n",
+                        "delay %lld tokens %s reserve %s lease %llu now %lld\n",
                 s->allowed, s->index, (unsigned long long)s->remaining,
                 (long long)s->reset_after, (long long)s->retry_after, (long long)s->delay,
-                s->tokens, s->reserve, (unsigned long long)s->lease, s->now);
+                s->tokens, s->reserve, (unsigned long long)s->lease, (long long)s->now);
         fail_msg("the script and the library disagree");
     }
 }
@@ -590,7 +590,7 @@ static void do_take(seq *q, int peek)
         assert_int_equal(redisAppendCommand(rc, "GET %s", q->rkey), REDIS_OK);
     }
     redisReply *before = writes ? NULL : get_reply();
-    parse_decision(get_reply(), &s);
+    parse_decision(get_reply(), &s, &q->cp);
     compare(q, op, cost, &d, &s);
     if (writes)
         counts.takes++, counts.allowed += (unsigned long)d.allowed;
@@ -965,7 +965,7 @@ static void test_time_mode(void **st)
         assert_int_equal(d.allowed, i < 5);
         assert_int_equal(d.remaining, i < 5 ? 4 - i : 0);
     }
-    long long now = atoll(d.now);
+    long long now = d.now;
     long long wall_ns = (long long)wall.tv_sec * S + wall.tv_nsec;
     assert_true(now >= wall_ns - 5 * S && now <= wall_ns + 5 * S);
     redisReply *r = redisCommand(rc, "PTTL sl:time");
@@ -1089,7 +1089,16 @@ static void test_bad_arguments(void **st)
         {"1", "take", "1", "1", {"6", "5", "200000000", "0", "0", "1"}, 6}, /* rinterval 0 */
         {"1", "take", "1", "1", {"1", "1.5", "1", "0", "0", "0"}, 6},
         {"1", "take", "1", "1", {"1", "5", "1", "0", "0", "x"}, 6},
+        /* joined with spaces, the same limit arguments as the valid call below, which the
+         * script has just cached: a cache hit must not skip the argument count */
+        {"1", "take", "1", "1 1", {"5", "200000000", "0", "0", "0"}, 5},
     };
+    const char *valid[] = {"FCALL", fname, "1", "sl:bad2", "1", "peek", "1", "1",
+                           tb[0], tb[1], tb[2], tb[3], tb[4], tb[5]};
+    redisReply *ok = redisCommandArgv(rc, 14, valid, NULL);
+    assert_non_null(ok);
+    assert_int_equal(ok->type, REDIS_REPLY_STRING);
+    freeReplyObject(ok);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const char *argv[16] = {"FCALL", fname, "1", "sl:bad", cases[i].now, cases[i].op,
                                 cases[i].cost, cases[i].n};
@@ -1108,6 +1117,49 @@ static void test_bad_arguments(void **st)
     assert_memory_equal(v, "keep", 4);
     free(v);
     cmd("DEL sl:bad");
+}
+
+/* The reply decoder takes what the script packs and refuses anything else: a wrong length,
+ * flags out of range, a count that is not an integer in [0, 2^53] (NaN, negative, 0.5). */
+static void put_le(char *p, double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    for (int i = 0; i < 8; i++)
+        p[i] = (char)(u >> (8 * i));
+}
+
+static void test_reply_decode(void **st)
+{
+    (void)st;
+    char ok[74] = {1, 1};
+    double v[9] = {4, 5e8, 0, 0, 4.5, 0, 7, 1700000000, 999999999};
+    for (int i = 0; i < 9; i++)
+        put_le(ok + 2 + 8 * i, v[i]);
+    sl_rs_reply r;
+    assert_int_equal(sl_rs_decode(ok, 74, 2, &r), 1);
+    assert_int_equal(r.allowed, 1);
+    assert_int_equal(r.index, 1);
+    assert_int_equal(r.remaining, 4);
+    assert_int_equal(r.reset_after, 500000000);
+    assert_true(r.tokens == 4.5);
+    assert_int_equal(r.lease, 7);
+    assert_int_equal(r.now, 1700000000 * S + 999999999);
+    assert_int_equal(sl_rs_decode(ok, 73, 2, &r), 0);
+    assert_int_equal(sl_rs_decode(ok, 74, 1, &r), 0); /* index 1 of a one-limit policy */
+    struct {
+        int at;
+        double v;
+    } bad[] = {{2, NAN}, {2, -1}, {10, 0.5}, {18, 1e300}, {58, -3}, {66, 1e9}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char b[74];
+        memcpy(b, ok, 74);
+        put_le(b + bad[i].at, bad[i].v);
+        if (sl_rs_decode(b, 74, 2, &r) != 0)
+            fail_msg("case %zu accepted", i);
+    }
+    ok[0] = 2;
+    assert_int_equal(sl_rs_decode(ok, 74, 2, &r), 0);
 }
 
 /* A 100000-entry sliding log stays 8 bytes per entry and quick to decide on. */
@@ -1199,7 +1251,7 @@ int main(void)
         cmocka_unit_test(test_helpers),      cmocka_unit_test(test_bad_arguments),
         cmocka_unit_test(test_garbage),      cmocka_unit_test(test_peek_and_expiry),
         cmocka_unit_test(test_time_mode),    cmocka_unit_test(test_big_log),
-        cmocka_unit_test(test_differential),
+        cmocka_unit_test(test_differential), cmocka_unit_test(test_reply_decode),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
