@@ -622,10 +622,10 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
 {
     if (!l || !d)
         return SL_EINVAL;
-    int rc = resolve_now(l, &now);
-    if (rc != SL_OK)
-        return rc;
+    int rc;
     if (l->redis) {
+        if ((rc = resolve_now(l, &now)) != SL_OK)
+            return rc;
         if (!key)
             return SL_EINVAL;
         sl_request r = {.key = *key, .cost = cost, .peek = !take};
@@ -633,13 +633,21 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
             rc = d->err;
         return rc;
     }
+    if (now != SL_NOW && (rc = resolve_now(l, &now)) != SL_OK)
+        return rc; /* a bad `now` is refused before the key is looked at, as before */
     prep p;
     prepare(key, &p);
     if (p.err != SL_OK)
         return p.err;
-    sl_table_prefetch(l->table, p.hash); /* overlaps the slot's miss with resolving */
+    /* A key not in cache costs two dependent misses: its index slot, then its entry. Start
+     * the first, read the clock meanwhile, then start the second and resolve the policy
+     * (in decide) while it is on its way. */
+    sl_table_prefetch(l->table, p.hash);
+    if (now == SL_NOW && (rc = resolve_now(l, &now)) != SL_OK)
+        return rc;
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
+    sl_table_prefetch_entry(l->table, p.hash);
     rc = decide(l, &p, cost, NULL, now, take && cost > 0, d);
     sl_ebr_leave(l->ebr);
     return rc;
