@@ -9,6 +9,9 @@
 #   make python     build the Python extension (bindings/python) into the venv
 #                   build/python-venv (Debian's python3, offline); `make test` runs its tests
 #   make install    header, libraries and sluice.pc under PREFIX (default /usr/local)
+#   make fuzz       coverage-guided fuzzing with libFuzzer (clang, ASan+UBSan) of every
+#                   tests/fuzz target, FUZZ_SECONDS each (default 60), in build/fuzz; crashes
+#                   go to build/fuzz/crashes/ (`make test` runs the same targets briefly)
 PREFIX ?= /usr/local
 JOBS ?= $(shell nproc)
 CMAKE ?= cmake
@@ -21,7 +24,7 @@ BUILD := build/$(SANITIZE:address=asan)
 BUILD := $(BUILD:build/thread=build/tsan)
 endif
 
-.PHONY: all deps build run test test-one bench install clean python
+.PHONY: all deps build run test test-one bench install clean python fuzz
 
 all: build
 
@@ -74,6 +77,29 @@ python: deps
 
 install: build
 	@$(CMAKE) --install $(BUILD)
+
+# Each target runs on build/fuzz/corpus/<target>, a copy of tests/fuzz/corpus/<target> that
+# keeps what libFuzzer adds between runs; a crash stops that target, the others still run.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := resp resp_cmd snapshot redis_reply http http_api config
+fuzz: deps
+	@$(CMAKE) -S . -B build/fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+		-DSL_FUZZ=ON >/dev/null
+	@$(CMAKE) --build build/fuzz -j $(JOBS) --target fuzz_targets
+	@mkdir -p build/fuzz/crashes
+	@failed=; for t in $(FUZZ_TARGETS); do \
+		mkdir -p build/fuzz/corpus/$$t && cp tests/fuzz/corpus/$$t/* build/fuzz/corpus/$$t/; \
+		dict=; [ -f tests/fuzz/$$t.dict ] && dict=-dict=tests/fuzz/$$t.dict; \
+		echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
+		build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 $$dict \
+			-print_final_stats=1 -artifact_prefix=build/fuzz/crashes/$$t- \
+			build/fuzz/corpus/$$t 2>build/fuzz/fuzz_$$t.log || failed="$$failed $$t"; \
+		grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+[[:space:]]+DONE)' \
+			build/fuzz/fuzz_$$t.log | sed 's/^/  /'; \
+	done; \
+	if [ -n "$$failed" ]; then \
+		echo "fuzz: failed:$$failed (see build/fuzz/fuzz_<target>.log, build/fuzz/crashes/)"; \
+		exit 1; fi
 
 clean:
 	rm -rf build

@@ -17,6 +17,7 @@ PKGS=(
   valgrind                                  # bench: instruction counts
   python3-dev python3-setuptools            # bindings/python: the extension, built offline
   python3-wheel python3-venv                #   into a venv (build/python-venv)
+  clang libclang-rt-14-dev                  # make fuzz: clang and its libFuzzer runtime
 )
 
 missing=()

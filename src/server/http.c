@@ -68,6 +68,8 @@ static int hbuf_add(hbuf *b, const char *s, size_t n, size_t max, int *fail_stat
         *fail_status = too_big;
         return -1;
     }
+    if (n == 0) /* llhttp reports empty spans ("Authorization: "): b->p may still be NULL */
+        return 0;
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n)

@@ -128,14 +128,24 @@ static const opt k_opts[] = {
 };
 #define NOPTS (sizeof k_opts / sizeof k_opts[0])
 
+/* "sluiced: <msg>" as one line: control characters in the names and values it quotes (a
+ * JSON "\n" escape in a config file) are printed as '?'. */
+static void error_line(const char *msg)
+{
+    fputs("sluiced: ", stderr);
+    for (const unsigned char *p = (const unsigned char *)msg; *p; p++)
+        fputc(*p < 0x20 || *p == 0x7f ? '?' : *p, stderr);
+    fputc('\n', stderr);
+}
+
 static _Noreturn void bad(const char *fmt, ...)
 {
+    char msg[2048];
     va_list ap;
     va_start(ap, fmt);
-    fputs("sluiced: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    error_line(msg);
     exit(2);
 }
 
@@ -186,8 +196,10 @@ static void load_config(sd_settings *s, const char *path)
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
     if (!root)
         bad("--config %s: line %d, column %d: %s", path, e.line, e.column, e.text);
-    if (!json_is_object(root))
+    if (!json_is_object(root)) {
+        json_decref(root);
         bad("--config %s: the file must hold one JSON object", path);
+    }
     const char *key;
     json_t *v;
     json_object_foreach(root, key, v)
@@ -354,11 +366,11 @@ int main(int argc, char **argv)
     sd_admission_init(&srv.adm);
     char err[1024];
     if (sd_config_open(&srv, g_items, g_items_path, err, sizeof err) != 0) {
-        fprintf(stderr, "sluiced: %s\n", err); /* nothing started: refuse, do not run half-configured */
+        error_line(err); /* nothing started: refuse, do not run half-configured */
         return 2;
     }
     if (!srv.rstore && sd_state_open(&srv, err, sizeof err) != 0) {
-        fprintf(stderr, "sluiced: %s\n", err);
+        error_line(err);
         return 1;
     }
 

@@ -242,8 +242,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    if (k->draining_since)
-        return; /* after the last reply: input is read only to be dropped */
+    if (k->draining_since || c->close_after_write)
+        return; /* after the last reply, or a request that closes (QUIT, a protocol error)
+                   whose earlier replies are still undecided: input is read only to be dropped */
     c->in_len += (size_t)nread;
     c->last_active_ms = (int64_t)uv_now(&k->w->loop);
     process_input(k);

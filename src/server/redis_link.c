@@ -144,6 +144,7 @@ static int conn_open(sd_rlink *lk, rl_conn *c)
         redisAsyncFree(ac);
         return -1;
     }
+    sl_rs_cap_reader(ac->c.reader);
     ac->data = c;
     if (redisLibuvAttach(ac, lk->loop) != REDIS_OK) {
         redisAsyncFree(ac);

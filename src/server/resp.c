@@ -91,6 +91,10 @@ static long parse_multibulk(const char *buf, size_t len, resp_cmd *cmd, const ch
             *err = "Protocol error: invalid bulk length";
             return RESP_ERROR;
         }
+        if (pos + (size_t)bl + 2 > RESP_MAX_COMMAND) {
+            *err = "Protocol error: command larger than 1048576 bytes";
+            return RESP_ERROR;
+        }
         if (len - pos < (size_t)bl + 2)
             return RESP_NEED_MORE;
         if (buf[pos + (size_t)bl] != '\r' || buf[pos + (size_t)bl + 1] != '\n') {

@@ -19,6 +19,8 @@
 #define RESP_MAX_ARGS 256          /* arguments per command */
 #define RESP_MAX_BULK (64 * 1024)  /* bytes per argument */
 #define RESP_MAX_INLINE (64 * 1024) /* bytes per inline command line */
+#define RESP_MAX_COMMAND (1024 * 1024) /* bytes per multibulk command, all of it: always
+                                          fits a connection's input buffer (SD_IN_MAX) */
 
 typedef struct resp_arg {
     const char *p;

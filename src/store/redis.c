@@ -129,7 +129,9 @@ static int parse_addr(const char *s, size_t len, const char **host, size_t *host
 
 int sl_rs_node_index(sl_rstore *rs, const char *host, size_t hostlen, int port)
 {
-    if (hostlen == 0 || hostlen >= sizeof(((sl_rnode *)0)->host))
+    /* the host is kept as a C string: one with a NUL byte would never be found again, and
+       every CLUSTER SLOTS refresh naming it would add another node until the table is full */
+    if (hostlen == 0 || hostlen >= sizeof(((sl_rnode *)0)->host) || memchr(host, 0, hostlen))
         return -1;
     int n = atomic_load_explicit(&rs->nnodes, memory_order_acquire);
     for (int i = 0; i < n; i++) {
@@ -411,8 +413,10 @@ int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
         if (m->element[0]->type != REDIS_REPLY_STRING || m->element[1]->type != REDIS_REPLY_INTEGER)
             return SL_ESTORE;
         long long lo = r->element[0]->integer, hi = r->element[1]->integer;
-        int nd = sl_rs_node_index(rs, m->element[0]->str, m->element[0]->len,
-                                  (int)m->element[1]->integer);
+        long long port = m->element[1]->integer; /* checked as parse_addr checks the others */
+        if (port < 1 || port > 65535)
+            return SL_ESTORE;
+        int nd = sl_rs_node_index(rs, m->element[0]->str, m->element[0]->len, (int)port);
         if (nd < 0 || lo < 0 || hi >= SL_RS_SLOTS || lo > hi)
             return SL_ESTORE;
         for (long long s = lo; s <= hi; s++)
@@ -674,6 +678,37 @@ static int redirect_target(sl_rstore *rs, const char *msg, size_t len)
 }
 
 static int is_int(const redisReply *r) { return r->type == REDIS_REPLY_INTEGER; }
+
+/* hiredis 0.14 allocates an array's element pointers as soon as it reads the header, so one
+ * "*1000000000" line from a broken or hostile server costs 8 GB of address space. No reply we
+ * read has more than SL_RS_MAX_ARRAY elements (CLUSTER SLOTS: one per slot range, at most
+ * 16384), so a longer one is refused: the reader fails as out of memory, the connection is
+ * dropped, and its requests are decided by the fail mode. */
+static redisReplyObjectFunctions capped_fns;
+static void *(*plain_array)(const redisReadTask *, int);
+static pthread_once_t capped_once = PTHREAD_ONCE_INIT;
+
+static void *capped_array(const redisReadTask *t, int elements)
+{
+    return elements > SL_RS_MAX_ARRAY ? NULL : plain_array(t, elements);
+}
+
+static void capped_init(void)
+{
+    redisReader *r = redisReaderCreate(); /* hiredis's own functions, to wrap */
+    if (!r)
+        abort();
+    capped_fns = *r->fn;
+    plain_array = capped_fns.createArray;
+    capped_fns.createArray = capped_array;
+    redisReaderFree(r);
+}
+
+void sl_rs_cap_reader(redisReader *r)
+{
+    pthread_once(&capped_once, capped_init);
+    r->fn = &capped_fns;
+}
 
 /* The script's reply to a take or peek (redis_script.lua, REPLY): 74 bytes, little-endian:
  * allowed and limit index as bytes, then nine doubles. */

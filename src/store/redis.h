@@ -71,6 +71,12 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
 
+/* Make reader `r` (a redisContext's c->reader) refuse arrays longer than SL_RS_MAX_ARRAY
+ * instead of allocating them. Every connection to Redis calls it before reading. */
+#define SL_RS_MAX_ARRAY 65536
+struct redisReader;
+void sl_rs_cap_reader(struct redisReader *r);
+
 /* The function's reply to a take or peek, decoded (redis_script.lua, REPLY). */
 typedef struct sl_rs_reply {
     int allowed;

@@ -84,6 +84,7 @@ static redisContext *conn_open(sl_rstore *rs, int node, char *why, size_t whylen
         redisFree(c);
         return NULL;
     }
+    sl_rs_cap_reader(c->reader);
     redisSetTimeout(c, tv);
     redisEnableKeepAlive(c);
     if ((o->password && !setup_cmd(c, "AUTH", why, whylen, "AUTH %s", o->password)) ||

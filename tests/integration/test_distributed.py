@@ -4,6 +4,7 @@ clients (redis-py); Redis killed and restarted under load."""
 import json
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -344,6 +345,57 @@ class FaultTest(unittest.TestCase):
                 os.kill(r.proc.pid, signal.SIGCONT)
                 code = s.stop()
             self.assertEqual(code, 0, s.log())
+
+    def test_huge_array_reply(self):
+        """A broken or hostile Redis answering with one huge array header ("*1000000000"):
+        hiredis would reserve 8 GB for its element pointers; sluiced's readers refuse it, the
+        request is decided by the fail mode, and the server keeps serving."""
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        lsock.settimeout(20)
+        conns = []
+
+        def serve():
+            try:
+                for _ in range(16):  # bounded: sluiced makes a few connections
+                    c, _ = lsock.accept()
+                    conns.append(c)
+                    c.settimeout(20)
+                    try:
+                        if c.recv(4096):
+                            c.sendall(b"*1000000000\r\n:1\r\n")
+                    except OSError:
+                        pass
+            except OSError:
+                pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+
+        def vm_peak(pid):
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("VmPeak:"):
+                        return int(line.split()[1])
+            return 0
+
+        s = Sluiced("--store", "redis://127.0.0.1:%d" % lsock.getsockname()[1],
+                    "--redis-timeout", "2000").start()
+        try:
+            peak0 = vm_peak(s.proc.pid)
+            c = redis.Redis(port=s.resp_port, socket_timeout=10)
+            t0 = time.monotonic()
+            self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "huge")[0], 0)
+            self.assertLess(time.monotonic() - t0, 1.5)  # refused on reading, not timed out
+            self.assertEqual(c.ping(), True)
+            self.assertLess(vm_peak(s.proc.pid) - peak0, 1024 * 1024)  # kB: far below 8 GB
+        finally:
+            code = s.stop()
+            lsock.close()
+            for k in conns:
+                k.close()
+        self.assertEqual(code, 0, s.log())
 
     def test_fail_closed(self):
         self.outage("closed")

@@ -3,6 +3,8 @@
  * it refuses, bad addresses, the fail modes while Redis is down and recovery when it is back,
  * and a Redis Cluster of three masters (slot routing, ASK while a slot migrates, MOVED
  * after). */
+#include <netinet/in.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -12,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -261,6 +264,92 @@ static void outage(sl_fail_mode mode)
 
 /* A Redis that stops answering with its connections open: the call gives up after the
  * timeout (500 ms here) and the fail mode decides; then at once while the node backs off. */
+/* A server that answers every connection's first bytes with one huge array header, the way a
+ * broken or hostile Redis could: hiredis 0.14 would allocate 8 GB of element pointers for it. */
+typedef struct huge_server {
+    int fd, port;
+    pthread_t thread;
+} huge_server;
+
+static void *huge_serve(void *arg)
+{
+    huge_server *h = arg;
+    for (int i = 0; i < 8; i++) { /* bounded: the test makes a few connections */
+        int c = accept(h->fd, NULL, NULL);
+        if (c < 0)
+            break;
+        char buf[4096];
+        if (read(c, buf, sizeof buf) > 0) {
+            static const char huge[] = "*1000000000\r\n:1\r\n";
+            ssize_t w = write(c, huge, sizeof huge - 1);
+            (void)w;
+            if (read(c, buf, sizeof buf) < 0) /* until the client drops it */
+                (void)0;
+        }
+        close(c);
+    }
+    return NULL;
+}
+
+static long vm_peak_kb(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmPeak: %ld kB", &kb) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kb;
+}
+
+/* Every connection's reader refuses arrays longer than SL_RS_MAX_ARRAY: the request is decided
+ * by the fail mode, at once, and no huge allocation is made. */
+static void test_huge_array_reply(void **st)
+{
+    (void)st;
+    redisReader *rd = redisReaderCreate();
+    sl_rs_cap_reader(rd);
+    void *rep = NULL;
+    redisReaderFeed(rd, "*3\r\n:1\r\n:2\r\n:3\r\n", 16);
+    assert_int_equal(redisReaderGetReply(rd, &rep), REDIS_OK);
+    assert_non_null(rep);
+    assert_int_equal(((redisReply *)rep)->elements, 3);
+    freeReplyObject(rep);
+    redisReaderFeed(rd, "*1000000000\r\n", 13);
+    assert_int_equal(redisReaderGetReply(rd, &rep), REDIS_ERR);
+    redisReaderFree(rd);
+
+    huge_server h;
+    h.fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(h.fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(h.fd, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t al = sizeof a;
+    assert_int_equal(getsockname(h.fd, (struct sockaddr *)&a, &al), 0);
+    assert_int_equal(listen(h.fd, 8), 0);
+    h.port = ntohs(a.sin_port);
+    assert_int_equal(pthread_create(&h.thread, NULL, huge_serve, &h), 0);
+
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", h.port);
+    long peak0 = vm_peak_kb();
+    sl_limiter *l = open_redis(addr, SL_FAIL_CLOSED, "huge:", NULL);
+    sl_key k = SL_KEY("t", "a", "c");
+    sl_decision d;
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_int_equal(d.source, SL_SOURCE_FAIL_CLOSED);
+    assert_int_equal(d.allowed, 0);
+    long peak1 = vm_peak_kb();
+    if (peak0 > 0 && peak1 > 0)
+        assert_true(peak1 - peak0 < 1024 * 1024); /* not the 8 GB hiredis would reserve */
+    sl_close(l);
+    shutdown(h.fd, SHUT_RDWR);
+    close(h.fd);
+    pthread_join(h.thread, NULL);
+}
+
 static void test_redis_hangs(void **st)
 {
     (void)st;
@@ -436,6 +525,7 @@ int main(void)
         cmocka_unit_test(test_slots),
         cmocka_unit_test(test_bad_addresses),
         cmocka_unit_test(test_redis_hangs),
+        cmocka_unit_test(test_huge_array_reply),
         cmocka_unit_test(test_fail_closed),
         cmocka_unit_test(test_fail_open),
         cmocka_unit_test(test_cluster),
