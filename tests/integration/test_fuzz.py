@@ -413,7 +413,10 @@ class Runner:
             self._read(j, now)  # what arrived while this process was busy elsewhere
             if j.done:
                 return
-        quiet = now - j.last_io >= IDLE and not j.incomplete
+        # quiet: nothing for IDLE, no reply half-read, and the valid requests that open the
+        # case answered (under a sanitizer a reply can take longer than IDLE; HARD bounds it)
+        quiet = (now - j.last_io >= IDLE and not j.incomplete and
+                 (j.closed or len(j.replies) >= len(j.prefix)))
         if j.waiting and (quiet or now > j.deadline):
             j.waiting = False
             if j.i >= j.cut:
