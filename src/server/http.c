@@ -44,6 +44,7 @@ typedef struct hbuf {
 typedef struct http_state {
     llhttp_t parser;
     int event;         /* set by the callback that paused */
+    int deferred;      /* a complete request waits for earlier decisions (after_decisions) */
     int in_body;       /* between the headers and the end of the message */
     int closing;       /* a reply that closes was queued: ignore any further input */
     int fail_status;   /* 413/431/503 when a callback stopped the parser */
@@ -379,11 +380,30 @@ static void parse_error(sd_conn *c, llhttp_errno_t e)
     fail(c, 400, "malformed HTTP request: %s (%s)", msg, llhttp_errno_name(e));
 }
 
+/* A configuration change (PUT or DELETE under /api/config) runs after the decisions that
+ * this connection asked for before it (as SL.RULE does on RESP). */
+static int after_decisions(const http_state *st)
+{
+    int method = st->parser.method;
+    return (method == HTTP_PUT || method == HTTP_DELETE) && st->target.p &&
+           st->target.len >= 11 && memcmp(st->target.p, "/api/config", 11) == 0;
+}
+
 static size_t http_feed(sd_conn *c)
 {
     http_state *st = c->state;
     size_t pos = 0;
     int paused = 0;
+    c->ordered_wait = 0;
+    if (st->deferred) { /* a complete request that waited for earlier decisions */
+        if (c->items_waiting) {
+            c->ordered_wait = 1;
+            return 0;
+        }
+        st->deferred = 0;
+        if (message_done(c) != 0)
+            return c->in_len;
+    }
     while (!st->closing && (pos < c->in_len || paused)) {
         int between = !st->in_body && st->head_bytes == 0; /* no request begun */
         if (between && c->items_waiting >= SD_PIPELINE_MAX)
@@ -402,6 +422,11 @@ static size_t http_feed(sd_conn *c)
             paused = 1; /* run again even with no input left: the message may end here */
             if (st->event == EV_HEADERS && headers_done(c, c->in_len - pos) != 0)
                 break;
+            if (st->event == EV_MESSAGE && c->items_waiting && after_decisions(st)) {
+                st->deferred = 1; /* its head and body stay in st until message_done */
+                c->ordered_wait = 1;
+                break;
+            }
             if (st->event == EV_MESSAGE && message_done(c) != 0)
                 break;
         } else if (e == HPE_OK) {

@@ -163,9 +163,10 @@ static void kick(conn *k)
     if (k->closing || k->writing || k->draining_since)
         return;
     sd_conn_drain(&k->c);
-    if (k->c.in_len && !k->c.close_after_write)
+    if ((k->c.in_len || k->c.ordered_wait) && !k->c.close_after_write &&
+        !(k->c.ordered_wait && k->c.items_waiting))
         process_input(k);
-    if (k->paused && k->c.items_waiting < SD_PIPELINE_MAX) {
+    if (k->paused && k->c.items_waiting < SD_PIPELINE_MAX && !k->c.ordered_wait) {
         k->paused = 0;
         read_again(k);
     }
@@ -251,7 +252,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     flush(k);
 }
 
-/* Hand the buffered input to the protocol; stop reading while it has too much undecided. */
+/* Hand the buffered input to the protocol; stop reading while it has too much undecided, or
+ * while it waits for this connection's decisions before a request that must follow them. */
 static void process_input(conn *k)
 {
     sd_conn *c = &k->c;
@@ -268,7 +270,7 @@ static void process_input(conn *k)
             c->in_cap = 0;
         }
     }
-    if (c->items_waiting >= SD_PIPELINE_MAX && !k->paused) {
+    if ((c->items_waiting >= SD_PIPELINE_MAX || c->ordered_wait) && !k->paused) {
         k->paused = 1;
         uv_read_stop((uv_stream_t *)&k->tcp);
     }

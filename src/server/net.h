@@ -47,6 +47,9 @@ struct sd_conn {
     sd_sched *sched;      /* the worker's admission scheduler */
     sd_item *items, *items_tail; /* requests whose replies are not written yet, in order */
     size_t items_waiting;        /* of those, how many are not decided yet */
+    int ordered_wait; /* feed stopped at a request that must see every earlier decision of
+                         this connection (a rule change after a take): reading pauses, and
+                         feed runs again once items_waiting is 0 */
     int dirty;                   /* on the scheduler's list of connections with new replies */
     sd_conn *dirty_next;
 };

@@ -789,12 +789,27 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
     return 0;
 }
 
+/* Commands that change (or report) what decisions depend on: rules, tiers, the default
+ * policy, admission settings, weights, counters. Pipelined behind a decision of the same
+ * connection, they run after it is decided, so that a pipeline means what it says in order
+ * ("SL.TIER ASSIGN; SL.TAKE; SL.TIER UNASSIGN" takes under the tier). */
+static int after_decisions(const resp_arg *name)
+{
+    static const char *const names[] = {"SL.RULE",      "SL.TIER",   "SL.DEFAULT",
+                                        "SL.ADMISSION", "SL.WEIGHT", "SL.STATS"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (resp_arg_is(name, names[i]))
+            return 1;
+    return 0;
+}
+
 /* Decision commands are checked for auth here (dispatch checks the others). */
 static size_t resp_feed(sd_conn *c)
 {
     resp_state *st = c->state;
     size_t pos = 0;
     resp_cmd *m = &t_cmd;
+    c->ordered_wait = 0;
     while (c->items_waiting < SD_PIPELINE_MAX) {
         const char *err = NULL;
         long n = resp_parse(c->in + pos, c->in_len - pos, m, &err);
@@ -806,6 +821,10 @@ static size_t resp_feed(sd_conn *c)
             sd_info("conn %llu %s: %s; closing", (unsigned long long)c->id, c->peer, err);
             c->close_after_write = 1;
             pos = c->in_len;
+            break;
+        }
+        if (m->argc > 0 && c->items_waiting && after_decisions(&m->argv[0])) {
+            c->ordered_wait = 1; /* left unread: parsed again once they are decided */
             break;
         }
         pos += (size_t)n;

@@ -74,9 +74,11 @@ static void fixture_read(fixture *f, const char *p, size_t n)
         FUZZ_CHECK(used <= c->in_len);
         c->in += used;
         c->in_len -= used;
-        int full = c->items_waiting >= SD_PIPELINE_MAX; /* feed stopped for the scheduler */
+        /* feed stopped for the scheduler: too much undecided, or a command that must follow
+         * the decisions before it (c->ordered_wait) */
+        int waits = c->items_waiting >= SD_PIPELINE_MAX || c->ordered_wait;
         sd_sched_run(f->sched, NOW_MS, on_ready);
-        if (!full || c->close_after_write || c->in_len == 0)
+        if (!waits || c->close_after_write || (c->in_len == 0 && !c->ordered_wait))
             break;
     }
 }

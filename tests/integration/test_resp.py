@@ -224,6 +224,24 @@ class RespTest(unittest.TestCase):
         c0 = [x[2] for x in takes[0::2]]
         self.assertEqual(c0, list(range(499, -1, -1)))
 
+    def test_pipelined_rule_change_follows_earlier_takes(self):
+        """A rule change pipelined behind takes of the same connection runs after they are
+        decided: the first take is under the default policy, the second under the rule, the
+        third under the default again."""
+        r = self.client()
+        p = r.pipeline(transaction=False)
+        p.execute_command("SL.TAKE", "t8", "a", "c")
+        p.execute_command("SL.RULE", "SET", "CLIENT", "t8", "a", "c", "token_bucket",
+                          "LIMIT", 3, "RATE", 0.001)
+        p.execute_command("SL.TAKE", "t8", "a", "c")
+        p.execute_command("SL.RULE", "DEL", "CLIENT", "t8", "a", "c")
+        p.execute_command("SL.TAKE", "t8", "a", "c")
+        out = p.execute()
+        default_limit = out[0][1]
+        self.assertNotEqual(default_limit, 3)
+        self.assertEqual(out[2][1], 3)
+        self.assertEqual(out[4][1], default_limit)
+
     def test_inline_and_protocol_errors(self):
         self.assertEqual(raw(self.port, b"PING\r\nECHO 'two words'\r\n\r\n", expect=21),
                          b"+PONG\r\n$9\r\ntwo words\r\n")
