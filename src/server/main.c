@@ -13,6 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <uv.h>
+
 #include "config.h"
 #include "limiter_int.h"
 #include "server.h"
@@ -282,6 +284,12 @@ static void parse_args(sd_settings *s, int argc, char **argv)
     }
     if (!s->resp_port && !s->http_port)
         bad("--resp-port and --http-port are both 0: nothing to serve");
+    struct sockaddr_in6 a6; /* as net.c will read it: IPv6 when it has a ':', else IPv4 */
+    struct sockaddr_in a4;
+    int bad_addr = strchr(s->bind, ':') ? uv_ip6_addr(s->bind, 0, &a6) != 0
+                                        : uv_ip4_addr(s->bind, 0, &a4) != 0;
+    if (bad_addr)
+        bad("--bind: '%s' is not an IPv4 or IPv6 address", s->bind);
 }
 
 /* --store: "memory", or a redis:// URL split into the library's options (servers, password

@@ -343,7 +343,10 @@ class ProcessTest(unittest.TestCase):
                           (["--threads", "0"], "--threads"),
                           (["--threads"], "--threads: missing value"),
                           (["--log-level", "loud"], "not a log level"),
-                          (["--resp-port", "0", "--http-port", "0"], "nothing to serve")]:
+                          (["--resp-port", "0", "--http-port", "0"], "nothing to serve"),
+                          (["--bind", "localhost"], "--bind: 'localhost' is not an IPv4"),
+                          (["--bind", "300.1.1.1"], "--bind: '300.1.1.1'"),
+                          (["--bind", "::1::2"], "--bind: '::1::2'")]:
             code, _, err = run_sluiced(*args)
             self.assertEqual(code, 2, args)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
