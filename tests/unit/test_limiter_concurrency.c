@@ -3,11 +3,12 @@
  * Per key, what is admitted over a run of T seconds must never exceed C + r*T (no
  * over-admission) and, since the keys are hammered far faster than they refill, must reach
  * at least 99% of it (no lost tokens). Counted as what was admitted plus what the key still
- * holds at its last request, against C + r*t, t from the key's first request (a new key is
- * full: it starts refilling when first drained) to its last: on a machine busy with other
- * work a key's threads may start late, or stall (a shard lock holder preempted) and not run
- * again before the deadline; none of that loses a unit, while a lost refill or a lost update
- * would still show. Runs under ThreadSanitizer too (label "concurrency"). */
+ * holds at its last request, against C + r*t, t from the key's first decided request (a new
+ * key is full: it starts refilling when first drained; a request may be decided long after
+ * it read the clock, so the time its call returned is used) to its last: on a machine busy
+ * with other work a key's threads may start late, or stall (a shard lock holder preempted)
+ * and not run again before the deadline; none of that loses a unit, while a lost refill or a
+ * lost update would still show. Runs under ThreadSanitizer too (label "concurrency"). */
 #include <pthread.h>
 #include <stdarg.h>
 #include <setjmp.h>
@@ -29,7 +30,7 @@ typedef struct run {
     int nkeys;
     char names[MAXKEYS][16];
     _Atomic uint64_t admitted[MAXKEYS];
-    _Atomic int64_t first[MAXKEYS], last[MAXKEYS]; /* earliest, latest `now` of a request */
+    _Atomic int64_t first[MAXKEYS], last[MAXKEYS]; /* earliest return, latest `now` */
     _Atomic uint64_t denied;
     pthread_barrier_t go;
     int64_t deadline;
@@ -59,11 +60,15 @@ static void *worker(void *p)
             int rc = sl_take(r->l, &key, 1, now, &d);
             if (rc != SL_OK)
                 abort();
+            /* The key starts refilling when its first request is decided, which can be long
+             * after that request read `now` (its thread waited behind a preempted holder of
+             * the shard lock): `first` is when a request came back, never before that. */
+            int64_t done = sl_now(r->l);
             int64_t seen = atomic_load_explicit(&r->last[k], memory_order_relaxed);
             while (now > seen && !atomic_compare_exchange_weak(&r->last[k], &seen, now))
                 ;
             seen = atomic_load_explicit(&r->first[k], memory_order_relaxed);
-            while (now < seen && !atomic_compare_exchange_weak(&r->first[k], &seen, now))
+            while (done < seen && !atomic_compare_exchange_weak(&r->first[k], &seen, done))
                 ;
             if (d.allowed)
                 atomic_fetch_add_explicit(&r->admitted[k], 1, memory_order_relaxed);
