@@ -334,12 +334,19 @@ int resp_arg_double(const resp_arg *a, double *out)
     char tmp[64];
     if (a->len == 0 || a->len >= sizeof tmp)
         return -1;
+    /* a plain decimal: strtod would also take leading blanks, hex ("0x10"), "inf", "nan" */
+    for (size_t i = 0; i < a->len; i++) {
+        char ch = a->p[i];
+        if (!((ch >= '0' && ch <= '9') || ch == '.' || ch == '-' || ch == '+' || ch == 'e' ||
+              ch == 'E'))
+            return -1;
+    }
     memcpy(tmp, a->p, a->len);
     tmp[a->len] = 0;
     char *end;
     errno = 0;
     double v = strtod(tmp, &end);
-    if (*end || errno || !isfinite(v) || tmp[0] == ' ' || tmp[0] == '\t')
+    if (*end || errno || !isfinite(v))
         return -1;
     *out = v;
     return 0;
