@@ -285,6 +285,11 @@ class Job:
         return self.pos < len(self.buf)
 
 
+def finals(j):
+    """Replies that answer a request: HTTP's interim "100 Continue" does not."""
+    return sum(1 for r in j.replies if not (isinstance(r, dict) and r.get("status") == 100))
+
+
 class Runner:
     def __init__(self, port, parse, rng):
         self.port, self.parse, self.rng = port, parse, rng
@@ -416,7 +421,7 @@ class Runner:
         # quiet: nothing for IDLE, no reply half-read, and the valid requests that open the
         # case answered (under a sanitizer a reply can take longer than IDLE; HARD bounds it)
         quiet = (now - j.last_io >= IDLE and not j.incomplete and
-                 (j.closed or len(j.replies) >= len(j.prefix)))
+                 (j.closed or finals(j) >= len(j.prefix)))
         if j.waiting and (quiet or now > j.deadline):
             j.waiting = False
             if j.i >= j.cut:
@@ -431,7 +436,7 @@ class Runner:
                     j.sent, j.payload_len)
                 self._finish(j)
             return
-        if j.expect is not None and len(j.replies) >= j.expect and now - j.last_io >= 0.03:
+        if j.expect is not None and finals(j) >= j.expect and now - j.last_io >= 0.03:
             self._finish(j)
         elif j.expect is None and quiet:
             self._finish(j)
