@@ -163,8 +163,8 @@ static void kick(conn *k)
     if (k->closing || k->writing || k->draining_since)
         return;
     sd_conn_drain(&k->c);
-    if ((k->c.in_len || k->c.ordered_wait) && !k->c.close_after_write &&
-        !(k->c.ordered_wait && k->c.items_waiting))
+    /* input to parse; or, for a request waiting on earlier decisions, none left undecided */
+    if (!k->c.close_after_write && (k->c.ordered_wait ? !k->c.items_waiting : k->c.in_len != 0))
         process_input(k);
     if (k->paused && k->c.items_waiting < SD_PIPELINE_MAX && !k->c.ordered_wait) {
         k->paused = 0;

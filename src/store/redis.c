@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bytes.h"
 #include "limiter_int.h"
 
 #define NS_PER_MS INT64_C(1000000)
@@ -714,11 +715,9 @@ void sl_rs_cap_reader(redisReader *r)
  * allowed and limit index as bytes, then nine doubles. */
 #define REPLY_LEN 74
 
-static double le_double(const char *p)
+static double le_double(const char *p) /* the host is little-endian (snapshot.c checks) */
 {
-    uint64_t u = 0;
-    for (int i = 7; i >= 0; i--)
-        u = u << 8 | (unsigned char)p[i];
+    uint64_t u = sl_ld8(p);
     double v;
     memcpy(&v, &u, sizeof v);
     return v;

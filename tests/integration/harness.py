@@ -97,24 +97,31 @@ def run_sluiced(*args, timeout=10.0):
     return p.returncode, p.stdout.decode(), p.stderr.decode()
 
 
+def recv_all(s, timeout, expect=None, read_until_close=False):
+    """What comes back on socket `s` until `expect` bytes (unless read_until_close), or the
+    server closed, or the timeout."""
+    s.settimeout(timeout)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if expect is not None and len(out) >= expect and not read_until_close:
+            break
+        try:
+            chunk = s.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 def raw(port, data, read_until_close=False, timeout=5.0, expect=None):
     """Send bytes on a fresh connection; return what came back (until `expect` bytes, or the
     server closed, or the timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        out = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if expect is not None and len(out) >= expect and not read_until_close:
-                break
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
+        return recv_all(s, timeout, expect, read_until_close)
 
 
 class RedisServer:

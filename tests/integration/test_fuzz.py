@@ -54,7 +54,7 @@ import unittest
 
 import redis
 
-from harness import BINARY, RedisServer, Sluiced, free_port, run_sluiced
+from harness import BINARY, RedisServer, Sluiced, free_port, recv_all, run_sluiced
 
 SEED = int(os.environ.get("SL_FUZZ_SEED", "20261123"))
 SCALE = float(os.environ.get("SL_FUZZ_SCALE", "1"))
@@ -1494,18 +1494,7 @@ class FuzzServer(unittest.TestCase):
 # ---- reproducers of what the fuzzing found ------------------------------------------------------
 
 def read_until_close(sock, timeout):
-    sock.settimeout(timeout)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
+    return recv_all(sock, timeout, read_until_close=True)
 
 
 def all_replies(data):
