@@ -75,4 +75,11 @@ grep -q "error\|unreachable" "$TMP/sluiced.log" && fail "sluiced logged errors: 
 
 echo "# sluiced Redis-store bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, $ROUNDS rounds," \
      "redis-benchmark -c 50 -P 1 and -P 16 -n $N, $((T1 - T0)) s"
+# Redis's own time per call of each script, over the whole run (INFO commandstats: the
+# command's execution only, not reading or writing it): sluice's function (FCALL, from sluiced
+# and from the direct clients) and the naive script (EVALSHA).
+for c in fcall evalsha; do
+    u=$(redis-cli -p "$RP" INFO commandstats | tr -d '\r' | sed -n "s/^cmdstat_$c:.*usec_per_call=\([0-9.]*\).*/\1/p")
+    [ -n "$u" ] && echo "RESULT name=redis_time_$c metric=usec_per_call value=$u"
+done
 summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2 sluiced_redis_random:function_direct_random:1 sluiced_redis_attack:redis_ping:0.9 sluiced_redis_random_P16:lua_direct_random_P16:2 sluiced_redis_attack_P16:lua_direct_attack_P16:2" 2 "^sluiced"
