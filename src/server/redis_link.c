@@ -207,7 +207,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
         fail(lk, q);
         return;
     }
-    sl_rs_node_ok(lk->rs, c->node);
+    sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
     switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err)) {
     case SL_RS_DONE:
         complete(lk, q);

@@ -49,6 +49,7 @@ typedef struct node_st {
     _Atomic int64_t retry_at; /* monotonic ns before which the node is not tried */
     _Atomic int64_t backoff;
     _Atomic int down;
+    _Atomic int64_t failed_at; /* monotonic ns of the last failure */
     struct sl_rpool *pool;    /* the blocking transport's idle connections */
 } node_st;
 
@@ -285,7 +286,9 @@ void sl_rs_node_failed(sl_rstore *rs, int i, const char *why)
     int64_t b = atomic_load(&nd->backoff);
     b = b ? (2 * b > BACKOFF_MAX ? BACKOFF_MAX : 2 * b) : BACKOFF_MIN;
     atomic_store(&nd->backoff, b);
-    atomic_store(&nd->retry_at, sl_rs_mono() + b);
+    int64_t now = sl_rs_mono();
+    atomic_store(&nd->failed_at, now);
+    atomic_store(&nd->retry_at, now + b);
     if (atomic_exchange(&nd->down, 1) == 0) {
         atomic_fetch_add(&rs->ndown, 1);
         char msg[512];
@@ -294,10 +297,14 @@ void sl_rs_node_failed(sl_rstore *rs, int i, const char *why)
     }
 }
 
-void sl_rs_node_ok(sl_rstore *rs, int i)
+void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent)
 {
     node_st *nd = rs->nodes[i];
     if (atomic_load_explicit(&nd->down, memory_order_relaxed) == 0)
+        return;
+    /* a reply to a request sent before the last failure (already in flight on another
+     * connection when this one broke) says nothing about the node now */
+    if (sent < atomic_load(&nd->failed_at))
         return;
     atomic_store(&nd->backoff, 0);
     atomic_store(&nd->retry_at, 0);

@@ -133,7 +133,7 @@ int sl_rs_is_cluster(sl_rstore *rs);
  * (50 ms .. 2 s), a success clears it. sl_rs_node_usable says whether to try it now (not
  * within its back-off). The store's up/down state (and on_state) follows these. */
 void sl_rs_node_failed(sl_rstore *rs, int i, const char *why);
-void sl_rs_node_ok(sl_rstore *rs, int i);
+void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent); /* sent: sl_rs_mono() of the request */
 int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono);
 int64_t sl_rs_mono(void); /* CLOCK_MONOTONIC ns */
 

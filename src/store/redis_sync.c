@@ -278,7 +278,7 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
                 conn_failed(rs, nd, conn[k]);
                 continue;
             }
-            sl_rs_node_ok(rs, nd);
+            sl_rs_node_ok(rs, nd, now);
             checkin(rs, nd, conn[k]);
         }
     }
