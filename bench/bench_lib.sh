@@ -12,7 +12,11 @@ cleanup() {
 trap cleanup EXIT
 
 fail() { echo "${0##*/}: FAILED: $*" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# N distinct free loopback ports on one line (the tests' picker: below the ephemeral range).
+free_ports() {
+    PYTHONPATH="$(dirname "${BASH_SOURCE[0]}")/../tests/integration" python3 -c \
+        'import sys, harness; print(*(harness.free_port() for _ in range(int(sys.argv[1]))))' "$1"
+}
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; fail "port $1 never opened"; }
 
 # A token bucket as people write it in Lua: HMGET, refill, decide, HMSET, PEXPIRE.

@@ -37,7 +37,7 @@ for t in redis-server redis-cli redis-benchmark; do
 done
 [ -x "$SLUICED" ] || fail "$SLUICED not built"
 
-RP=$(free_port); SP=$(free_port)
+read -r RP SP < <(free_ports 2)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
     --logfile "$TMP/redis.log" & PIDS+=($!)
 wait_port "$RP"

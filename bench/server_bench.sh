@@ -33,7 +33,7 @@ done
 
 
 # ---- servers ----
-SP=$(free_port); SH=$(free_port); RP=$(free_port); NP=$(free_port)
+read -r SP SH RP NP < <(free_ports 4)
 "$SLUICED" --threads 1 --bind 127.0.0.1 --resp-port "$SP" --http-port "$SH" \
     --log-level warn 2>"$TMP/sluiced.log" & PIDS+=($!)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \

@@ -9,6 +9,7 @@ The binary is $SLUICED (set by ctest), else build/sluiced. Every server listens 
 only and is killed if it does not stop by itself within the timeout.
 """
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BINARY = os.environ.get("SLUICED", os.path.join(ROOT, "build", "sluiced"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are picked at random below the kernel's ephemeral range, so that no outgoing
+# connection (of this test or of one running in parallel) takes one between the check and the
+# server's bind; and none is handed out twice by one process. Two ports asked for in a row
+# from the kernel (bind to port 0, close) can be the same one: that made a sluiced bind its
+# HTTP port to its own RESP port.
+_PORT_LOW = 10000
+_PORT_HIGH = max(_PORT_LOW + 2000, _ephemeral_low()) - 1
+_given = set()
+
+
+def _bindable(port):
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+
+
+def free_port(bus_offset=None):
+    """A loopback port free now, never returned before by this process. With bus_offset,
+    port + bus_offset is free too (a Redis Cluster node's bus port)."""
+    high = max(_PORT_LOW + 1000, _PORT_HIGH - (bus_offset or 0))
+    for _ in range(10000):
+        p = random.randint(_PORT_LOW, high)
+        ports = (p,) if bus_offset is None else (p, p + bus_offset)
+        if any(q in _given for q in ports) or not all(_bindable(q) for q in ports):
+            continue
+        _given.update(ports)
+        return p
+    raise RuntimeError("no free loopback port in %d..%d" % (_PORT_LOW, high))
 
 
 def wait_port(port, timeout=10.0):
@@ -40,23 +76,41 @@ class Sluiced:
     def __init__(self, *args, resp=True, http=True, threads=2, env=None):
         self.resp_port = free_port() if resp else 0
         self.http_port = free_port() if http else 0
-        self.args = [BINARY, "--bind", "127.0.0.1", "--resp-port", str(self.resp_port),
-                     "--http-port", str(self.http_port), "--threads", str(threads),
-                     *[str(a) for a in args]]
+        self.extra = ["--threads", str(threads), *[str(a) for a in args]]
         self.env = env
         self.proc = None
         self.errfile = tempfile.TemporaryFile()
 
-    def start(self):
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.errfile,
-                                     env=self.env)
+    @property
+    def args(self):
+        return [BINARY, "--bind", "127.0.0.1", "--resp-port", str(self.resp_port),
+                "--http-port", str(self.http_port), *self.extra]
+
+    def start(self, attempts=3):
+        """Start and wait until every front end accepts connections. A port taken by another
+        process since it was picked (a test running in parallel) is picked again."""
+        for attempt in range(attempts):
+            if attempt:  # the failed attempt's log is not this server's
+                self.errfile.seek(0)
+                self.errfile.truncate()
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
+                                         stderr=self.errfile, env=self.env)
+            if self._listening():
+                return self
+            self.kill()
+            if "Address already in use" not in self.log() or attempt + 1 == attempts:
+                raise RuntimeError("sluiced did not start listening:\n" + self.log())
+            self.resp_port = free_port() if self.resp_port else 0
+            self.http_port = free_port() if self.http_port else 0
+        return self
+
+    def _listening(self):
         for port in (self.resp_port, self.http_port):
             if port and not wait_port(port):
-                self.kill()
-                raise RuntimeError("sluiced did not start listening:\n" + self.log())
+                return False
             if self.proc.poll() is not None:
-                raise RuntimeError("sluiced exited at start:\n" + self.log())
-        return self
+                return False
+        return True
 
     def __enter__(self):
         return self.start()
@@ -85,6 +139,9 @@ class Sluiced:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def __del__(self):
+        self.errfile.close()
 
     def log(self):
         self.errfile.seek(0)
@@ -165,18 +222,8 @@ class RedisServer:
 
 
 def free_cluster_port():
-    """A free port p < 55536 whose cluster bus port p + 10000 is free too."""
-    import random
-    for _ in range(1000):
-        p = random.randint(20000, 55000)
-        try:
-            for q in (p, p + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free cluster port")
+    """A free port p whose cluster bus port p + 10000 is free too."""
+    return free_port(bus_offset=10000)
 
 
 class RedisCluster:
