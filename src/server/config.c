@@ -30,6 +30,7 @@ struct sd_config {
     json_t *overlay; /* items changed through the API (null = deleted) */
     char path[600];  /* <data-dir>/config.json, "" = not durable */
     char dir[520];
+    const char *base_path; /* the --config file, while sd_config_open runs */
 };
 
 static _Thread_local int t_errno;
@@ -629,34 +630,155 @@ int sd_cfg_global_set(sd_server *s, const sl_policy *deflt, const int64_t vals[3
 
 /* ---- loading ------------------------------------------------------------------------------- */
 
-void sd_file_position(const char *path, const char *key, int *line, int *col)
+/* A reader of a JSON file's text that knows where it is: line and column (columns count
+ * characters, as jansson's do: UTF-8 continuation bytes do not move it). */
+typedef struct {
+    FILE *f;
+    int line, col;
+} jreader;
+
+static int jr_get(jreader *r)
+{
+    int ch = fgetc(r->f);
+    if (ch == '\n') {
+        r->line++;
+        r->col = 0;
+    } else if (ch != EOF && (ch & 0xC0) != 0x80) {
+        r->col++;
+    }
+    return ch;
+}
+
+static void put_utf8(char *buf, size_t cap, size_t *n, unsigned long cp)
+{
+    unsigned char u[4];
+    size_t len;
+    if (cp < 0x80) {
+        u[0] = (unsigned char)cp;
+        len = 1;
+    } else if (cp < 0x800) {
+        u[0] = (unsigned char)(0xC0 | cp >> 6);
+        u[1] = (unsigned char)(0x80 | (cp & 0x3F));
+        len = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (unsigned char)(0xE0 | cp >> 12);
+        u[1] = (unsigned char)(0x80 | (cp >> 6 & 0x3F));
+        u[2] = (unsigned char)(0x80 | (cp & 0x3F));
+        len = 3;
+    } else {
+        u[0] = (unsigned char)(0xF0 | cp >> 18);
+        u[1] = (unsigned char)(0x80 | (cp >> 12 & 0x3F));
+        u[2] = (unsigned char)(0x80 | (cp >> 6 & 0x3F));
+        u[3] = (unsigned char)(0x80 | (cp & 0x3F));
+        len = 4;
+    }
+    for (size_t i = 0; i < len; i++, (*n)++)
+        if (*n < cap)
+            buf[*n] = (char)u[i];
+}
+
+static long jr_hex4(jreader *r)
+{
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        int ch = jr_get(r), d = ch >= '0' && ch <= '9'   ? ch - '0'
+                               : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+                               : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                                        : -1;
+        if (d < 0)
+            return -1;
+        v = v << 4 | d;
+    }
+    return v;
+}
+
+/* The rest of a string whose opening quote was just read, decoded into buf (bytes beyond
+ * cap are counted, not stored): its decoded length, or -1 if the text is not JSON. */
+static long jr_string(jreader *r, char *buf, size_t cap)
+{
+    size_t n = 0;
+    for (;;) {
+        int ch = jr_get(r);
+        if (ch == EOF)
+            return -1;
+        if (ch == '"')
+            return (long)n;
+        if (ch != '\\') { /* the file's own bytes, UTF-8 already */
+            if (n < cap)
+                buf[n] = (char)ch;
+            n++;
+            continue;
+        }
+        ch = jr_get(r);
+        const char *esc = strchr("\"\\/bfnrt", ch);
+        if (ch != EOF && ch != 0 && esc) {
+            put_utf8(buf, cap, &n, (unsigned long)"\"\\/\b\f\n\r\t"[esc - "\"\\/bfnrt"]);
+            continue;
+        }
+        long cp = ch == 'u' ? jr_hex4(r) : -1;
+        if (cp >= 0xD800 && cp < 0xDC00) { /* a surrogate pair's first half */
+            long lo = jr_get(r) == '\\' && jr_get(r) == 'u' ? jr_hex4(r) : -1;
+            if (lo < 0xDC00 || lo > 0xDFFF)
+                return -1;
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        }
+        if (cp < 0)
+            return -1;
+        put_utf8(buf, cap, &n, (unsigned long)cp);
+    }
+}
+
+/* Line and column (1-based) of the first object member named `key` (as jansson decodes it:
+ * escapes count) at nesting `depth` (1: the top-level object's members); 0, or -1. */
+static int file_position(const char *path, int depth, const char *key, int *line, int *col)
 {
     *line = *col = 0;
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return;
-    char want[KEY_MAX + 3];
-    snprintf(want, sizeof want, "\"%s\"", key);
-    size_t wl = strlen(want), matched = 0;
-    int ln = 1, cl = 0, ch;
-    while ((ch = fgetc(f)) != EOF) {
-        cl++;
-        matched = ch == want[matched] ? matched + 1 : ch == want[0] ? 1 : 0;
-        if (matched == wl) {
-            *line = ln;
-            *col = cl - (int)wl + 1;
-            break;
-        }
-        if (ch == '\n') {
-            ln++;
-            cl = 0;
+    jreader r = {fopen(path, "r"), 1, 0};
+    if (!r.f)
+        return -1;
+    size_t kl = strlen(key);
+    char buf[KEY_MAX + 1];
+    int d = 0, found = -1, ch;
+    while (found < 0 && (ch = jr_get(&r)) != EOF) {
+        if (ch == '{' || ch == '[') {
+            d++;
+        } else if (ch == '}' || ch == ']') {
+            d--;
+        } else if (ch == '"') {
+            int sl = r.line, sc = r.col;
+            long n = jr_string(&r, buf, sizeof buf);
+            if (n < 0)
+                break;
+            while ((ch = jr_get(&r)) == ' ' || ch == '\t' || ch == '\r' || ch == '\n')
+                ;
+            if (ch == ':' && d == depth && (size_t)n == kl && memcmp(buf, key, kl) == 0) {
+                *line = sl;
+                *col = sc;
+                found = 0;
+            } else if (ch == '{' || ch == '[') {
+                d++;
+            } else if (ch == '}' || ch == ']') {
+                d--;
+            }
         }
     }
-    fclose(f);
+    fclose(r.f);
+    return found;
+}
+
+void sd_file_where(char *out, size_t n, const char *prefix, const char *path, int depth,
+                   const char *key)
+{
+    int line, col;
+    if (file_position(path, depth, key, &line, &col) == 0)
+        snprintf(out, n, "%s%s: line %d, column %d", prefix, path, line, col);
+    else
+        snprintf(out, n, "%s%s", prefix, path);
 }
 
 /* Check every item of `items` (from `path`); 0 or -1 with err set. */
-static int check_items(const json_t *items, const char *path, char *err, size_t errlen)
+static int check_items(const json_t *items, const char *prefix, const char *path, char *err,
+                       size_t errlen)
 {
     const char *key;
     json_t *v;
@@ -689,10 +811,9 @@ static int check_items(const json_t *items, const char *path, char *err, size_t 
             why = "tier names are 1 to 255 bytes without NUL";
         }
         if (why) {
-            int line, col;
-            sd_file_position(path, key, &line, &col);
-            snprintf(err, errlen, "%s: line %d, column %d: item \"%s\": %s", path, line, col,
-                     key, why);
+            char where[700];
+            sd_file_where(where, sizeof where, prefix, path, 2, key);
+            snprintf(err, errlen, "%s: item \"%s\": %s", where, key, why);
             return -1;
         }
     }
@@ -718,17 +839,17 @@ static json_t *load_overlay(const char *path, char *err, size_t errlen)
         return NULL;
     }
     if (json_integer_value(ver) != FORMAT_VERSION) {
-        int line, col;
-        sd_file_position(path, "sluice_config", &line, &col);
-        snprintf(err, errlen, "%s: line %d, column %d: field \"sluice_config\": version %" JSON_INTEGER_FORMAT
+        char where[700];
+        sd_file_where(where, sizeof where, "", path, 1, "sluice_config");
+        snprintf(err, errlen, "%s: field \"sluice_config\": version %" JSON_INTEGER_FORMAT
                               " is not %d (written by another version of sluiced)",
-                 path, line, col, json_integer_value(ver), FORMAT_VERSION);
+                 where, json_integer_value(ver), FORMAT_VERSION);
         json_decref(doc);
         return NULL;
     }
     json_incref(items);
     json_decref(doc);
-    if (check_items(items, path, err, errlen) != 0) {
+    if (check_items(items, "", path, err, errlen) != 0) {
         json_decref(items);
         return NULL;
     }
@@ -753,8 +874,10 @@ static int apply_all(sd_server *s, char *err, size_t errlen)
                 parsed x;
                 int rc = parse_key(key, &x) == 0 ? apply(s, &x, v) : SL_EINVAL;
                 if (rc != SL_OK) {
-                    snprintf(err, errlen, "%s: item \"%s\": %s",
-                             m ? c->path : "--config", key, sl_strerror(rc));
+                    char where[700];
+                    sd_file_where(where, sizeof where, m ? "" : "--config ",
+                                  m ? c->path : c->base_path, 2, key);
+                    snprintf(err, errlen, "%s: item \"%s\": %s", where, key, sl_strerror(rc));
                     return -1;
                 }
             }
@@ -776,7 +899,8 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
     srv->config = c;
     c->base = base ? base : json_object();
     c->overlay = NULL;
-    if (base && check_items(base, base_path, err, errlen) != 0)
+    c->base_path = base_path;
+    if (base && check_items(base, "--config ", base_path, err, errlen) != 0)
         return -1;
     const char *dir = srv->cfg.data_dir;
     if (dir[0]) {

@@ -46,9 +46,12 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
                    size_t errlen);
 void sd_config_close(sd_server *srv);
 
-/* Line and column (1-based; 0 if not found) of the first `"key"` in a JSON file's text, for
- * error messages (jansson keeps no positions of values). */
-void sd_file_position(const char *path, const char *key, int *line, int *col);
+/* Where a JSON file holds the object member `key` at nesting `depth` (1: the top-level
+ * object's members), for error messages, as jansson keeps no positions: "<prefix><path>:
+ * line L, column C", or "<prefix><path>" if it is not there. Escapes in the file count as
+ * jansson decodes them. */
+void sd_file_where(char *out, size_t n, const char *prefix, const char *path, int depth,
+                   const char *key);
 
 /* The errno of this thread's last SD_EPERSIST. */
 int sd_config_errno(void);

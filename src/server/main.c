@@ -218,11 +218,10 @@ static void load_config(sd_settings *s, const char *path)
             g_items_path = path;
             continue;
         }
-        char where[600];
-        int line, col;
-        sd_file_position(path, key, &line, &col);
-        snprintf(where, sizeof where, "--config %s: line %d, column %d: field \"%s\"", path,
-                 line, col, key);
+        char where[800];
+        sd_file_where(where, sizeof where, "--config ", path, 1, key);
+        size_t wl = strlen(where);
+        snprintf(where + wl, sizeof where - wl, ": field \"%s\"", key);
         if (!o)
             bad("%s: unknown setting", where);
         if (o->kind == 's' || o->kind == 'l') {

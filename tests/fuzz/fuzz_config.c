@@ -4,10 +4,11 @@
  * weights), checked and applied by sd_config_open. The input is the text of that object.
  *
  * The server is only what sd_config_open uses: settings without a data dir, a limiter and the
- * admission settings. The input is also the file that error messages locate items in
- * (sd_file_position reads it through /proc/self/fd).
+ * admission settings. The file that error messages locate items in (sd_file_where reads it
+ * through /proc/self/fd) is {"items": <input>}.
  *
- * Checked: a refusal comes with a message naming the file or --config; after success or
+ * Checked: a refusal names --config, the file and the line and column of the item (so the
+ * locator decodes keys as jansson does, escapes included); after success or
  * refusal the limiter decides, and every rule and tier it holds is a valid policy; nothing
  * leaks. Not covered: main.c's reading of the other settings (flags and the rest of the
  * file), which exits the process on the first bad value.
@@ -62,7 +63,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     int fd = memfd_create("fuzz_config", MFD_CLOEXEC);
-    FUZZ_CHECK(fd >= 0 && write(fd, data, size) == (ssize_t)size);
+    FUZZ_CHECK(fd >= 0 && write(fd, "{\"items\": ", 10) == 10 &&
+               write(fd, data, size) == (ssize_t)size && write(fd, "}", 1) == 1);
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
 
@@ -75,8 +77,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sd_admission_init(&srv->adm);
 
     char err[1024] = "";
-    if (sd_config_open(srv, items, path, err, sizeof err) != 0)
-        FUZZ_CHECK(strncmp(err, path, strlen(path)) == 0 || strncmp(err, "--config", 8) == 0);
+    if (sd_config_open(srv, items, path, err, sizeof err) != 0) {
+        /* every refusal is of one item, which the file holds: its place is found */
+        char want[96];
+        snprintf(want, sizeof want, "--config %s: line ", path);
+        FUZZ_CHECK(strncmp(err, want, strlen(want)) == 0);
+    }
     use_limiter(srv->lim);
 
     sd_config_close(srv);

@@ -162,7 +162,12 @@ class ConfigDurabilityTest(unittest.TestCase):
              r'config\.json: line 3, column 3: item "rule/action/a/b": capacity'),
             ('{"sluice_config": 1,\n "items": {"bogus/x": 1}}',
              r'config\.json: line 2, column 12: item "bogus/x": unknown item'),
-            ('{"sluice_config": 2, "items": {}}', r'"sluice_config": version 2'),
+            # escapes in a key count as decoded; the same text as a value is not the key
+            ('{"sluice_config": 1,\n "items": {"assign/t/u": "bogus\\/x",\n   "bogus\\/x": 1}}',
+             r'config\.json: line 3, column 4: item "bogus/x": unknown item'),
+            ('{"sluice_config": 1,\n "items": {"assign/t/u": "gold"}}',
+             r'config\.json: line 2, column 12: item "assign/t/u": unknown tier'),
+            ('{"sluice_config": 2, "items": {}}', r'line 1, column 2: field "sluice_config": version 2'),
             ('[1, 2]', r"expected \{\"sluice_config\""),
         ]
         for text, msg in cases:

@@ -373,6 +373,17 @@ class ProcessTest(unittest.TestCase):
                 f.write('{"threads": "two"}')
             code, _, err = run_sluiced("--config", path)
             self.assertIn('field "threads": must be a whole number', err)
+            # An escaped key is found where it is; an item's error names its place too.
+            with open(path, "w") as f:
+                f.write('{"items": {"rule/action/t/thr\\u0065ads": {}},\n  "thr\\u0065ads": "two"}')
+            code, _, err = run_sluiced("--config", path)
+            self.assertIn('line 2, column 3: field "threads": must be a whole number', err)
+            with open(path, "w") as f:
+                f.write('{"threads": 1,\n "items": {"tier/gold": {"limits": [{"algorithm": '
+                        '"token_bucket", "limit": 5, "rate": 1}]},\n  "assign/t/c": "silver"}}')
+            code, _, err = run_sluiced("--config", path, "--resp-port", 0, "--http-port", 1)
+            self.assertEqual(code, 2)
+            self.assertIn('line 3, column 3: item "assign/t/c": unknown tier', err)
             # Flags override the file.
             with open(path, "w") as f:
                 f.write('{"requirepass": "fromfile", "threads": 1}')
