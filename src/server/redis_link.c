@@ -3,11 +3,11 @@
  */
 #include "redis_link.h"
 
-#include <hiredis/adapters/libuv.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 
 #include "metrics.h"
 #include "redis.h"
@@ -47,6 +47,8 @@ struct sd_rlink {
     rl_req *free;
     rl_req *wait_head, *wait_tail; /* waiting for the topology */
     int discovering;
+    rl_conn *asked;     /* the connection a CLUSTER SLOTS was sent on, while discovering */
+    int64_t asked_at;   /* sd_mono_ns */
     int closing;
     uv_timer_t sweep;
 };
@@ -89,6 +91,99 @@ static void fail_waiting(sd_rlink *lk)
         fail(lk, q);
         q = next;
     }
+}
+
+/* ---- hiredis on libuv ---------------------------------------------------------------------- */
+
+/* hiredis's event hooks on a uv_poll_t. The adapter Debian ships with hiredis 0.14 drops a
+ * poll's error status: libuv reports a refused connect (POLLERR) as an error and stops the
+ * poll, the adapter returns without telling hiredis, and the connection waits forever with
+ * its requests. Here an error is handed to hiredis as readiness for what it waits for: its
+ * read, write or connect check then finds the error and fails the connection. */
+typedef struct rl_poll {
+    redisAsyncContext *ac; /* NULL once hiredis let go (the handle is closing) */
+    uv_poll_t handle;
+    int events;
+} rl_poll;
+
+static void on_poll(uv_poll_t *h, int status, int events);
+
+static void poll_set(rl_poll *p)
+{
+    if (p->events)
+        uv_poll_start(&p->handle, p->events, on_poll);
+    else
+        uv_poll_stop(&p->handle);
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    rl_poll *p = h->data;
+    if (status < 0) {
+        events = p->events;
+        poll_set(p); /* libuv stopped it */
+    }
+    if (p->ac && (events & UV_READABLE))
+        redisAsyncHandleRead(p->ac);
+    if (p->ac && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(p->ac);
+}
+
+static void poll_add_read(void *d)
+{
+    rl_poll *p = d;
+    p->events |= UV_READABLE;
+    poll_set(p);
+}
+
+static void poll_del_read(void *d)
+{
+    rl_poll *p = d;
+    p->events &= ~UV_READABLE;
+    poll_set(p);
+}
+
+static void poll_add_write(void *d)
+{
+    rl_poll *p = d;
+    p->events |= UV_WRITABLE;
+    poll_set(p);
+}
+
+static void poll_del_write(void *d)
+{
+    rl_poll *p = d;
+    p->events &= ~UV_WRITABLE;
+    poll_set(p);
+}
+
+static void poll_closed(uv_handle_t *h) { free(h->data); }
+
+static void poll_cleanup(void *d) /* hiredis is done with the connection */
+{
+    rl_poll *p = d;
+    p->ac = NULL;
+    uv_close((uv_handle_t *)&p->handle, poll_closed);
+}
+
+static int poll_attach(redisAsyncContext *ac, uv_loop_t *loop)
+{
+    rl_poll *p = calloc(1, sizeof *p);
+    if (!p)
+        return -1;
+    if (uv_poll_init(loop, &p->handle, ac->c.fd) != 0) {
+        free(p);
+        return -1;
+    }
+    p->ac = ac;
+    p->handle.data = p;
+    ac->ev.data = p;
+    ac->ev.addRead = poll_add_read;
+    ac->ev.delRead = poll_del_read;
+    ac->ev.addWrite = poll_add_write;
+    ac->ev.delWrite = poll_del_write;
+    ac->ev.cleanup = poll_cleanup;
+    return 0;
 }
 
 /* ---- connections ------------------------------------------------------------------------- */
@@ -146,7 +241,7 @@ static int conn_open(sd_rlink *lk, rl_conn *c)
     }
     sl_rs_cap_reader(ac->c.reader);
     ac->data = c;
-    if (redisLibuvAttach(ac, lk->loop) != REDIS_OK) {
+    if (poll_attach(ac, lk->loop) != 0) {
         redisAsyncFree(ac);
         return -1;
     }
@@ -237,6 +332,7 @@ static void on_slots(redisAsyncContext *ac, void *r, void *priv)
         return;
     sd_rlink *lk = c->lk;
     lk->discovering = 0;
+    lk->asked = NULL;
     if (!r || sl_rs_apply_slots(lk->rs, c->node, r) != SL_OK) {
         fail_waiting(lk);
         return;
@@ -264,6 +360,8 @@ static void discover(sd_rlink *lk)
         rl_conn *c = pick(lk, i);
         if (c && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {
             lk->discovering = 1;
+            lk->asked = c;
+            lk->asked_at = sd_mono_ns();
             return;
         }
     }
@@ -334,23 +432,30 @@ static void submit(void *ctx, sd_item **items, int n)
     }
 }
 
-/* Requests older than the timeout: their connection is dropped (hiredis then calls back
- * every request on it with no reply, so they are decided by the fail mode). */
+static void drop_timed_out(rl_conn *c)
+{
+    sl_rs_node_failed(c->lk->rs, c->node, "timeout");
+    redisAsyncContext *ac = c->ac;
+    c->ac = NULL;
+    redisAsyncFree(ac);
+}
+
+/* Requests older than the timeout, and a topology question unanswered as long (requests
+ * wait for it): their connection is dropped. hiredis then calls back everything sent on it
+ * with no reply, so the requests are decided by the fail mode. */
 static void on_sweep(uv_timer_t *t)
 {
     sd_rlink *lk = t->data;
     int64_t limit = (int64_t)sl_rs_options(lk->rs)->timeout_ms * 1000000;
     int64_t now = sd_mono_ns();
+    if (lk->discovering && lk->asked && lk->asked->ac && now - lk->asked_at > limit)
+        drop_timed_out(lk->asked);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_node *n = lk->nodes[i];
         for (int k = 0; n && k < CONNS_PER_NODE; k++) {
             rl_conn *c = &n->c[k];
-            if (c->ac && c->head && now - c->head->t0 > limit) {
-                sl_rs_node_failed(lk->rs, c->node, "timeout");
-                redisAsyncContext *ac = c->ac;
-                c->ac = NULL;
-                redisAsyncFree(ac);
-            }
+            if (c->ac && c->head && now - c->head->t0 > limit)
+                drop_timed_out(c);
         }
     }
 }

@@ -13,7 +13,7 @@ import urllib.request
 
 import redis
 
-from harness import RedisCluster, RedisServer, Sluiced, run_sluiced
+from harness import RedisCluster, RedisServer, Sluiced, free_port, run_sluiced
 
 
 def metrics(srv):
@@ -25,6 +25,17 @@ def metrics(srv):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def post_status(srv, path, body):
+    """POST a JSON body; the HTTP status."""
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (srv.http_port, path),
+                                 data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def hammer(ports, keys, per_key, threads_per_port=2, seconds=20.0, command="CL.THROTTLE",
@@ -341,6 +352,71 @@ class FaultTest(unittest.TestCase):
                     time.sleep(0.05)
                 self.assertEqual(ok, 1)
                 self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
+
+    def test_redis_away_at_start(self):
+        """Redis not there when the first request comes (connection refused, before any
+        topology is known): requests are answered at once by the fail mode, not held for
+        ever; when Redis starts, it decides again within seconds. (hiredis 0.14's libuv
+        adapter dropped the refused connect's poll error, so these requests never got an
+        answer.)"""
+        for mode, expect in (("closed", 0), ("open", 1)):
+            port = free_port()
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % port, "--fail-mode", mode,
+                        "--redis-timeout", "300").start()
+            try:
+                c = redis.Redis(port=s.resp_port, socket_timeout=10)
+                t0 = time.monotonic()
+                for i in range(5):
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "s%d" % i)[0],
+                                     expect)
+                self.assertLess(time.monotonic() - t0, 1.0)  # not even the timeout
+                status = post_status(s, "/api/check_and_consume",
+                                     {"tenant_id": "t", "client_id": "h", "action_type": "a"})
+                self.assertEqual(status, 200 if expect else 429)
+                m = metrics(s)
+                self.assertEqual(m["sluice_redis_up"], 0)
+                self.assertGreaterEqual(
+                    m['sluice_redis_decisions_total{source="fail_%s"}' % mode], 6)
+                with RedisServer(port=port):
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline and metrics(s)["sluice_redis_up"] != 1:
+                        c.execute_command("SL.TAKE", "t", "a", "probe")
+                        time.sleep(0.05)
+                    self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+                    self.assertEqual(c.execute_command("SL.PEEK", "t", "a", "fresh")[0], 1)
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "fresh")[2], 4)
+                    # logged once per change of state, not once per request
+                    self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
+            finally:
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
+
+    def test_redis_silent_at_start(self):
+        """A Redis that accepts connections but never answers from the start (SIGSTOP before
+        the first request): the topology question times out like any request, the waiting
+        requests are decided by the fail mode, and after SIGCONT Redis decides again."""
+        with RedisServer() as r:
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--redis-timeout",
+                        "300").start()
+            try:
+                c = redis.Redis(port=s.resp_port, socket_timeout=10)
+                t0 = time.monotonic()
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "q0")[0], 0)
+                waited = time.monotonic() - t0
+                self.assertGreater(waited, 0.2)  # it waited for Redis ...
+                self.assertLess(waited, 1.5)     # ... up to the timeout, not for ever
+                os.kill(r.proc.pid, signal.SIGCONT)
+                deadline = time.monotonic() + 10
+                ok = 0
+                while time.monotonic() < deadline and not ok:
+                    ok = c.execute_command("SL.TAKE", "t", "a", "q%f" % time.monotonic())[0]
+                    time.sleep(0.05)
+                self.assertEqual(ok, 1)
             finally:
                 os.kill(r.proc.pid, signal.SIGCONT)
                 code = s.stop()
