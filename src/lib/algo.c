@@ -272,7 +272,8 @@ static void gcra_check(const sl_climit *c, const gcra_st *s, uint64_t cost, int6
     } else {
         o->remaining = (uint64_t)(have / T);
         o->reset_after = backlog;
-        o->retry_after = need - have;
+        /* backlog may exceed tau after a change to a shallower policy: wait for all of it */
+        o->retry_after = backlog + need - c->tau;
         o->tokens = (double)have / (double)T;
     }
 }

@@ -266,7 +266,7 @@ local function gcra_check(c, s, cost, n, o)
     else
         o.remaining = idiv(have, T)
         o.reset = backlog
-        o.retry = need - have
+        o.retry = backlog + need - c.tau -- the backlog may exceed tau after a policy change
         o.tokens = have / T
     end
 end

@@ -889,6 +889,19 @@ static void test_carry_token_bucket(void **st)
     assert_int_equal(ck.delay, 350 * MS);
     key_free(&n);
     key_free(&l);
+    /* a queue deeper than the new policy's (6 s queued, 4 s allowed): retry_after waits for
+     * the excess to drain too, and is exact */
+    l = key_new(lim(SL_LEAKY_BUCKET, 10, 1, 0, 0), 0);
+    TAKE(l, 6, 0, 1, 4, 6 * S, 0);
+    n = carried(&l, lim(SL_LEAKY_BUCKET, 4, 1, 0, 0), 0);
+    TAKE(n, 1, 0, 0, 0, 6 * S, 3 * S);
+    TAKE(n, 1, S, 0, 0, 5 * S, 2 * S);
+    TAKE(n, 1, 3 * S - 1, 0, 0, 3 * S + 1, 1);
+    ck = take(&n, 1, 3 * S);
+    EXPECT(ck, 1, 0, 4 * S, 0);
+    assert_int_equal(ck.delay, 3 * S);
+    key_free(&n);
+    key_free(&l);
 }
 
 static void test_carry_windows(void **st)

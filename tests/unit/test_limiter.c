@@ -315,6 +315,19 @@ static void test_policy_change_keeps_tokens(void **st)
     take(l, "t", "a", "fresh", 1, T0);
     assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &p20), SL_OK);
     assert_int_equal(take(l, "t", "a", "fresh", 1, T0 + 10 * S).remaining, 19);
+    /* a leaky bucket's queue deeper than the new policy allows (6 s queued, 4 s deep):
+     * denied until the excess has drained too */
+    sl_key q = SL_KEY("t", "lq", "c");
+    sl_policy l10 = {1, {{SL_LEAKY_BUCKET, 10, 1, 0, 0}}},
+              l4 = {1, {{SL_LEAKY_BUCKET, 4, 1, 0, 0}}};
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &q, &l10), SL_OK);
+    assert_int_equal(take(l, "t", "lq", "c", 6, T0).allowed, 1);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &q, &l4), SL_OK);
+    d = take(l, "t", "lq", "c", 1, T0);
+    assert_int_equal(d.allowed, 0);
+    assert_int_equal(d.retry_after, 3 * S);
+    assert_int_equal(take(l, "t", "lq", "c", 1, T0 + 3 * S - 1).allowed, 0);
+    assert_int_equal(take(l, "t", "lq", "c", 1, T0 + 3 * S).allowed, 1);
     /* another algorithm: the key starts anew */
     sl_policy w = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 4, 10);
     assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &w), SL_OK);
