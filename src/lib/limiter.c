@@ -202,6 +202,13 @@ static inline void *entry_state(sl_entry *e)
     return (e->flags & SL_ENTRY_HEAP) ? (void *)(uintptr_t)e->state[0] : (void *)e->state;
 }
 
+/* Reclaiming waits this long after a key is full, and a key not in the table is decided no
+ * earlier than the latest reclaim's `now` minus this: so timestamps that arrive out of order
+ * by up to this much (across keys: a reclaim runs at another key's `now`) see exactly what
+ * they would have seen had no key been reclaimed, and older ones are decided at a time at
+ * which every reclaimed key was full. */
+#define SL_REORDER_NS SL_SECOND
+
 static int64_t hook_full_at(void *ctx, const sl_entry *e)
 {
     sl_limiter *l = ctx;
@@ -215,7 +222,7 @@ static int64_t hook_full_at(void *ctx, const sl_entry *e)
         if (f > at)
             at = f;
     }
-    return at;
+    return at >= MAX_NOW ? INT64_MAX : at + SL_REORDER_NS; /* INT64_MAX: never full */
 }
 
 static void hook_drop(void *ctx, sl_entry *e, int why)
@@ -568,6 +575,11 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
     if (take && !e) {
         sl_shard_unlock(s);
         return SL_ENOMEM;
+    }
+    if (!e || created) { /* it may have been reclaimed: full by horizon - SL_REORDER_NS */
+        int64_t h = sl_shard_horizon(s) - SL_REORDER_NS;
+        if (now < h)
+            now = h;
     }
     if (!e || (!take && e->policy != cp->id)) {
         /* A peek never changes the table: answer from a copy of what the key would hold
@@ -1237,7 +1249,6 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
                        const void *state, size_t state_size)
 {
     const sl_cpolicy *cp;
-    int64_t now = sl_now(l);
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     int rc = policy_intern(l, p, &cp);
@@ -1261,7 +1272,7 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
         sl_shard *s = sl_table_shard(l->table, hash);
         int created;
         sl_shard_lock(s);
-        sl_entry *e = sl_shard_upsert_locked(s, hash, key, klen, now, &created);
+        sl_entry *e = sl_shard_upsert_locked(s, hash, key, klen, SL_TABLE_NO_RECLAIM, &created);
         if (!e) {
             rc = SL_ENOMEM;
             free(heap);

@@ -484,12 +484,42 @@ static void test_idle_full_keys_reclaimed(void **st)
         take(l, "t", "a", c, 1, T0);
     }
     assert_int_equal(sl_sweep(l, T0 + S / 2, 1000), 0); /* not full yet: kept */
-    assert_int_equal(sl_sweep(l, T0 + S, 1000), 100);   /* full again: nothing to lose */
+    /* full again at T0 + S; kept 1 s more for timestamps that arrive out of order */
+    assert_int_equal(sl_sweep(l, T0 + 2 * S - 1, 1000), 0);
+    assert_int_equal(sl_sweep(l, T0 + 2 * S, 1000), 100); /* nothing to lose */
     sl_stats s;
     assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
     assert_int_equal(s.keys, 0);
     assert_int_equal(s.reclaimed, 100);
-    assert_int_equal(take(l, "t", "a", "client-3", 1, T0 + S).remaining, 4);
+    assert_int_equal(take(l, "t", "a", "client-3", 1, T0 + 2 * S).remaining, 4);
+    sl_close(l);
+}
+
+/* Timestamps out of order across keys (a reclaim runs at one key's `now`, later than the
+ * next request of another): within 1 s, decisions are exactly those of a table that never
+ * reclaimed; beyond it, a key not in the table is decided at the latest reclaim's time
+ * minus 1 s, when every reclaimed key was full, so no key refills early. */
+static void test_out_of_order_timestamps_across_keys(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_key r = SL_KEY("t", "ooo", NULL);
+    sl_policy one = SL_POLICY_TOKEN_BUCKET(1, 1); /* full 1 s after a take */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &r, &one), SL_OK);
+    assert_int_equal(take(l, "t", "ooo", "A", 1, T0).allowed, 1);
+    /* another key's time, 1.5 s ahead, reclaims nothing yet */
+    assert_int_equal(sl_sweep(l, T0 + 3 * S / 2, 1000), 0);
+    sl_decision d = take(l, "t", "ooo", "A", 1, T0 + S / 2); /* half a token: denied */
+    assert_int_equal(d.allowed, 0);
+    assert_int_equal(d.retry_after, S / 2);
+    /* 3 s ahead: A is reclaimed; a request 2.5 s behind is decided at T0 + 2 s */
+    assert_int_equal(sl_sweep(l, T0 + 3 * S, 1000), 1);
+    d = take(l, "t", "ooo", "A", 1, T0 + S / 2);
+    assert_int_equal(d.allowed, 1);
+    d = take(l, "t", "ooo", "A", 1, T0 + 3 * S - 1); /* the key's time is T0 + 2 s */
+    assert_int_equal(d.allowed, 0);
+    assert_int_equal(d.retry_after, 1);
+    assert_int_equal(take(l, "t", "ooo", "A", 1, T0 + 3 * S).allowed, 1);
     sl_close(l);
 }
 
@@ -613,6 +643,7 @@ int main(void)
 #ifndef SL_TEST_REDIS
         cmocka_unit_test(test_max_keys_evicts_and_counts),
         cmocka_unit_test(test_idle_full_keys_reclaimed),
+        cmocka_unit_test(test_out_of_order_timestamps_across_keys),
 #endif
         cmocka_unit_test(test_batch_matches_single_calls),
         cmocka_unit_test(test_clock_injection_and_backwards_time),

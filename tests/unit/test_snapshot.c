@@ -135,6 +135,51 @@ static sl_limiter *save_and_load_into_new(sl_limiter *a)
     return b;
 }
 
+/* A caller with a time base of its own (explicit `now`, the internal clock unused): loading
+ * must not reclaim anything against the internal clock, which is far ahead of the caller's
+ * timestamps and would make every loaded key look full. Every key stays exhausted. */
+static void test_load_with_caller_timestamps(void **st)
+{
+    (void)st;
+    sl_options o;
+    sl_options_init(&o);
+    o.shards = 1; /* every load's insert sees every key */
+    sl_limiter *a, *b;
+    assert_int_equal(sl_open(&a, &o), SL_OK);
+    assert_int_equal(sl_open(&b, &o), SL_OK);
+    sl_policy p = SL_POLICY_TOKEN_BUCKET(5, 1);
+    sl_key r = SL_KEY("t", "own", NULL);
+    assert_int_equal(sl_rule_set(a, SL_SCOPE_ACTION, &r, &p), SL_OK);
+    assert_int_equal(sl_rule_set(b, SL_SCOPE_ACTION, &r, &p), SL_OK);
+    char id[16];
+    sl_decision d;
+    for (int i = 0; i < 100; i++) {
+        snprintf(id, sizeof id, "c%d", i);
+        sl_key k = SL_KEY("t", "own", id);
+        assert_int_equal(sl_take(a, &k, 5, T0, &d), SL_OK);
+        assert_true(d.allowed);
+    }
+    assert_int_equal(sl_snapshot_save(a, g_path), SL_OK);
+    assert_int_equal(sl_snapshot_load(b, g_path), SL_OK);
+    sl_stats sa, sb;
+    assert_int_equal(sl_stats_get(b, NULL, 0, &sb), SL_OK);
+    assert_int_equal(sb.keys, 100);
+    assert_int_equal(sb.reclaimed, 0);
+    for (int i = 0; i < 100; i++) {
+        snprintf(id, sizeof id, "c%d", i);
+        sl_key k = SL_KEY("t", "own", id);
+        sl_decision da, db;
+        assert_int_equal(sl_peek(a, &k, T0, &da), SL_OK);
+        assert_int_equal(sl_peek(b, &k, T0, &db), SL_OK);
+        assert_false(db.allowed);
+        same_decision(da, db);
+    }
+    assert_int_equal(sl_stats_get(a, NULL, 0, &sa), SL_OK);
+    assert_int_equal(sa.reclaimed, 0);
+    sl_close(a);
+    sl_close(b);
+}
+
 /* Every algorithm driven to an in-between state, then both limiters decide identically,
  * request after request, at the same times (the first at the very `now` of the save). */
 static void test_round_trip_every_algorithm(void **st)
@@ -785,6 +830,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_every_algorithm),
+        cmocka_unit_test(test_load_with_caller_timestamps),
         cmocka_unit_test(test_boundary_states),
         cmocka_unit_test(test_rule_changed_between_save_and_load),
         cmocka_unit_test(test_load_replaces_only_its_keys),
