@@ -75,7 +75,7 @@ SL_API const char *sl_version_string(void); /* "0.1.0"; static storage */
     XX(ELEASE, -14, "no such lease")                                                          \
     XX(ESCOPE, -15, "unknown rule scope")                                                     \
     XX(ELOGSIZE, -16, "sliding_log and concurrency limits are at most 100000")                \
-    XX(ETOOMANY, -17, "too many distinct policies")                                         \
+    XX(ETOOMANY, -17, "too many distinct policies in use")                                  \
     XX(ESNAPSHOT, -18, "snapshot is truncated or corrupt")                                    \
     XX(EVERSION, -19, "snapshot written by a newer version of sluice")                        \
     XX(EIO, -20, "I/O error (see errno)")                                                     \
@@ -347,7 +347,7 @@ SL_API int sl_snapshot_save(sl_limiter *l, const char *path);
  * insert does). If the key's rule changed since the save, the usual carry-over applies at
  * its next decision (remaining units kept, clamped to the new capacity). Exceptions to
  * "changes nothing on failure": memory running out while restoring (SL_ENOMEM), or the
- * limiter reaching its 2^20 distinct policies (SL_ETOOMANY), leaves the keys restored so
+ * limiter holding 2^20 distinct policies in use (SL_ETOOMANY), leaves the keys restored so
  * far restored. Counters (sl_stats: allowed, denied) do not change; keys do. */
 SL_API int sl_snapshot_read(sl_limiter *l, int fd);
 /* sl_snapshot_read of the file at `path`; a missing file is SL_EIO with errno ENOENT. */

@@ -3,7 +3,9 @@
  *
  * Open addressing with linear probing over an array of atomic item pointers. An item, once
  * published (release store), never changes. Growth copies the item pointers into an array
- * twice the size, publishes it, and retires the old array through EBR.
+ * twice the size, publishes it, and retires the old array through EBR. Removal rebuilds the
+ * array without the removed items (linear probing has no cheap in-place delete, and removals
+ * come in batches), publishes it, and retires the old array and the items.
  */
 #include "dir.h"
 
@@ -100,7 +102,7 @@ static void place(slots *s, item *it)
 }
 
 void *sl_dir_intern(sl_dir *d, uint64_t hash, const void *key, size_t len, sl_dir_make_fn make,
-                    void *ctx)
+                    void (*found)(void *ctx, void *val), void *ctx)
 {
     void *val = NULL;
     pthread_mutex_lock(&d->lock);
@@ -108,6 +110,8 @@ void *sl_dir_intern(sl_dir *d, uint64_t hash, const void *key, size_t len, sl_di
     item *it = find(s, hash, key, len);
     if (it) {
         val = it->val;
+        if (found)
+            found(ctx, val);
         goto out;
     }
     if (d->count >= d->max)
@@ -142,6 +146,48 @@ void *sl_dir_intern(sl_dir *d, uint64_t hash, const void *key, size_t len, sl_di
 out:
     pthread_mutex_unlock(&d->lock);
     return val;
+}
+
+long sl_dir_remove_if(sl_dir *d, int (*doomed)(void *ctx, void *val),
+                      void (*gone)(void *ctx, void *val), void *ctx)
+{
+    pthread_mutex_lock(&d->lock);
+    slots *s = atomic_load_explicit(&d->cur, memory_order_relaxed);
+    long removed = 0;
+    for (size_t i = 0; i <= s->mask; i++) {
+        item *x = atomic_load_explicit(&s->s[i], memory_order_relaxed);
+        removed += x && doomed(ctx, x->val);
+    }
+    if (removed) {
+        size_t cap = 16, k = 0;
+        while ((d->count - (size_t)removed) * 2 > cap)
+            cap *= 2;
+        slots *n = slots_new(cap);
+        item **dead = malloc((size_t)removed * sizeof *dead);
+        if (!n || !dead) {
+            free(n);
+            free(dead);
+            pthread_mutex_unlock(&d->lock);
+            return -1;
+        }
+        for (size_t i = 0; i <= s->mask; i++) {
+            item *x = atomic_load_explicit(&s->s[i], memory_order_relaxed);
+            if (x && doomed(ctx, x->val))
+                dead[k++] = x;
+            else if (x)
+                place(n, x);
+        }
+        atomic_store_explicit(&d->cur, n, memory_order_release);
+        sl_ebr_retire(d->ebr, s, free);
+        d->count -= (size_t)removed;
+        for (size_t i = 0; i < k; i++) {
+            gone(ctx, dead[i]->val);
+            sl_ebr_retire(d->ebr, dead[i], free);
+        }
+        free(dead);
+    }
+    pthread_mutex_unlock(&d->lock);
+    return removed;
 }
 
 int sl_dir_foreach(sl_dir *d, int (*fn)(void *ctx, const void *key, size_t len, void *val),

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define EBR_COLLECT_MIN 16 /* retired blocks before a retire scans the list */
+
 typedef struct rec {
     _Atomic uint64_t active; /* 0 = not reading, else the epoch seen at entry */
     _Atomic int in_use;
@@ -43,6 +45,7 @@ struct sl_ebr {
     pthread_mutex_t lock;
     retired *head;
     size_t count;
+    size_t collect_at; /* retire collects when count reaches this: amortised O(1) per retire */
 };
 
 static void thread_gone(void *arg)
@@ -166,7 +169,12 @@ void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *))
     x->next = d->head;
     d->head = x;
     d->count++;
-    collect_locked(d);
+    /* A scan is O(count): scanning on every retire made a burst of n retires inside a read
+     * section (nothing freeable) cost O(n^2). Scan when the list has doubled instead. */
+    if (d->count >= d->collect_at) {
+        size_t left = collect_locked(d);
+        d->collect_at = left * 2 > EBR_COLLECT_MIN ? left * 2 : EBR_COLLECT_MIN;
+    }
     pthread_mutex_unlock(&d->lock);
 }
 

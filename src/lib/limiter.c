@@ -25,7 +25,8 @@
 
 #define SL_MAX_TENANTS 65536      /* beyond this, counters go to the overflow tenant */
 #define SL_OVERFLOW_TENANT "_overflow"
-#define SL_MAX_POLICIES (1u << 20) /* distinct policies over a limiter's life */
+#define SL_MAX_POLICIES (1u << 20) /* distinct policies in use at once */
+#define SL_GC_MIN 1024             /* collect policies once this many exist, at the least */
 #define REG_CHUNK 4096
 #define REG_CHUNKS (SL_MAX_POLICIES / REG_CHUNK)
 #define STRIPES 8                 /* counter stripes per tenant: threads take turns */
@@ -46,7 +47,13 @@ struct sl_limiter {
     sl_dir *tenants;  /* tenant name -> sl_tenant */
     sl_dir *policies; /* normalised sl_policy bytes -> sl_cpolicy */
     _Atomic(sl_cpolicy *) *reg[REG_CHUNKS]; /* id -> policy; chunks published once */
-    uint32_t npolicies;                     /* under the policies directory's lock */
+    pthread_mutex_t ids;                    /* npolicies, free_ids (after the dir lock) */
+    uint32_t npolicies;                     /* ids used so far */
+    uint32_t *free_ids;                     /* ids of collected policies, to reuse */
+    size_t nfree, free_cap;
+    _Atomic size_t gc_at;                   /* collect when the directory holds this many */
+    _Atomic uint64_t gc_runs, gc_freed;     /* for tests and stats */
+    pthread_mutex_t gc;                     /* one collection at a time */
     _Atomic(sl_rules *) rules;
     pthread_mutex_t cfg; /* serialises rule, tier and default changes */
     sl_tenant *deflt_tenant, *overflow_tenant;
@@ -93,10 +100,6 @@ static const sl_cpolicy *reg_get(sl_limiter *l, uint32_t id)
 static void *policy_make(void *ctx, const void *key, size_t len)
 {
     sl_limiter *l = ctx;
-    (void)len;
-    uint32_t id = l->npolicies + 1;
-    if (id >= SL_MAX_POLICIES)
-        return NULL;
     sl_cpolicy *cp = malloc(sizeof *cp);
     if (!cp)
         return NULL;
@@ -104,22 +107,54 @@ static void *policy_make(void *ctx, const void *key, size_t len)
         free(cp);
         return NULL;
     }
+    pthread_mutex_lock(&l->ids);
+    uint32_t id = l->nfree ? l->free_ids[l->nfree - 1] : l->npolicies + 1;
+    if (id >= SL_MAX_POLICIES) {
+        pthread_mutex_unlock(&l->ids);
+        free(cp);
+        return NULL;
+    }
     cp->id = id;
+    atomic_init(&cp->condemned, 0);
+    cp->fp = sl_table_hash(key, len);
     size_t ci = id / REG_CHUNK;
     if (!l->reg[ci]) {
         l->reg[ci] = calloc(REG_CHUNK, sizeof(*l->reg[ci]));
         if (!l->reg[ci]) {
+            pthread_mutex_unlock(&l->ids);
             free(cp);
             return NULL;
         }
     }
     atomic_store_explicit(&l->reg[ci][id % REG_CHUNK], cp, memory_order_release);
-    l->npolicies = id;
+    if (l->nfree)
+        l->nfree--;
+    else
+        l->npolicies = id;
+    pthread_mutex_unlock(&l->ids);
     return cp;
 }
 
-/* Validate, normalise and intern; the caller is inside an EBR section. */
-static int policy_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **out)
+/* sl_dir found callback (under the dir lock): a policy being collected but still in the
+ * directory is wanted again; the collection then keeps it (it frees, under the same lock,
+ * only what is still condemned). */
+static void policy_revive(void *ctx, void *val)
+{
+    (void)ctx;
+    sl_cpolicy *cp = val;
+    if (atomic_load_explicit(&cp->condemned, memory_order_relaxed))
+        atomic_store_explicit(&cp->condemned, 0, memory_order_seq_cst);
+}
+
+static void policy_gc(sl_limiter *l, int cfg_held);
+
+/* Validate, normalise and intern; the caller is inside an EBR section. cfg_held: the caller
+ * holds l->cfg (a rule change), so a collection started here must not take it. A policy
+ * returned may be condemned by a collection that starts afterwards: whoever writes its id
+ * into an entry checks that under the shard lock (policy_usable_locked) and, if so, interns
+ * again; rule changes hold l->cfg, which a collection holds throughout. */
+static int policy_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **out,
+                         int cfg_held)
 {
     sl_policy norm;
     int rc = sl_policy_compile(p, &norm, NULL);
@@ -127,12 +162,164 @@ static int policy_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **o
         return rc;
     uint64_t h = sl_table_hash(&norm, sizeof norm);
     sl_cpolicy *cp = sl_dir_get(l->policies, h, &norm, sizeof norm);
+    if (cp && !atomic_load_explicit(&cp->condemned, memory_order_acquire)) {
+        *out = cp;
+        return SL_OK;
+    }
+    if (!cp && sl_dir_count(l->policies) >= atomic_load_explicit(&l->gc_at, memory_order_relaxed))
+        policy_gc(l, cfg_held);
+    cp = sl_dir_intern(l->policies, h, &norm, sizeof norm, policy_make, policy_revive, l);
     if (!cp)
-        cp = sl_dir_intern(l->policies, h, &norm, sizeof norm, policy_make, l);
-    if (!cp)
-        return l->npolicies + 1 >= SL_MAX_POLICIES ? SL_ETOOMANY : SL_ENOMEM;
+        return sl_dir_count(l->policies) + 1 >= SL_MAX_POLICIES ? SL_ETOOMANY : SL_ENOMEM;
     *out = cp;
     return SL_OK;
+}
+
+/* Under the shard lock, before a decision uses cp with an entry of that shard: false when a
+ * collection condemned cp (the caller interns again). See policy_gc for why this suffices. */
+static inline int policy_usable_locked(const sl_cpolicy *cp)
+{
+    return !atomic_load_explicit(&cp->condemned, memory_order_acquire);
+}
+
+/* ---- policy collection -----------------------------------------------------------------
+ * Every distinct policy a limiter sees is interned, inline ones included (a server's clients
+ * choose those), so policies nothing uses any more are collected: when the directory holds
+ * gc_at of them, the next new one first runs a collection, and gc_at becomes twice what
+ * survived or a 64th of the keys (SL_GC_MIN at the least), so that its cost per new policy
+ * stays bounded.
+ *
+ * A policy is in use when the rule set (rules, tiers, default) or an entry names it, or when
+ * a thread holds it between interning and writing its id into an entry. The last kind is
+ * what makes this subtle; a collection, holding l->cfg (no rule change meanwhile):
+ *   1. marks what the rule set and every entry name (each shard under its lock);
+ *   2. condemns every other policy that existed at the start (cp->condemned = 1);
+ *   3. visits every entry again, clearing the mark of any condemned policy an entry names;
+ *   4. under the directory's lock, removes what is still condemned: the registry slot is
+ *      cleared, the id reused, the memory retired through EBR.
+ * A thread about to write cp's id into an entry checks cp->condemned under that shard's lock
+ * (policy_usable_locked). If its lock hold comes before step 3's visit of the shard, step 3
+ * sees the entry and keeps cp; if after, the thread sees step 2's store and interns again
+ * (which finds and revives cp while it is still in the directory, or makes a new one). The
+ * same check keeps a thread from comparing a stale cp's id with an entry's reused one. */
+
+typedef struct gc_ctx {
+    sl_limiter *l;
+    uint32_t n;           /* ids 1..n existed at the start */
+    sl_cpolicy **pol;     /* pol[id]: the policy with that id at the start (NULL: none) */
+    unsigned char *mark;  /* mark[id]: named by the rule set or an entry */
+    int rescan;
+} gc_ctx;
+
+static void gc_mark_id(gc_ctx *g, uint32_t id)
+{
+    if (id == 0 || id > g->n || !g->pol[id])
+        return;
+    if (g->rescan) {
+        if (atomic_load_explicit(&g->pol[id]->condemned, memory_order_relaxed))
+            atomic_store_explicit(&g->pol[id]->condemned, 0, memory_order_relaxed);
+    } else {
+        g->mark[id] = 1;
+    }
+}
+
+static int gc_visit(void *ctx, sl_entry *e)
+{
+    gc_mark_id(ctx, e->policy);
+    return 0;
+}
+
+static void gc_mark_map(gc_ctx *g, const sl_imap *m)
+{
+    for (size_t i = 0; m && i <= m->mask; i++)
+        if (m->s[i] && m->s[i]->pol)
+            gc_mark_id(g, m->s[i]->pol->id);
+}
+
+static int gc_doomed(void *ctx, void *val)
+{
+    const gc_ctx *g = ctx;
+    const sl_cpolicy *cp = val;
+    return cp->id <= g->n && g->pol[cp->id] == cp &&
+           atomic_load_explicit(&cp->condemned, memory_order_relaxed);
+}
+
+static void gc_gone(void *ctx, void *val) /* under the dir lock */
+{
+    gc_ctx *g = ctx;
+    sl_limiter *l = g->l;
+    sl_cpolicy *cp = val;
+    atomic_store_explicit(&l->reg[cp->id / REG_CHUNK][cp->id % REG_CHUNK], NULL,
+                          memory_order_release);
+    pthread_mutex_lock(&l->ids);
+    l->free_ids[l->nfree++] = cp->id; /* room reserved by policy_gc */
+    pthread_mutex_unlock(&l->ids);
+    sl_ebr_retire(l->ebr, cp, free);
+}
+
+static void policy_gc(sl_limiter *l, int cfg_held)
+{
+    if (pthread_mutex_trylock(&l->gc) != 0)
+        return; /* one is running: this thread goes on */
+    if (!cfg_held && pthread_mutex_trylock(&l->cfg) != 0) {
+        pthread_mutex_unlock(&l->gc);
+        return; /* a rule change is running: a later new policy collects */
+    }
+    gc_ctx g = {.l = l};
+    pthread_mutex_lock(&l->ids);
+    g.n = l->npolicies;
+    size_t need = l->nfree + g.n; /* every id could be free afterwards */
+    if (need > l->free_cap) {
+        uint32_t *f = realloc(l->free_ids, need * sizeof *f);
+        if (f) {
+            l->free_ids = f;
+            l->free_cap = need;
+        }
+    }
+    int room = l->free_cap >= need;
+    pthread_mutex_unlock(&l->ids);
+    g.pol = calloc((size_t)g.n + 1, sizeof *g.pol);
+    g.mark = calloc((size_t)g.n + 1, 1);
+    if (room && g.pol && g.mark) {
+        for (uint32_t id = 1; id <= g.n; id++)
+            g.pol[id] = (sl_cpolicy *)reg_get(l, id);
+        /* 1. mark */
+        const sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+        gc_mark_map(&g, r->client);
+        gc_mark_map(&g, r->action);
+        gc_mark_map(&g, r->tenant);
+        gc_mark_map(&g, r->tiers);
+        gc_mark_id(&g, r->deflt->id);
+        sl_table_foreach(l->table, gc_visit, &g);
+        /* 2. condemn */
+        for (uint32_t id = 1; id <= g.n; id++)
+            if (g.pol[id] && !g.mark[id])
+                atomic_store_explicit(&g.pol[id]->condemned, 1, memory_order_seq_cst);
+        /* 3. keep what an entry written meanwhile names */
+        g.rescan = 1;
+        sl_table_foreach(l->table, gc_visit, &g);
+        /* 4. remove */
+        long freed = sl_dir_remove_if(l->policies, gc_doomed, gc_gone, &g);
+        if (freed < 0) { /* no memory to rebuild the directory: keep them all */
+            for (uint32_t id = 1; id <= g.n; id++)
+                if (g.pol[id])
+                    atomic_store_explicit(&g.pol[id]->condemned, 0, memory_order_seq_cst);
+        } else {
+            atomic_fetch_add_explicit(&l->gc_freed, (uint64_t)freed, memory_order_relaxed);
+        }
+        atomic_fetch_add_explicit(&l->gc_runs, 1, memory_order_relaxed);
+    }
+    /* next time: twice what survived, and at least a 64th of the keys, since a collection
+     * visits every key (twice): amortised, a new policy costs O(1) visits */
+    size_t live = sl_dir_count(l->policies), at = live * 2, keys = sl_table_count(l->table);
+    if (at < keys / 64)
+        at = keys / 64;
+    atomic_store_explicit(&l->gc_at, at > SL_GC_MIN ? at : SL_GC_MIN, memory_order_relaxed);
+    free(g.pol);
+    free(g.mark);
+    if (!cfg_held)
+        pthread_mutex_unlock(&l->cfg);
+    pthread_mutex_unlock(&l->gc);
 }
 
 int sl_policy_validate(const sl_policy *p)
@@ -183,7 +370,7 @@ static sl_tenant *tenant_of(sl_limiter *l, const char *name, size_t len)
     uint64_t h = sl_table_hash(name, len);
     sl_tenant *t = sl_dir_get(l->tenants, h, name, len);
     if (!t)
-        t = sl_dir_intern(l->tenants, h, name, len, tenant_make, NULL);
+        t = sl_dir_intern(l->tenants, h, name, len, tenant_make, NULL, NULL);
     if (!t)
         return l->overflow_tenant;
     if (len <= TCACHE_NAME) {
@@ -280,6 +467,16 @@ int sl_open(sl_limiter **out, const sl_options *opts)
     rc = SL_ENOMEM;
     if (pthread_mutex_init(&l->cfg, NULL) != 0)
         goto fail_mutex;
+    if (pthread_mutex_init(&l->ids, NULL) != 0) {
+        pthread_mutex_destroy(&l->cfg);
+        goto fail_mutex;
+    }
+    if (pthread_mutex_init(&l->gc, NULL) != 0) {
+        pthread_mutex_destroy(&l->ids);
+        pthread_mutex_destroy(&l->cfg);
+        goto fail_mutex;
+    }
+    atomic_init(&l->gc_at, SL_GC_MIN);
     l->clock = o.clock;
     l->clock_ctx = o.clock_ctx;
     l->anchor = clock_ns(CLOCK_REALTIME) - clock_ns(CLOCK_MONOTONIC);
@@ -294,7 +491,7 @@ int sl_open(sl_limiter **out, const sl_options *opts)
     if (!(l->deflt_tenant = tenant_make(NULL, NULL, 0)))
         goto fail_deflt;
     if (!(l->overflow_tenant = sl_dir_intern(l->tenants, sl_table_hash(SL_OVERFLOW_TENANT, 9),
-                                             SL_OVERFLOW_TENANT, 9, tenant_make, NULL)))
+                                             SL_OVERFLOW_TENANT, 9, tenant_make, NULL, NULL)))
         goto fail_table;
     sl_table_hooks hooks = {.ctx = l, .full_at = hook_full_at, .drop = hook_drop,
                             .retire = hook_retire};
@@ -307,7 +504,7 @@ int sl_open(sl_limiter **out, const sl_options *opts)
         free(r);
         goto fail_rules;
     }
-    rc = policy_intern(l, &def, &r->deflt);
+    rc = policy_intern(l, &def, &r->deflt, 0);
     sl_ebr_leave(l->ebr);
     if (rc != SL_OK) {
         free(r);
@@ -332,6 +529,8 @@ fail_policies:
 fail_tenants:
     sl_ebr_free(l->ebr);
 fail_ebr:
+    pthread_mutex_destroy(&l->gc);
+    pthread_mutex_destroy(&l->ids);
     pthread_mutex_destroy(&l->cfg);
 fail_mutex:
     for (size_t i = 0; i < REG_CHUNKS; i++)
@@ -353,6 +552,9 @@ void sl_close(sl_limiter *l)
     free(l->deflt_tenant);
     for (size_t i = 0; i < REG_CHUNKS; i++)
         free(l->reg[i]);
+    free(l->free_ids);
+    pthread_mutex_destroy(&l->gc);
+    pthread_mutex_destroy(&l->ids);
     pthread_mutex_destroy(&l->cfg);
     free(l);
 }
@@ -555,17 +757,21 @@ static void decide_state(sl_limiter *l, const sl_cpolicy *cp, char *st, uint64_t
 static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *inline_policy,
                   int64_t now, int take, sl_decision *d)
 {
-    const sl_cpolicy *inl = NULL;
+    const sl_cpolicy *inl = NULL, *cp;
     int rc;
-    if (inline_policy && (rc = policy_intern(l, inline_policy, &inl)) != SL_OK)
-        return rc;
-    const sl_rules *rules = atomic_load_explicit(&l->rules, memory_order_acquire);
-    const sl_cpolicy *cp = resolve(rules, p, inl);
-    if (cost > cp->max_cost)
-        return SL_ECOST;
-
     sl_shard *s = sl_table_shard(l->table, p->hash);
-    sl_shard_lock(s);
+    for (;;) {
+        if (inline_policy && (rc = policy_intern(l, inline_policy, &inl, 0)) != SL_OK)
+            return rc;
+        const sl_rules *rules = atomic_load_explicit(&l->rules, memory_order_acquire);
+        cp = resolve(rules, p, inl);
+        if (cost > cp->max_cost)
+            return SL_ECOST;
+        sl_shard_lock(s);
+        if (policy_usable_locked(cp))
+            break;
+        sl_shard_unlock(s); /* a collection condemned it: intern and resolve again */
+    }
     sl_entry *e;
     int created = 0;
     if (take)
@@ -668,7 +874,7 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
 /* ---- for other stores (redis.c) ---------------------------------------------------------- */
 
 int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, char *buf,
-                       size_t *len, uint64_t *hash, const sl_cpolicy **cp)
+                       size_t *len, uint64_t *hash, sl_cpolicy *cp)
 {
     int rc = key_check(k);
     if (rc != SL_OK)
@@ -678,11 +884,13 @@ int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, cha
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     const sl_cpolicy *in = NULL;
-    if (inl && (rc = policy_intern(l, inl, &in)) != SL_OK) {
+    if (inl && (rc = policy_intern(l, inl, &in, 0)) != SL_OK) {
         sl_ebr_leave(l->ebr);
         return rc;
     }
-    *cp = resolve(atomic_load_explicit(&l->rules, memory_order_acquire), &p, in);
+    /* a copy: the policy may be collected while the call is on its way to Redis */
+    memcpy(cp, resolve(atomic_load_explicit(&l->rules, memory_order_acquire), &p, in),
+           sizeof *cp);
     sl_ebr_leave(l->ebr);
     memcpy(buf, p.buf, p.len);
     *len = p.len;
@@ -691,6 +899,15 @@ int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, cha
 }
 
 sl_rstore *sl_limiter_rstore(sl_limiter *l) { return l->redis; }
+
+size_t sl_limiter_policies(sl_limiter *l, uint64_t *runs, uint64_t *freed)
+{
+    if (runs)
+        *runs = atomic_load_explicit(&l->gc_runs, memory_order_relaxed);
+    if (freed)
+        *freed = atomic_load_explicit(&l->gc_freed, memory_order_relaxed);
+    return sl_dir_count(l->policies);
+}
 
 void sl_limiter_count(sl_limiter *l, const char *tenant, size_t len, int allowed)
 {
@@ -912,11 +1129,10 @@ int sl_rule_set(sl_limiter *l, sl_scope scope, const sl_key *key, const sl_polic
         return rc;
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
-    if ((rc = policy_intern(l, p, &cp)) == SL_OK) {
-        pthread_mutex_lock(&l->cfg);
+    pthread_mutex_lock(&l->cfg); /* before interning: no collection until it is published */
+    if ((rc = policy_intern(l, p, &cp, 1)) == SL_OK)
         rc = rules_update(l, scope_index(scope), k, klen, cp, NULL, 0, 0);
-        pthread_mutex_unlock(&l->cfg);
-    }
+    pthread_mutex_unlock(&l->cfg);
     sl_ebr_leave(l->ebr);
     return rc;
 }
@@ -987,9 +1203,9 @@ int sl_default_set(sl_limiter *l, const sl_policy *p)
         return SL_EINVAL;
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
-    int rc = policy_intern(l, p, &cp);
+    pthread_mutex_lock(&l->cfg); /* before interning: no collection until it is published */
+    int rc = policy_intern(l, p, &cp, 1);
     if (rc == SL_OK) {
-        pthread_mutex_lock(&l->cfg);
         sl_rules *n = rules_clone(l);
         if (n) {
             n->deflt = cp;
@@ -997,8 +1213,8 @@ int sl_default_set(sl_limiter *l, const sl_policy *p)
         } else {
             rc = SL_ENOMEM;
         }
-        pthread_mutex_unlock(&l->cfg);
     }
+    pthread_mutex_unlock(&l->cfg);
     sl_ebr_leave(l->ebr);
     return rc;
 }
@@ -1033,11 +1249,10 @@ int sl_tier_set(sl_limiter *l, const char *name, const sl_policy *p)
         return rc;
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
-    if ((rc = policy_intern(l, p, &cp)) == SL_OK) {
-        pthread_mutex_lock(&l->cfg);
+    pthread_mutex_lock(&l->cfg); /* before interning: no collection until it is published */
+    if ((rc = policy_intern(l, p, &cp, 1)) == SL_OK)
         rc = rules_update(l, 4, name, len, cp, NULL, 0, 0);
-        pthread_mutex_unlock(&l->cfg);
-    }
+    pthread_mutex_unlock(&l->cfg);
     sl_ebr_leave(l->ebr);
     return rc;
 }
@@ -1251,7 +1466,8 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
     const sl_cpolicy *cp;
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
-    int rc = policy_intern(l, p, &cp);
+retry:;
+    int rc = policy_intern(l, p, &cp, 0);
     uint64_t inl[2]; /* the state, aligned, before it is checked: in here or in `heap` */
     char *heap = NULL, *copy = (char *)inl;
     uint64_t max_lease = 0;
@@ -1272,6 +1488,11 @@ int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_pol
         sl_shard *s = sl_table_shard(l->table, hash);
         int created;
         sl_shard_lock(s);
+        if (!policy_usable_locked(cp)) { /* condemned by a collection: intern again */
+            sl_shard_unlock(s);
+            free(heap);
+            goto retry;
+        }
         sl_entry *e = sl_shard_upsert_locked(s, hash, key, klen, SL_TABLE_NO_RECLAIM, &created);
         if (!e) {
             rc = SL_ENOMEM;

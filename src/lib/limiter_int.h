@@ -25,11 +25,14 @@ int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_
 int sl_limiter_restore(sl_limiter *l, const char *key, size_t klen, const sl_policy *p,
                        const void *state, size_t state_size);
 /* For stores other than the table (redis.c): validate and encode key `k` (sl_key_encode, into
- * `buf` of SL_KEY_MAX bytes) and resolve its policy (inline policy `inl` interned if given).
- * The policy lives as long as the limiter. */
+ * `buf` of SL_KEY_MAX bytes) and resolve its policy (inline policy `inl` interned if given)
+ * into *cp, a copy (the limiter may collect the policy once nothing in it uses it). */
 struct sl_cpolicy;
 int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, char *buf,
-                       size_t *len, uint64_t *hash, const struct sl_cpolicy **cp);
+                       size_t *len, uint64_t *hash, struct sl_cpolicy *cp);
+/* Policies interned now; *runs and *freed (if not NULL): collections run and policies they
+ * freed so far. For tests. */
+size_t sl_limiter_policies(sl_limiter *l, uint64_t *runs, uint64_t *freed);
 /* The limiter's Redis store (redis.h), or NULL: the in-memory table. */
 struct sl_rstore *sl_limiter_rstore(sl_limiter *l);
 /* Count a decision for the tenant (sl_stats). */

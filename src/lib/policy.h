@@ -17,6 +17,8 @@
 
 typedef struct sl_cpolicy {
     uint32_t id;                    /* 1.. ; 0 means "no policy" in an entry */
+    _Atomic int condemned;          /* being collected, or collected (limiter.c) */
+    uint64_t fp;                    /* hash of `src`: identity across collections */
     uint32_t nlimits;
     uint32_t state_size;            /* bytes for all limits together */
     uint32_t heap;                  /* state does not fit inline (16 bytes) */

@@ -30,7 +30,8 @@
 
 typedef struct nc_ent {
     uint64_t hash;      /* 0: empty */
-    uint32_t policy;    /* the policy it was denied under: another policy misses */
+    uint64_t policy;    /* the fingerprint (cp.fp) of the policy it was denied under: another
+                           policy misses (ids are reused once a policy is collected) */
     uint32_t limit_index;
     uint64_t cost;      /* denied for this cost: a smaller one might pass, so it misses */
     int64_t until;      /* monotonic ns: the retry time */
@@ -442,13 +443,13 @@ static nc_ent *nc_slot_of(nc_shard *s, uint64_t h) { return &s->e[h % NC_SLOTS];
 
 static int nc_usable(const sl_rstore *rs, const sl_rcall *c)
 {
-    return !rs->o.no_near_cache && !c->explicit_now && !c->cp->has_lease && c->op != SL_RS_RELEASE;
+    return !rs->o.no_near_cache && !c->explicit_now && !c->cp.has_lease && c->op != SL_RS_RELEASE;
 }
 
 /* Start `d` for limit `idx` of c's policy: zeroed, with the limit's own fields. */
 static const sl_climit *report_limit(const sl_rcall *c, unsigned idx, sl_decision *d)
 {
-    const sl_climit *lim = &c->cp->lim[idx];
+    const sl_climit *lim = &c->cp.lim[idx];
     memset(d, 0, sizeof *d);
     d->limit = lim->limit;
     d->limit_index = idx;
@@ -465,7 +466,7 @@ static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
     int hit = 0;
     pthread_mutex_lock(&s->mu);
     nc_ent *e = nc_slot_of(s, h);
-    if (e->hash == h && e->policy == c->cp->id && c->cost >= e->cost && c->sent < e->until) {
+    if (e->hash == h && e->policy == c->cp.fp && c->cost >= e->cost && c->sent < e->until) {
         report_limit(c, e->limit_index, d);
         d->remaining = e->remaining;
         d->reset_after = e->reset_at > c->sent ? e->reset_at - c->sent : 0;
@@ -487,7 +488,7 @@ static void nc_insert(sl_rstore *rs, const sl_rcall *c, const sl_decision *d)
     nc_ent *e = nc_slot_of(s, h);
     /* measured from when the request was prepared, so never later than Redis's own retry
        time (the round trip only shortens the local wait) */
-    *e = (nc_ent){h, c->cp->id, d->limit_index, c->cost, c->sent + d->retry_after,
+    *e = (nc_ent){h, c->cp.fp, d->limit_index, c->cost, c->sent + d->retry_after,
                   c->sent + d->reset_after, d->remaining, d->tokens, d->reserve};
     pthread_mutex_unlock(&s->mu);
 }
@@ -593,9 +594,9 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     int rc = sl_limiter_resolve(rs->l, k, inl, enc, &len, &c->hash, &c->cp);
     if (rc != SL_OK)
         return rc;
-    if (op != SL_RS_RELEASE && cost > c->cp->max_cost)
+    if (op != SL_RS_RELEASE && cost > c->cp.max_cost)
         return SL_ECOST;
-    if (!span_ok(c->cp))
+    if (!span_ok(&c->cp))
         return SL_ESPAN;
     c->op = op;
     c->cost = cost;
@@ -614,7 +615,7 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->node = atomic_load_explicit(&rs->slots[c->slot], memory_order_relaxed);
 
     obuf b = {c->cmd, 0, sizeof c->cmd, 0};
-    put_header(&b, '*', 8 + 6 * (size_t)c->cp->nlimits);
+    put_header(&b, '*', 8 + 6 * (size_t)c->cp.nlimits);
     put_bulk(&b, "FCALL", 5);
     put_bulk(&b, sl_rs_function(), strlen(sl_rs_function()));
     put_bulk(&b, "1", 1);
@@ -625,9 +626,9 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
         put_num(&b, (uint64_t)now);
     put_bulk(&b, op_names[op], strlen(op_names[op]));
     put_num(&b, cost);
-    put_num(&b, c->cp->nlimits);
-    for (uint32_t i = 0; i < c->cp->nlimits; i++) {
-        const sl_climit *lim = &c->cp->lim[i];
+    put_num(&b, c->cp.nlimits);
+    for (uint32_t i = 0; i < c->cp.nlimits; i++) {
+        const sl_climit *lim = &c->cp.lim[i];
         put_num(&b, (uint64_t)lim->algorithm);
         put_num(&b, lim->limit);
         put_num(&b, (uint64_t)lim->interval);
@@ -794,7 +795,7 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
     }
     sl_rs_reply r;
     if (rep->type != REDIS_REPLY_STRING ||
-        !sl_rs_decode(rep->str, rep->len, c->cp->nlimits, &r))
+        !sl_rs_decode(rep->str, rep->len, c->cp.nlimits, &r))
         return SL_RS_FAILED;
     report_limit(c, r.index, d);
     d->allowed = r.allowed;

@@ -50,7 +50,7 @@ typedef struct sl_rcall {
     uint64_t hash;          /* of the encoded key (near cache) */
     int64_t sent;           /* local clock when prepared (near cache) */
     int explicit_now;       /* the caller gave `now` (no near cache) */
-    const sl_cpolicy *cp;   /* resolved policy (lives as long as the limiter) */
+    sl_cpolicy cp;          /* resolved policy (a copy: it may be collected meanwhile) */
     size_t tenant_len;
     char tenant[SL_MAX_ID_LEN];
     size_t len;

@@ -118,7 +118,7 @@ static void prepare(sl_rstore *rs, calls *c, int i)
         /* decided without Redis: only the near cache may, and only to deny */
         FUZZ_CHECK(d.err == SL_OK && d.source == SL_SOURCE_NEAR_CACHE && !d.allowed &&
                    d.retry_after > 0);
-        FUZZ_CHECK(d.limit_index < c->call[i].cp->nlimits);
+        FUZZ_CHECK(d.limit_index < c->call[i].cp.nlimits);
         /* an explicit `now` never uses the near cache: a call to send after all */
         FUZZ_CHECK(sl_rs_prepare(rs, &c->req[i], EXPLICIT_NOW, &c->call[i], &d) == 0);
     }
@@ -135,7 +135,7 @@ static void finish(sl_rstore *rs, calls *c, int i, const redisReply *rep)
         if (i == C_RELEASE) {
             FUZZ_CHECK(release_rc == SL_OK || release_rc == SL_ELEASE);
         } else {
-            FUZZ_CHECK(d.limit_index < call->cp->nlimits && d.source == SL_SOURCE_STORE);
+            FUZZ_CHECK(d.limit_index < call->cp.nlimits && d.source == SL_SOURCE_STORE);
             FUZZ_CHECK(d.allowed == 0 || d.allowed == 1);
             FUZZ_CHECK(d.reset_after >= 0 && d.retry_after >= 0 && d.delay >= 0);
         }

@@ -122,7 +122,7 @@ static void *dir_worker(void *arg)
             abort();
         char *v = sl_dir_get(g_dir, hash(k, (size_t)n), k, (size_t)n);
         if (!v)
-            v = sl_dir_intern(g_dir, hash(k, (size_t)n), k, (size_t)n, make_val, NULL);
+            v = sl_dir_intern(g_dir, hash(k, (size_t)n), k, (size_t)n, make_val, NULL, NULL);
         if (!v || strcmp(v, k) != 0) /* the value belongs to this key, whoever made it */
             abort();
         sl_ebr_leave(g_ebr);
@@ -144,10 +144,10 @@ static void test_dir_interns_once_under_concurrency(void **st)
     assert_true(n > 2500 && n <= 3000); /* each distinct key exactly once */
     sl_dir *small = sl_dir_new(g_ebr, 2); /* max_entries is honoured */
     assert_int_equal(sl_ebr_enter(g_ebr), 0);
-    assert_non_null(sl_dir_intern(small, 1, "a", 1, make_val, NULL));
-    assert_non_null(sl_dir_intern(small, 2, "b", 1, make_val, NULL));
-    assert_null(sl_dir_intern(small, 3, "c", 1, make_val, NULL));
-    assert_non_null(sl_dir_intern(small, 1, "a", 1, make_val, NULL)); /* existing: fine */
+    assert_non_null(sl_dir_intern(small, 1, "a", 1, make_val, NULL, NULL));
+    assert_non_null(sl_dir_intern(small, 2, "b", 1, make_val, NULL, NULL));
+    assert_null(sl_dir_intern(small, 3, "c", 1, make_val, NULL, NULL));
+    assert_non_null(sl_dir_intern(small, 1, "a", 1, make_val, NULL, NULL)); /* existing: fine */
     sl_ebr_leave(g_ebr);
     sl_dir_free(small, free);
     sl_dir_free(g_dir, free);

@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "limiter_int.h"
 #include "sluice.h"
 
 #define S SL_SECOND
@@ -525,6 +526,61 @@ static void test_out_of_order_timestamps_across_keys(void **st)
 
 #endif
 
+/* Every distinct policy is interned, inline ones too (a server's clients choose those), and
+ * the ones nothing uses any more are collected: a stream of distinct inline policies neither
+ * exhausts the limiter (it used to answer SL_ETOOMANY to everything new, rules included, for
+ * good after 2^20) nor grows its memory without bound. Decisions stay those of each
+ * request's own policy. */
+static void test_unused_policies_collected(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_key k = SL_KEY("t", "inl", "k"), other = SL_KEY("t", "inl", "peeked");
+    const int n = 6000;
+    for (int i = 0; i < n; i++) {
+        sl_policy p = SL_POLICY_TOKEN_BUCKET(2 + i, 1), q = SL_POLICY_TOKEN_BUCKET(3 + n + i, 2);
+        sl_request r[2] = {{k, 1, &p, 0}, {other, 1, &q, 1}};
+        sl_decision d[2];
+        assert_int_equal(sl_take_batch(l, r, 2, T0 + (int64_t)i * S, d), SL_OK);
+        assert_int_equal(d[0].err, SL_OK);
+        assert_int_equal(d[0].limit, 2 + i); /* decided under its own policy */
+        assert_int_equal(d[0].allowed, 1);
+        assert_int_equal(d[1].limit, 3 + n + i);
+    }
+    uint64_t runs, freed;
+    size_t live = sl_limiter_policies(l, &runs, &freed);
+    assert_true(runs >= 1);
+    assert_true(live <= 2100);           /* at most twice what survived, 1024 at the least */
+    assert_true(freed >= 2 * n - 2100);  /* every inline policy but the recent ones */
+    /* the key kept its state through the collections: 1 taken of 2 + n - 1, under the last
+     * policy, and carried (tokens clamped) to a new one */
+    sl_policy last = SL_POLICY_TOKEN_BUCKET(2 + n - 1, 1), tiny = SL_POLICY_TOKEN_BUCKET(1, 1);
+    sl_request r = {k, 0, &last, 0};
+    sl_decision d;
+    assert_int_equal(sl_take_batch(l, &r, 1, T0 + (int64_t)(n - 1) * S, &d), SL_OK);
+    assert_int_equal(d.remaining, (uint64_t)n); /* capacity n + 1, one taken */
+    r.inline_policy = &tiny;
+    r.cost = 1;
+    assert_int_equal(sl_take_batch(l, &r, 1, T0 + (int64_t)(n - 1) * S, &d), SL_OK);
+    assert_int_equal(d.allowed, 1);
+    assert_int_equal(sl_take_batch(l, &r, 1, T0 + (int64_t)(n - 1) * S, &d), SL_OK);
+    assert_int_equal(d.allowed, 0);
+    /* rules still take new policies, and rules' policies are never collected */
+    sl_key t = SL_KEY("acme", NULL, NULL);
+    sl_policy rp = SL_POLICY_TOKEN_BUCKET(7, 0.125);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_TENANT, &t, &rp), SL_OK);
+    for (int i = 0; i < 3000; i++) {
+        sl_policy p = SL_POLICY_TOKEN_BUCKET(100000 + i, 1);
+        r = (sl_request){other, 1, &p, 1};
+        assert_int_equal(sl_take_batch(l, &r, 1, T0, &d), SL_OK);
+    }
+    sl_policy got;
+    assert_int_equal(sl_rule_get(l, SL_SCOPE_TENANT, &t, &got), SL_OK);
+    assert_true(got.limits[0].limit == 7 && got.limits[0].rate == 0.125);
+    assert_int_equal(take(l, "acme", "x", "y", 1, T0).limit, 7);
+    sl_close(l);
+}
+
 static void test_batch_matches_single_calls(void **st)
 {
     (void)st;
@@ -645,6 +701,7 @@ int main(void)
         cmocka_unit_test(test_idle_full_keys_reclaimed),
         cmocka_unit_test(test_out_of_order_timestamps_across_keys),
 #endif
+        cmocka_unit_test(test_unused_policies_collected),
         cmocka_unit_test(test_batch_matches_single_calls),
         cmocka_unit_test(test_clock_injection_and_backwards_time),
         cmocka_unit_test(test_open_options),

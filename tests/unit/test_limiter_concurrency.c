@@ -16,9 +16,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
+#include "limiter_int.h"
 #include "sluice.h"
 
 #define MAXKEYS 100
@@ -235,6 +237,88 @@ static void test_rules_replaced_while_running(void **st)
     free_run(r);
 }
 
+/* Policies collected while threads decide with inline policies that come and go (a pool,
+ * so a policy is often collected and wanted again) and a thread changes a rule: every
+ * decision is made under its own request's policy, rules' policies are never collected,
+ * nothing is used after it is freed (ASan, TSan), and the directory stays bounded. */
+/* cmocka's asserts are for the main thread: workers count failures */
+static _Atomic int g_gc_failures;
+#define GC_CHECK(c) ((c) ? (void)0 : (void)atomic_fetch_add(&g_gc_failures, 1))
+
+typedef struct gc_arg {
+    sl_limiter *l;
+    unsigned seed;
+    _Atomic int *stop;
+    _Atomic uint64_t *garbage; /* a serial for never-repeated policies */
+} gc_arg;
+
+static void *gc_worker(void *p)
+{
+    gc_arg *a = p;
+    char id[16];
+    for (int i = 0; i < 200000 && !atomic_load(a->stop); i++) {
+        int j = (int)(rand_r(&a->seed) % 3000);
+        snprintf(id, sizeof id, "k%u", rand_r(&a->seed) % 64);
+        sl_policy pol = SL_POLICY_TOKEN_BUCKET(10 + j, 1 + j % 7);
+        sl_request r = {SL_KEY("t", "gc", id), 1, &pol, 0};
+        sl_decision d;
+        GC_CHECK(sl_take_batch(a->l, &r, 1, SL_NOW, &d) == SL_OK && d.err == SL_OK);
+        GC_CHECK(d.limit == (uint64_t)(10 + j));
+        if (i % 8 == 0) { /* a policy nobody will use again: garbage to collect */
+            uint64_t g = atomic_fetch_add(a->garbage, 1);
+            sl_policy once = SL_POLICY_TOKEN_BUCKET(100000 + (double)g, 1);
+            sl_request q = {SL_KEY("t", "gc", "peeked"), 1, &once, 1};
+            GC_CHECK(sl_take_batch(a->l, &q, 1, SL_NOW, &d) == SL_OK);
+            GC_CHECK(d.limit == 100000 + g);
+        }
+    }
+    return NULL;
+}
+
+static void *gc_rules(void *p)
+{
+    gc_arg *a = p;
+    sl_key t = SL_KEY("r", NULL, NULL), k = SL_KEY("r", "x", "c");
+    for (int i = 0; i < 20000 && !atomic_load(a->stop); i++) {
+        sl_policy pol = SL_POLICY_TOKEN_BUCKET(5 + i % 50, 1);
+        GC_CHECK(sl_rule_set(a->l, SL_SCOPE_TENANT, &t, &pol) == SL_OK);
+        sl_decision d;
+        GC_CHECK(sl_take(a->l, &k, 1, SL_NOW, &d) == SL_OK);
+        GC_CHECK(d.limit == (uint64_t)(5 + i % 50));
+    }
+    return NULL;
+}
+
+static void test_policies_collected_while_running(void **st)
+{
+    (void)st;
+    sl_limiter *l;
+    assert_int_equal(sl_open(&l, NULL), SL_OK);
+    _Atomic int stop = 0;
+    _Atomic uint64_t garbage = 0;
+    gc_arg args[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        args[i] = (gc_arg){l, 7u + (unsigned)i, &stop, &garbage};
+        assert_int_equal(pthread_create(&th[i], NULL, i == 3 ? gc_rules : gc_worker, &args[i]),
+                         0);
+    }
+    struct timespec nap = {1, 0};
+    nanosleep(&nap, NULL);
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    uint64_t runs, freed;
+    size_t live = sl_limiter_policies(l, &runs, &freed);
+    printf("policies: %zu live, %llu collections freed %llu (%llu never reused)\n", live,
+           (unsigned long long)runs, (unsigned long long)freed,
+           (unsigned long long)atomic_load(&garbage));
+    assert_int_equal(atomic_load(&g_gc_failures), 0);
+    assert_true(runs >= 1);
+    assert_true(live <= 2 * (3000 + 50 + 2) + 1024);
+    sl_close(l);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -242,6 +326,7 @@ int main(void)
         cmocka_unit_test(test_2_threads_one_hot_key),
         cmocka_unit_test(test_fixed_window_many_threads),
         cmocka_unit_test(test_rules_replaced_while_running),
+        cmocka_unit_test(test_policies_collected_while_running),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
