@@ -54,7 +54,7 @@ extern "C" {
 #define SLUICE_VERSION_HEX \
     ((SLUICE_VERSION_MAJOR << 16) | (SLUICE_VERSION_MINOR << 8) | SLUICE_VERSION_PATCH)
 SL_API unsigned sl_version(void);
-SL_API const char *sl_version_string(void); /* "0.1.0"; static storage */
+SL_API const char *sl_version_string(void); /* "MAJOR.MINOR.PATCH"; static storage */
 
 /* ---- errors -------------------------------------------------------------------------------
  * One table generates the codes, their names and their messages. */
@@ -201,7 +201,7 @@ typedef struct sl_limiter sl_limiter;
 typedef struct sl_options {
     size_t max_keys;          /* hard bound on keys held; least recently used evicted first.
                                  0 = unbounded */
-    unsigned shards;          /* power of two; 0 = 256 */
+    unsigned shards;          /* power of two up to 65536 (else SL_EINVAL); 0 = 256 */
     sl_clock_fn clock;        /* NULL = internal monotonic clock anchored to wall time */
     void *clock_ctx;
     const sl_policy *default_policy; /* NULL = token bucket, capacity 5, refill 1/s (copied) */

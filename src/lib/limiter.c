@@ -452,7 +452,7 @@ int sl_open(sl_limiter **out, const sl_options *opts)
         o = *opts;
     else
         sl_options_init(&o);
-    if (o.shards & (o.shards - 1))
+    if ((o.shards & (o.shards - 1)) || o.shards > 65536) /* memory.c's SL_MAX_SHARDS */
         return SL_EINVAL;
     sl_policy def = SL_POLICY_TOKEN_BUCKET(5, 1.0);
     if (o.default_policy)

@@ -99,7 +99,8 @@ typedef struct opt {
     const char *key;   /* "resp_port" in the config file */
     char kind;         /* 'i' int, 's' string, 'z' size, 'l' log level, 'm' seconds -> ms */
     size_t off;
-    long long min, max;
+    long long min, max; /* strings: min 1 = must not be empty (a secret: "" would be an unset
+                           variable, and would leave the server open without a word) */
     size_t cap;        /* strings: buffer size */
 } opt;
 
@@ -110,9 +111,9 @@ static const opt k_opts[] = {
     {"--http-port", "http_port", 'i', OFF(http_port), 0, 65535, 0},
     {"--threads", "threads", 'i', OFF(threads), 1, 256, 0},
     {"--data-dir", "data_dir", 's', OFF(data_dir), 0, 0, sizeof(((sd_settings *)0)->data_dir)},
-    {"--admin-token", "admin_token", 's', OFF(admin_token), 0, 0,
+    {"--admin-token", "admin_token", 's', OFF(admin_token), 1, 0,
      sizeof(((sd_settings *)0)->admin_token)},
-    {"--requirepass", "requirepass", 's', OFF(requirepass), 0, 0,
+    {"--requirepass", "requirepass", 's', OFF(requirepass), 1, 0,
      sizeof(((sd_settings *)0)->requirepass)},
     {"--max-keys", "max_keys", 'z', OFF(max_keys), 0, (long long)1 << 40, 0},
     {"--max-connections", "max_connections", 'i', OFF(max_connections), 1, 1000000, 0},
@@ -121,7 +122,7 @@ static const opt k_opts[] = {
     {"--log-level", "log_level", 'l', OFF(log_level), 0, 0, 0},
     {"--snapshot-interval", "snapshot_interval", 'm', OFF(snapshot_interval_ms), 0, 3600, 0},
     {"--store", "store", 's', OFF(store), 0, 0, sizeof(((sd_settings *)0)->store)},
-    {"--redis-password", "redis_password", 's', OFF(redis_password), 0, 0,
+    {"--redis-password", "redis_password", 's', OFF(redis_password), 1, 0,
      sizeof(((sd_settings *)0)->redis_password)},
     {"--redis-db", "redis_db", 'i', OFF(redis_db), 0, 1000000, 0},
     {"--fail-mode", "fail_mode", 's', OFF(fail_mode), 0, 0, sizeof(((sd_settings *)0)->fail_mode)},
@@ -156,6 +157,8 @@ static void set_text(sd_settings *s, const opt *o, const char *v, const char *wh
 {
     char *p = (char *)s + o->off;
     if (o->kind == 's') {
+        if (o->min > 0 && !*v)
+            bad("%s: must not be empty (leave it out to run without one)", where);
         if (strlen(v) >= o->cap)
             bad("%s: value longer than %zu bytes", where, o->cap - 1);
         memcpy(p, v, strlen(v) + 1);
@@ -196,6 +199,8 @@ static void load_config(sd_settings *s, const char *path)
 {
     json_error_t e;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
+    if (!root && e.line < 1) /* not JSON's fault: the file could not be read */
+        bad("--config %s: %s", path, e.text);
     if (!root)
         bad("--config %s: line %d, column %d: %s", path, e.line, e.column, e.text);
     if (!json_is_object(root)) {
@@ -289,6 +294,8 @@ static void parse_args(sd_settings *s, int argc, char **argv)
                                         : uv_ip4_addr(s->bind, 0, &a4) != 0;
     if (bad_addr)
         bad("--bind: '%s' is not an IPv4 or IPv6 address", s->bind);
+    if (strcmp(s->fail_mode, "open") != 0 && strcmp(s->fail_mode, "closed") != 0)
+        bad("--fail-mode: '%s' is not open or closed", s->fail_mode);
 }
 
 /* --store: "memory", or a redis:// URL split into the library's options (servers, password
@@ -322,12 +329,7 @@ static void parse_store(const sd_settings *s, sl_redis_options *ro, char *buf, s
     if (s->redis_password[0])
         ro->password = s->redis_password;
     ro->servers = p;
-    if (strcmp(s->fail_mode, "open") == 0)
-        ro->fail_mode = SL_FAIL_OPEN;
-    else if (strcmp(s->fail_mode, "closed") == 0)
-        ro->fail_mode = SL_FAIL_CLOSED;
-    else
-        bad("--fail-mode: '%s' is not open or closed", s->fail_mode);
+    ro->fail_mode = strcmp(s->fail_mode, "open") == 0 ? SL_FAIL_OPEN : SL_FAIL_CLOSED;
     ro->timeout_ms = (unsigned)s->redis_timeout_ms;
     ro->no_near_cache = !s->near_cache;
 }

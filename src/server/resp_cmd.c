@@ -425,6 +425,8 @@ static void cmd_stats(sd_conn *c, const resp_cmd *m)
     sl_stats s;
     int rc = sl_stats_get(c->srv->lim, m->argc == 2 ? m->argv[1].p : NULL,
                           m->argc == 2 ? m->argv[1].len : 0, &s);
+    if (rc == SL_ENOTFOUND)
+        return resp_error(o, "ERR no decisions for this tenant yet (SL_ENOTFOUND)");
     if (rc != SL_OK)
         return lib_error(o, rc);
     resp_array(o, m->argc == 2 ? 6 : 10);

@@ -200,7 +200,8 @@ class RespTest(unittest.TestCase):
         r.execute_command("SL.TAKE", "t6", "a", "c")
         st = r.execute_command("SL.STATS", "t6")
         self.assertEqual(st, [b"allowed", 1, b"denied", 0, b"evicted", 0])
-        with self.assertRaisesRegex(redis.ResponseError, "SL_ENOTFOUND"):
+        with self.assertRaisesRegex(redis.ResponseError,
+                                    "no decisions for this tenant yet .SL_ENOTFOUND"):
             r.execute_command("SL.STATS", "never-seen")
 
     def test_hello(self):
@@ -350,7 +351,15 @@ class ProcessTest(unittest.TestCase):
                           (["--resp-port", "0", "--http-port", "0"], "nothing to serve"),
                           (["--bind", "localhost"], "--bind: 'localhost' is not an IPv4"),
                           (["--bind", "300.1.1.1"], "--bind: '300.1.1.1'"),
-                          (["--bind", "::1::2"], "--bind: '::1::2'")]:
+                          (["--bind", "::1::2"], "--bind: '::1::2'"),
+                          # the memory store too: a typo is not silently "closed"
+                          (["--fail-mode", "maybe"], "--fail-mode: 'maybe' is not open"),
+                          # an empty secret (an unset variable) would leave the server open
+                          (["--admin-token", ""], "--admin-token: must not be empty"),
+                          (["--requirepass="], "--requirepass: must not be empty"),
+                          (["--redis-password", ""], "--redis-password: must not be empty"),
+                          (["--config", "/nonexistent/c.json"],
+                           "--config /nonexistent/c.json: unable to open")]:
             code, _, err = run_sluiced(*args)
             self.assertEqual(code, 2, args)
             self.assertEqual(len(err.strip().splitlines()), 1, err)

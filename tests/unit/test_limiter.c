@@ -669,6 +669,9 @@ static void test_open_options(void **st)
     o.shards = 3;
     assert_int_equal(sl_open(&l, &o), SL_EINVAL);
     assert_null(l);
+    o.shards = 131072; /* a power of two, above the most the table takes: not "no memory" */
+    assert_int_equal(sl_open(&l, &o), SL_EINVAL);
+    assert_null(l);
     sl_policy bad = SL_POLICY_TOKEN_BUCKET(0, 1);
     o.shards = 0;
     o.default_policy = &bad;
