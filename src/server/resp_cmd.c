@@ -21,6 +21,7 @@
 
 typedef struct resp_state {
     int authed;
+    int admin; /* AUTH admin <--admin-token>: may change the configuration */
     int proto; /* 2 or 3 (HELLO 3) */
     char name[256];
     size_t name_len;
@@ -535,30 +536,46 @@ static void cmd_weight(sd_conn *c, const resp_cmd *m)
 
 /* ---- connection-level commands ---- */
 
-static int pass_ok(sd_conn *c, const resp_arg *user, const resp_arg *pass)
+static int secret_eq(const char *want, const resp_arg *got)
 {
-    const char *want = c->srv->cfg.requirepass;
     size_t wl = strlen(want);
+    unsigned char diff = (unsigned char)(got->len != wl);
+    for (size_t i = 0; i < wl; i++) /* constant time in the secret's length */
+        diff |= (unsigned char)(want[i] ^ (i < got->len ? got->p[i] : 0));
+    return diff == 0;
+}
+
+/* Two users, as Redis's ACL names them: "default" (--requirepass: decisions and reads) and,
+ * with --admin-token, "admin" (everything, configuration changes included). 1 when
+ * (user, pass) is one of them, with st updated; user NULL is "default". */
+static int login(sd_conn *c, const resp_arg *user, const resp_arg *pass)
+{
+    resp_state *st = c->state;
+    const sd_settings *cfg = &c->srv->cfg;
+    if (user && user->len == 5 && memcmp(user->p, "admin", 5) == 0) {
+        if (!cfg->admin_token[0] || !secret_eq(cfg->admin_token, pass))
+            return 0;
+        st->admin = st->authed = 1;
+        return 1;
+    }
     if (user && !(user->len == 7 && memcmp(user->p, "default", 7) == 0))
         return 0;
-    unsigned char diff = (unsigned char)(pass->len != wl);
-    for (size_t i = 0; i < wl; i++) /* constant time in the password's length */
-        diff |= (unsigned char)(want[i] ^ (i < pass->len ? pass->p[i] : 0));
-    return diff == 0;
+    if (!cfg->requirepass[0] || !secret_eq(cfg->requirepass, pass))
+        return 0;
+    st->authed = 1;
+    return 1;
 }
 
 static void cmd_auth(sd_conn *c, const resp_cmd *m)
 {
-    resp_state *st = c->state;
     resp_buf *o = sd_reply_buf(c);
     if (m->argc != 2 && m->argc != 3)
         return arity(o, &m->argv[0]);
-    if (!c->srv->cfg.requirepass[0])
+    if (m->argc == 2 && !c->srv->cfg.requirepass[0])
         return resp_error(o, "ERR AUTH <password> called without any password configured for "
                              "the default user. Are you sure your configuration is correct?");
-    if (!pass_ok(c, m->argc == 3 ? &m->argv[1] : NULL, &m->argv[m->argc - 1]))
+    if (!login(c, m->argc == 3 ? &m->argv[1] : NULL, &m->argv[m->argc - 1]))
         return resp_error(o, "WRONGPASS invalid username-password pair or user is disabled.");
-    st->authed = 1;
     resp_simple(o, "OK");
 }
 
@@ -576,10 +593,9 @@ static void cmd_hello(sd_conn *c, const resp_cmd *m)
     const resp_arg *setname = NULL;
     for (; i < m->argc; i++) {
         if (resp_arg_is(&m->argv[i], "AUTH") && i + 2 < m->argc) {
-            if (!c->srv->cfg.requirepass[0] || !pass_ok(c, &m->argv[i + 1], &m->argv[i + 2]))
+            if (!login(c, &m->argv[i + 1], &m->argv[i + 2]))
                 return resp_error(o, "WRONGPASS invalid username-password pair or user is "
                                      "disabled.");
-            st->authed = 1;
             i += 2;
         } else if (resp_arg_is(&m->argv[i], "SETNAME") && i + 1 < m->argc) {
             setname = &m->argv[++i];
@@ -697,6 +713,21 @@ static void unknown(resp_buf *o, const resp_cmd *m)
 }
 
 /* Returns 1 when the connection must close after the replies. */
+/* Does m change the configuration or the saved state (with --admin-token, only the admin
+ * user may)? Reads (GET, LIST), decisions and counters do not. */
+static int changes_config(const resp_cmd *m)
+{
+    static const char *const admin[] = {"SL.RULE", "SL.TIER", "SL.DEFAULT", "SL.ADMISSION",
+                                        "SL.WEIGHT"};
+    if (resp_arg_is(&m->argv[0], "SL.SAVE"))
+        return 1;
+    for (size_t i = 0; i < sizeof admin / sizeof admin[0]; i++)
+        if (resp_arg_is(&m->argv[0], admin[i]))
+            return !(m->argc >= 2 &&
+                     (resp_arg_is(&m->argv[1], "GET") || resp_arg_is(&m->argv[1], "LIST")));
+    return 0;
+}
+
 static int dispatch(sd_conn *c, const resp_cmd *m)
 {
     resp_state *st = c->state;
@@ -718,6 +749,11 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
         return cmd_hello(c, m), 0;
     if (!st->authed) {
         resp_error(o, "NOAUTH Authentication required.");
+        return 0;
+    }
+    if (c->srv->cfg.admin_token[0] && !st->admin && changes_config(m)) {
+        resp_error(o, "NOPERM this command changes the configuration: AUTH admin "
+                      "<admin-token> first (--admin-token)");
         return 0;
     }
     if (resp_arg_is(name, "PING")) {

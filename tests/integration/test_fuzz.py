@@ -513,7 +513,8 @@ def resp_seeds(rng):
         [b"CL.THROTTLE", b"fz-key-" + c, b"15", b"30", b"60", b"1"],
         [b"CL.THROTTLE", b"fz-key", b"5", b"10", b"1"],
         [b"PING"], [b"PING", b"hi"], [b"ECHO", b"hello"], [b"AUTH", PASSWORD],
-        [b"AUTH", b"default", PASSWORD], [b"AUTH", b"wrong"], [b"HELLO"], [b"HELLO", b"2"],
+        [b"AUTH", b"default", PASSWORD], [b"AUTH", b"wrong"],
+        [b"AUTH", b"admin", TOKEN.encode()], [b"AUTH", b"admin", PASSWORD], [b"HELLO"], [b"HELLO", b"2"],
         [b"HELLO", b"3"], [b"HELLO", b"2", b"AUTH", b"default", PASSWORD, b"SETNAME", b"fz"],
         [b"CLIENT", b"SETNAME", b"fz-conn"], [b"CLIENT", b"GETNAME"], [b"CLIENT", b"ID"],
         [b"CLIENT", b"SETINFO", b"lib-name", b"fuzz"], [b"SELECT", b"0"], [b"SELECT", b"1"],
@@ -665,11 +666,14 @@ def resp_job(rng, k):
     seeds = resp_seeds(rng)
     token = b"tok-%s-%d" % (str(k).encode(), rng.randrange(10 ** 6))
     authed = rng.random() < 0.85
-    prefix_cmds = ([[b"AUTH", PASSWORD]] if authed else []) + [[b"ECHO", token]]
+    flood = rng.random() < 0.03
+    # half the logins are the admin user's (--admin-token): configuration changes need it
+    login = [b"AUTH", b"admin", TOKEN.encode()] if flood or rng.random() < 0.5 else \
+        [b"AUTH", PASSWORD]
+    prefix_cmds = ([login] if authed else []) + [[b"ECHO", token]]
     prefix = ([is_ok] if authed else []) + [
         (lambda v, t=token: v == t) if authed else
         (lambda v: isinstance(v, RespError) and v.startswith(b"NOAUTH"))]
-    flood = rng.random() < 0.03
     if flood:  # a pipeline past SD_PIPELINE_MAX, in one write: backpressure
         echo = rng.choice([5, 10 ** 6])  # ECHO every 5th, or never
         cmds = [[b"SL.TAKE", b"fz", b"flood", b"c%d" % (i % 3)] if i % echo else
@@ -1198,8 +1202,8 @@ class FuzzServer(unittest.TestCase):
     def client(cls):
         """One connection for the test's own valid commands (counted in the open ones)."""
         if getattr(cls, "r", None) is None or cls.r_port != cls.srv.resp_port:
-            cls.r = redis.Redis(host="127.0.0.1", port=cls.srv.resp_port,
-                                password=PASSWORD.decode(), socket_timeout=10,
+            cls.r = redis.Redis(host="127.0.0.1", port=cls.srv.resp_port, username="admin",
+                                password=TOKEN, socket_timeout=10,
                                 single_connection_client=True)
             cls.r_port = cls.srv.resp_port
         return cls.r
@@ -1620,7 +1624,7 @@ class Reproducers(unittest.TestCase):
 BASE_CONFIG = {
     "threads": 2, "idle_timeout_seconds": 300, "max_connections": 1000, "log_level": "info",
     "shutdown_timeout_ms": 3000, "snapshot_interval": 1, "max_keys": 100000,
-    "requirepass": "", "admin_token": "t0ken", "near_cache": 1, "redis_timeout_ms": 1000,
+    "requirepass": "pw", "admin_token": "t0ken", "near_cache": 1, "redis_timeout_ms": 1000,
     "items": {
         "rule/action/acme/login": {"limits": [{"algorithm": "token_bucket", "limit": 10,
                                                "rate": 1}]},
@@ -1668,7 +1672,7 @@ def plausible(rng, key):
         "threads": [1, 4, 256], "idle_timeout_seconds": [0, 1, 604800],
         "max_connections": [1, 1000000], "log_level": ["error", "warn", "info", "debug"],
         "shutdown_timeout_ms": [0, 600000], "snapshot_interval": [0, 0.001, 2.5, 3600],
-        "max_keys": [0, 1, 2 ** 40], "requirepass": ["", "p" * 100], "admin_token": ["", "x"],
+        "max_keys": [0, 1, 2 ** 40], "requirepass": ["p", "p" * 100], "admin_token": ["x", "t" * 100],
         "near_cache": [0, 1], "redis_timeout_ms": [1, 600000], "redis_db": [0, 1000000],
         "fail_mode": ["open", "closed"], "resp_port": [0, 65535], "http_port": [0, 65535],
     }

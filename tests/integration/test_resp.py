@@ -318,6 +318,47 @@ class RespTest(unittest.TestCase):
 
 
 class AuthTest(unittest.TestCase):
+    def test_admin_token_guards_config_changes(self):
+        """--admin-token guards configuration changes on RESP as on HTTP: they need the
+        "admin" user (AUTH admin <token>); reads and decisions do not, and the default user
+        of --requirepass may not change anything."""
+        with Sluiced("--admin-token", "T0ken", "--requirepass", "pw", http=False) as s:
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port, password="pw")
+            changes = [("SL.RULE", "SET", "ACTION", "t", "a", "token_bucket", "LIMIT", "3",
+                        "RATE", "1"),
+                       ("SL.RULE", "DEL", "ACTION", "t", "a"),
+                       ("SL.TIER", "SET", "gold", "token_bucket", "LIMIT", "9", "RATE", "1"),
+                       ("SL.TIER", "ASSIGN", "t", "c", "gold"),
+                       ("SL.DEFAULT", "SET", "token_bucket", "LIMIT", "9", "RATE", "1"),
+                       ("SL.ADMISSION", "SET", "max_tenant_queue_size", "5"),
+                       ("SL.WEIGHT", "SET", "t", "3"),
+                       ("SL.SAVE",)]
+            for cmd in changes:
+                with self.assertRaisesRegex(redis.exceptions.NoPermissionError, "AUTH admin"):
+                    r.execute_command(*cmd)
+            self.assertEqual(r.execute_command("SL.RULE", "LIST"), [])
+            self.assertIsNone(r.execute_command("SL.RULE", "GET", "ACTION", "t", "a"))
+            self.assertEqual(r.execute_command("SL.TAKE", "t", "a", "c")[1], 5)  # the default
+            with self.assertRaisesRegex(redis.ResponseError, "invalid username-password"):
+                r.execute_command("AUTH", "admin", "wrong")
+            with self.assertRaisesRegex(redis.ResponseError, "invalid username-password"):
+                r.execute_command("AUTH", "admin", "pw")  # the default user's password
+            admin = redis.Redis(host="127.0.0.1", port=s.resp_port, username="admin",
+                                password="T0ken")
+            self.assertEqual(admin.execute_command(*changes[0]), b"OK")
+            self.assertEqual(admin.execute_command("SL.TAKE", "t", "a", "c")[1], 3)
+            out = raw(s.resp_port, b"HELLO 2 AUTH admin T0ken\r\nSL.WEIGHT SET t 2\r\n",
+                      expect=10_000, timeout=1)
+            self.assertTrue(out.endswith(b"+OK\r\n"), out)
+        # without --requirepass, only the changes need a login
+        with Sluiced("--admin-token", "T0ken", http=False) as s:
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port)
+            self.assertEqual(r.execute_command("SL.TAKE", "t", "a", "c")[0], 1)
+            with self.assertRaises(redis.exceptions.NoPermissionError):
+                r.execute_command(*changes[0])
+            self.assertTrue(r.execute_command("AUTH", "admin", "T0ken"))
+            self.assertEqual(r.execute_command(*changes[0]), b"OK")
+
     def test_requirepass(self):
         with Sluiced("--requirepass", "s3cret", http=False) as s:
             r = redis.Redis(host="127.0.0.1", port=s.resp_port, socket_timeout=5)

@@ -93,6 +93,9 @@ class StateDurabilityTest(unittest.TestCase):
         with self.srv("--snapshot-interval", 0, "--admin-token", "tok") as s:
             r = rcli(s)
             r.execute_command("SL.TAKE", "t", "a", "c")
+            with self.assertRaises(redis.exceptions.NoPermissionError):  # as HTTP's 401
+                r.execute_command("SL.SAVE")
+            self.assertTrue(r.execute_command("AUTH", "admin", "tok"))
             self.assertTrue(r.execute_command("SL.SAVE"))
             import http.client
             c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=10)
