@@ -274,13 +274,20 @@ SL_API int sl_default_get(sl_limiter *l, sl_policy *out);
 
 /* Tiers are named policies; a (tenant, client) may be assigned one. Names are 1..255 bytes.
  * sl_tier_del refuses a tier still assigned (SL_ETIERINUSE); sl_tier_assign with tier NULL
- * removes the assignment; an unknown tier is SL_ETIER. */
+ * removes the assignment (SL_ENOTFOUND if there was none); an unknown tier is SL_ETIER.
+ * sl_tier_assignment copies the tier assigned to (tenant, client) into `tier` (cap > 255
+ * bytes, NUL-terminated), or returns SL_ENOTFOUND; sl_tier_assignments visits every
+ * assignment like sl_rule_list (the key's action is empty). */
 SL_API int sl_tier_set(sl_limiter *l, const char *name, const sl_policy *p);
 SL_API int sl_tier_get(sl_limiter *l, const char *name, sl_policy *out);
 SL_API int sl_tier_del(sl_limiter *l, const char *name);
 SL_API int sl_tier_assign(sl_limiter *l, const sl_key *tenant_client, const char *tier);
+SL_API int sl_tier_assignment(sl_limiter *l, const sl_key *tenant_client, char *tier,
+                              size_t cap);
 typedef int (*sl_tier_fn)(void *ctx, const char *name, const sl_policy *p);
 SL_API int sl_tier_list(sl_limiter *l, sl_tier_fn fn, void *ctx);
+typedef int (*sl_assign_fn)(void *ctx, const sl_key *tenant_client, const char *tier);
+SL_API int sl_tier_assignments(sl_limiter *l, sl_assign_fn fn, void *ctx);
 
 /* ---- counters and housekeeping ------------------------------------------------------------ */
 typedef struct sl_stats {

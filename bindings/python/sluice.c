@@ -1182,7 +1182,7 @@ static PyObject *lim_assign_tier(PyObject *s, PyObject *const *args, Py_ssize_t 
     if (a[1] != Py_None && tier_name_from(a[1], &tier) < 0)
         return NULL;
     int rc = sl_tier_assign(((Limiter *)s)->l, &k, tier);
-    if (rc != SL_OK)
+    if (rc != SL_OK && !(rc == SL_ENOTFOUND && !tier)) /* unassigning nothing: fine */
         return sl_raise(rc);
     Py_RETURN_NONE;
 }

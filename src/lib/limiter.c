@@ -1298,21 +1298,33 @@ int sl_tier_del(sl_limiter *l, const char *name)
     return rc == SL_ENOTFOUND ? SL_ETIER : rc;
 }
 
-int sl_tier_assign(sl_limiter *l, const sl_key *tc, const char *tier)
+/* Encode (tenant, client) for the assignment map; SL_OK or the key's error. */
+static int assign_key(const sl_key *tc, char *k, size_t *klen)
 {
-    char k[SL_KEY_MAX];
-    size_t len = 0;
     int rc;
-    if (!l || !tc)
+    if (!tc)
         return SL_EINVAL;
     if ((rc = check_id(tc->tenant, tc->tenant_len)) != SL_OK ||
         (rc = check_id(tc->client, tc->client_len)) != SL_OK)
         return rc;
     if (!tc->client_len)
         return SL_EKEYEMPTY;
+    *klen = sl_key_encode(k, tc->tenant, tc->tenant_len, NULL, 0, tc->client, tc->client_len);
+    return SL_OK;
+}
+
+int sl_tier_assign(sl_limiter *l, const sl_key *tc, const char *tier)
+{
+    char k[SL_KEY_MAX];
+    size_t len = 0;
+    int rc;
+    size_t klen;
+    if (!l)
+        return SL_EINVAL;
+    if ((rc = assign_key(tc, k, &klen)) != SL_OK)
+        return rc;
     if (tier && (rc = tier_name(tier, &len)) != SL_OK)
         return rc;
-    size_t klen = sl_key_encode(k, tc->tenant, tc->tenant_len, NULL, 0, tc->client, tc->client_len);
     pthread_mutex_lock(&l->cfg);
     sl_rules *r = atomic_load_explicit(&l->rules, memory_order_relaxed);
     if (tier && !(r->tiers && sl_imap_get(r->tiers, sl_table_hash(tier, len), tier, len)))
@@ -1320,7 +1332,51 @@ int sl_tier_assign(sl_limiter *l, const sl_key *tc, const char *tier)
     else
         rc = rules_update(l, 3, k, klen, NULL, tier, len, tier == NULL);
     pthread_mutex_unlock(&l->cfg);
-    return (rc == SL_ENOTFOUND && !tier) ? SL_OK : rc;
+    return rc;
+}
+
+int sl_tier_assignment(sl_limiter *l, const sl_key *tc, char *tier, size_t cap)
+{
+    char k[SL_KEY_MAX];
+    size_t klen;
+    if (!l || !tier || cap <= SL_MAX_ID_LEN)
+        return SL_EINVAL;
+    int rc = assign_key(tc, k, &klen);
+    if (rc != SL_OK)
+        return rc;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    const sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    const sl_ient *e = r->assign ? sl_imap_get(r->assign, sl_table_hash(k, klen), k, klen) : NULL;
+    if (e) {
+        memcpy(tier, e->data + e->klen, e->vlen);
+        tier[e->vlen] = '\0';
+    }
+    sl_ebr_leave(l->ebr);
+    return e ? SL_OK : SL_ENOTFOUND;
+}
+
+int sl_tier_assignments(sl_limiter *l, sl_assign_fn fn, void *ctx)
+{
+    if (!l || !fn)
+        return SL_EINVAL;
+    if (sl_ebr_enter(l->ebr) != 0)
+        return SL_ENOMEM;
+    const sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
+    int rc = 0;
+    char tier[SL_MAX_ID_LEN + 1];
+    for (size_t i = 0; r->assign && i <= r->assign->mask && !rc; i++) {
+        const sl_ient *e = r->assign->s[i];
+        if (!e)
+            continue;
+        sl_key tc;
+        sl_key_decode(e->data, e->klen, &tc);
+        memcpy(tier, e->data + e->klen, e->vlen);
+        tier[e->vlen] = '\0';
+        rc = fn(ctx, &tc, tier);
+    }
+    sl_ebr_leave(l->ebr);
+    return rc;
 }
 
 int sl_tier_list(sl_limiter *l, sl_tier_fn fn, void *ctx)

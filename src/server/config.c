@@ -280,7 +280,8 @@ static int apply(sd_server *s, const parsed *x, const json_t *v)
         const char *t = v ? json_string_value(v) : NULL;
         if (v && (!t || unpct(&t, tier, &tl) != 0 || *t || tl == 0 || memchr(tier, 0, tl)))
             return SL_ETIER;
-        return sl_tier_assign(s->lim, &tc, v ? tier : NULL);
+        int rc = sl_tier_assign(s->lim, &tc, v ? tier : NULL);
+        return rc == SL_ENOTFOUND && !v ? SL_OK : rc; /* deleting what is not there */
     }
     case I_DEFAULT:
         if (!v)
@@ -577,7 +578,7 @@ int sd_cfg_tier_assign(sd_server *s, const sl_key *tc, const char *tier)
         }
     } else if (!effective(s->config, ch.key)) {
         pthread_mutex_unlock(&s->config->lock);
-        return SL_OK; /* not assigned: nothing to do */
+        return SL_ENOTFOUND; /* not assigned: nothing to do */
     }
     return commit_one(s, &ch);
 }

@@ -1009,6 +1009,23 @@ static int tier_item(void *arg, const char *name, const sl_policy *p)
     return 0;
 }
 
+static int assign_item(void *arg, const sl_key *k, const char *tier)
+{
+    list_ctx *x = arg;
+    int n = 0;
+    if (x->n++)
+        resp_raw(x->o, ", ", 2);
+    resp_raw(x->o, "{", 1);
+    jkey(x->o, &n, "tenant_id");
+    jid(x->o, k->tenant, k->tenant_len);
+    jkey(x->o, &n, "client_id");
+    jstr(x->o, k->client, k->client_len);
+    jkey(x->o, &n, "tier");
+    jcstr(x->o, tier);
+    resp_raw(x->o, "}", 1);
+    return 0;
+}
+
 static void tiers_object(sl_limiter *l, resp_buf *o)
 {
     list_ctx lx = {o, 0, NULL, 0, 0};
@@ -1033,7 +1050,11 @@ static void h_config(ctx *x, int method)
     resp_raw(&o, "]", 1);
     jkey(&o, &n, "tiers");
     tiers_object(srv->lim, &o);
-    resp_raw(&o, "}", 1);
+    jkey(&o, &n, "tier_assignments");
+    resp_raw(&o, "[", 1);
+    lx.n = 0;
+    sl_tier_assignments(srv->lim, assign_item, &lx);
+    resp_raw(&o, "]}", 2);
     reply_json(x, 200, &o);
 }
 
@@ -1140,8 +1161,22 @@ static void rule_method(ctx *x, int method, sl_scope scope, const sl_key *k)
     reply_policy(x, &p);
 }
 
-/* GET|PUT|DELETE /api/config/tenant/{t}: GET shows every rule of the tenant; PUT and DELETE
- * set the tenant's default. */
+/* One "client": "tier" of the tenant in x (GET /api/config/tenant/{t}). */
+static int tenant_assign_item(void *arg, const sl_key *k, const char *tier)
+{
+    list_ctx *x = arg;
+    if (!same_tenant(k, x->tenant, x->tenant_len))
+        return 0;
+    if (x->n++)
+        resp_raw(x->o, ", ", 2);
+    jstr(x->o, k->client, k->client_len);
+    resp_raw(x->o, ": ", 2);
+    jcstr(x->o, tier);
+    return 0;
+}
+
+/* GET|PUT|DELETE /api/config/tenant/{t}: GET shows every rule and tier assignment of the
+ * tenant; PUT and DELETE set the tenant's default. */
 static void h_tenant(ctx *x, int method)
 {
     const seg *t = &x->arg[0];
@@ -1171,7 +1206,12 @@ static void h_tenant(ctx *x, int method)
     jkey(&o, &n, "clients");
     resp_raw(&o, "[", 1);
     sl_rule_list(l, tenant_rule_item, &lx);
-    resp_raw(&o, "]}", 2);
+    resp_raw(&o, "]", 1);
+    lx.n = 0;
+    jkey(&o, &n, "client_tiers");
+    resp_raw(&o, "{", 1);
+    sl_tier_assignments(l, tenant_assign_item, &lx);
+    resp_raw(&o, "}}", 2);
     if (rc != SL_OK && rc != SL_ENOTFOUND) {
         resp_buf_free(&o);
         return reply_lib(x, rc);
@@ -1249,21 +1289,42 @@ static void h_tier(ctx *x, int method)
     reply_policy(x, &p);
 }
 
-/* PUT|DELETE /api/config/tenant/{t}/client/{c}/tier, body {"tier": "gold"} */
+/* {"tenant_id", "client_id", "tier"} */
+static void reply_assignment(ctx *x, const sl_key *k, const char *tier)
+{
+    resp_buf b = {0};
+    int n = 0;
+    resp_raw(&b, "{", 1);
+    jkey(&b, &n, "tenant_id");
+    jid(&b, k->tenant, k->tenant_len);
+    jkey(&b, &n, "client_id");
+    jstr(&b, k->client, k->client_len);
+    jkey(&b, &n, "tier");
+    jcstr(&b, tier);
+    resp_raw(&b, "}", 1);
+    reply_json(x, 200, &b);
+}
+
+/* GET|PUT|DELETE /api/config/tenant/{t}/client/{c}/tier, body {"tier": "gold"} */
 static void h_assign(ctx *x, int method)
 {
     sl_key k = {x->arg[0].p, x->arg[0].len, NULL, 0, x->arg[1].p, x->arg[1].len};
+    char name[SL_MAX_ID_LEN + 1];
     int rc;
-    if (method == SD_HTTP_DELETE) {
-        if ((rc = sd_cfg_tier_assign(x->c->srv, &k, NULL)) != SL_OK)
+    if (method == SD_HTTP_GET || method == SD_HTTP_DELETE) {
+        rc = method == SD_HTTP_GET ? sl_tier_assignment(x->c->srv->lim, &k, name, sizeof name)
+                                   : sd_cfg_tier_assign(x->c->srv, &k, NULL);
+        if (rc == SL_ENOTFOUND)
+            return reply_error(x, 404, NULL, "no tier is assigned to this client");
+        if (rc != SL_OK)
             return reply_lib(x, rc);
-        return reply_deleted(x);
+        return method == SD_HTTP_GET ? reply_assignment(x, &k, name) : reply_deleted(x);
     }
     static const char *const fields[] = {"tier", NULL};
     json_t *o = body_object(x);
     if (!o)
         return;
-    char err[512], name[SL_MAX_ID_LEN + 1];
+    char err[512];
     seg t;
     if (only_fields(o, fields, "", err, sizeof err) ||
         str_field(o, "tier", &t.p, &t.len, err, sizeof err)) {
@@ -1277,17 +1338,7 @@ static void h_assign(ctx *x, int method)
     if ((rc = sd_cfg_tier_assign(x->c->srv, &k, name)) != SL_OK)
         return rc == SL_ETIER ? reply_error(x, 400, NULL, "unknown tier \"%s\" (SL_ETIER)", name)
                               : reply_lib(x, rc);
-    resp_buf b = {0};
-    int n = 0;
-    resp_raw(&b, "{", 1);
-    jkey(&b, &n, "tenant_id");
-    jid(&b, k.tenant, k.tenant_len);
-    jkey(&b, &n, "client_id");
-    jstr(&b, k.client, k.client_len);
-    jkey(&b, &n, "tier");
-    jcstr(&b, name);
-    resp_raw(&b, "}", 1);
-    reply_json(x, 200, &b);
+    reply_assignment(x, &k, name);
 }
 
 /* GET|PUT|DELETE /api/config/tenant/{t}/weight, body {"weight": 1..1000}: the tenant's share
@@ -1387,7 +1438,8 @@ static const route k_routes[] = {
      M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_client_rule},
     {"/api/config/tenant/*/weight", SD_EP_CONFIG,
      M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE), h_weight},
-    {"/api/config/tenant/*/client/*/tier", SD_EP_CONFIG, M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
+    {"/api/config/tenant/*/client/*/tier", SD_EP_CONFIG,
+     M(SD_HTTP_GET) | M(SD_HTTP_PUT) | M(SD_HTTP_DELETE),
      h_assign},
     {"/metrics", SD_EP_METRICS, M(SD_HTTP_GET), h_metrics},
 };

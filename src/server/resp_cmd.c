@@ -263,6 +263,17 @@ static int tier_item(void *ctx, const char *name, const sl_policy *p)
     return 0;
 }
 
+static int assign_item(void *ctx, const sl_key *k, const char *tier)
+{
+    list_ctx *x = ctx;
+    resp_array(&x->items, 3);
+    resp_bulk(&x->items, k->tenant, k->tenant_len);
+    resp_bulk(&x->items, k->client, k->client_len);
+    resp_bulk_str(&x->items, tier);
+    x->n++;
+    return 0;
+}
+
 static void list_done(list_ctx *x)
 {
     resp_array(x->o, x->n);
@@ -335,8 +346,9 @@ static void cmd_rule(sd_conn *c, const resp_cmd *m)
                (int)(sub->len > 32 ? 32 : sub->len), sub->p);
 }
 
-/* SL.TIER SET name <policy> | GET name | DEL name | ASSIGN tenant client tier |
- *         UNASSIGN tenant client | LIST */
+/* SL.TIER SET name <policy> | GET name | DEL name | LIST | ASSIGN tenant client tier |
+ *         UNASSIGN tenant client (1, or 0: none) | ASSIGNED tenant client (the tier or nil) |
+ *         ASSIGNMENTS (tenant, client, tier for each) */
 static void cmd_tier(sd_conn *c, const resp_cmd *m)
 {
     resp_buf *o = sd_reply_buf(c);
@@ -346,21 +358,31 @@ static void cmd_tier(sd_conn *c, const resp_cmd *m)
     const resp_arg *sub = &m->argv[1];
     char name[SL_MAX_ID_LEN + 1];
     int rc;
-    if (resp_arg_is(sub, "LIST") && m->argc == 2) {
+    if ((resp_arg_is(sub, "LIST") || resp_arg_is(sub, "ASSIGNMENTS")) && m->argc == 2) {
         list_ctx x = {o, 0, {0}};
-        sl_tier_list(l, tier_item, &x);
+        if (resp_arg_is(sub, "LIST"))
+            sl_tier_list(l, tier_item, &x);
+        else
+            sl_tier_assignments(l, assign_item, &x);
         return list_done(&x);
     }
-    if (resp_arg_is(sub, "ASSIGN") || resp_arg_is(sub, "UNASSIGN")) {
-        int assign = resp_arg_is(sub, "ASSIGN");
+    if (resp_arg_is(sub, "ASSIGN") || resp_arg_is(sub, "UNASSIGN") ||
+        resp_arg_is(sub, "ASSIGNED")) {
+        int assign = resp_arg_is(sub, "ASSIGN"), get = resp_arg_is(sub, "ASSIGNED");
         if (m->argc != (assign ? 5 : 4))
             return arity(o, &m->argv[0]);
         if (assign && cstr(&m->argv[4], name, sizeof name) != 0)
             return lib_error(o, SL_ETIER);
         sl_key k = key3(&m->argv[2], NULL, &m->argv[3]);
-        if ((rc = sd_cfg_tier_assign(c->srv, &k, assign ? name : NULL)) != SL_OK)
+        rc = get ? sl_tier_assignment(l, &k, name, sizeof name)
+                 : sd_cfg_tier_assign(c->srv, &k, assign ? name : NULL);
+        if (rc == SL_ENOTFOUND)
+            return get ? nul(c) : resp_int(o, 0);
+        if (rc != SL_OK)
             return lib_error(o, rc);
-        return resp_simple(o, "OK");
+        if (get)
+            return resp_bulk_str(o, name);
+        return assign ? resp_simple(o, "OK") : resp_int(o, 1);
     }
     if (m->argc < 3)
         return arity(o, &m->argv[0]);
@@ -393,7 +415,8 @@ static void cmd_tier(sd_conn *c, const resp_cmd *m)
             return lib_error(o, rc);
         return resp_int(o, 1);
     }
-    resp_error(o, "ERR unknown SL.TIER subcommand (SET, GET, DEL, ASSIGN, UNASSIGN, LIST)");
+    resp_error(o, "ERR unknown SL.TIER subcommand (SET, GET, DEL, LIST, ASSIGN, UNASSIGN, "
+                  "ASSIGNED, ASSIGNMENTS)");
 }
 
 /* SL.DEFAULT SET <policy> | GET */
@@ -714,7 +737,7 @@ static void unknown(resp_buf *o, const resp_cmd *m)
 
 /* Returns 1 when the connection must close after the replies. */
 /* Does m change the configuration or the saved state (with --admin-token, only the admin
- * user may)? Reads (GET, LIST), decisions and counters do not. */
+ * user may)? Reads (GET, LIST, ASSIGNED, ASSIGNMENTS), decisions and counters do not. */
 static int changes_config(const resp_cmd *m)
 {
     static const char *const admin[] = {"SL.RULE", "SL.TIER", "SL.DEFAULT", "SL.ADMISSION",
@@ -724,7 +747,9 @@ static int changes_config(const resp_cmd *m)
     for (size_t i = 0; i < sizeof admin / sizeof admin[0]; i++)
         if (resp_arg_is(&m->argv[0], admin[i]))
             return !(m->argc >= 2 &&
-                     (resp_arg_is(&m->argv[1], "GET") || resp_arg_is(&m->argv[1], "LIST")));
+                     (resp_arg_is(&m->argv[1], "GET") || resp_arg_is(&m->argv[1], "LIST") ||
+                      resp_arg_is(&m->argv[1], "ASSIGNED") ||
+                      resp_arg_is(&m->argv[1], "ASSIGNMENTS")));
     return 0;
 }
 

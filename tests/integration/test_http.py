@@ -325,7 +325,8 @@ class Endpoints(HttpCase):
                                     ("GET", "/api/check_and_consume", "POST"),
                                     ("DELETE", "/api/config", "GET, HEAD"),
                                     ("POST", "/api/config/tenant/t", "GET, HEAD, PUT, DELETE"),
-                                    ("GET", "/api/config/tenant/t/client/c/tier", "PUT, DELETE"),
+                                    ("POST", "/api/config/tenant/t/client/c/tier",
+                                     "GET, HEAD, PUT, DELETE"),
                                     ("PATCH", "/api/config/global", "GET, HEAD, PUT")):
             _, hdrs = self.error(method, path, status=405, contains="not allowed")
             self.assertEqual(hdrs["allow"], allow)
@@ -447,7 +448,7 @@ class Config(HttpCase):
                    contains="SL_ENOTFOUND")
         view = self.ok("GET", "/api/config/tenant/scoped")
         self.assertEqual(view, {"tenant_id": "scoped", "default_policy": None, "actions": {},
-                                "clients": []})
+                                "clients": [], "client_tiers": {}})
 
     def test_policy_errors(self):
         path = "/api/config/tenant/bad/action/a"
@@ -487,12 +488,23 @@ class Config(HttpCase):
                          {"tenant_id": "tiered", "client_id": "c1", "tier": "gold"})
         self.assertEqual(self.check("tiered", "c1", "any")[2]["limit"], 50)
         self.assertEqual(self.check("tiered", "c2", "any")[2]["limit"], 5)  # global default
+        # an assignment reads back, alone and in the tenant's configuration
+        self.assertEqual(self.ok("GET", path),
+                         {"tenant_id": "tiered", "client_id": "c1", "tier": "gold"})
+        self.assertEqual(self.ok("GET", "/api/config/tenant/tiered")["client_tiers"],
+                         {"c1": "gold"})
+        self.assertIn({"tenant_id": "tiered", "client_id": "c1", "tier": "gold"},
+                      self.ok("GET", "/api/config")["tier_assignments"])
+        self.error("GET", "/api/config/tenant/tiered/client/c2/tier", status=404,
+                   contains="no tier is assigned")
         self.error("DELETE", "/api/config/tiers/gold", status=409, contains="SL_ETIERINUSE")
         self.error("PUT", path, {"tier": "platinum"}, contains="unknown tier")
         self.error("PUT", path, {"tier": ""}, contains="tier names")
         self.error("PUT", path, {"level": "gold"}, contains='unknown field "level"')
         self.error("PUT", path, {}, contains='missing field "tier"')
         self.assertEqual(self.ok("DELETE", path), {"deleted": True})
+        self.error("DELETE", path, status=404, contains="no tier is assigned")  # gone already
+        self.assertEqual(self.ok("GET", "/api/config/tenant/tiered")["client_tiers"], {})
         self.assertEqual(self.check("tiered", "c1", "any")[2]["limit"], 5)
         self.ok("DELETE", "/api/config/tiers/gold")
         self.error("DELETE", "/api/config/tiers/gold", status=404, contains="SL_ETIER")

@@ -127,7 +127,12 @@ class RespTest(unittest.TestCase):
             r.execute_command("SL.TIER", "DEL", "gold")
         self.assertIn([b"gold", b"token_bucket LIMIT 1000 RATE 100"],
                       r.execute_command("SL.TIER", "LIST"))
-        self.assertTrue(r.execute_command("SL.TIER", "UNASSIGN", "t2", "dave"))
+        self.assertEqual(r.execute_command("SL.TIER", "ASSIGNED", "t2", "dave"), b"gold")
+        self.assertIsNone(r.execute_command("SL.TIER", "ASSIGNED", "t2", "erin"))
+        self.assertIn([b"t2", b"dave", b"gold"], r.execute_command("SL.TIER", "ASSIGNMENTS"))
+        self.assertEqual(r.execute_command("SL.TIER", "UNASSIGN", "t2", "dave"), 1)
+        self.assertEqual(r.execute_command("SL.TIER", "UNASSIGN", "t2", "dave"), 0)  # none
+        self.assertNotIn([b"t2", b"dave", b"gold"], r.execute_command("SL.TIER", "ASSIGNMENTS"))
         self.assertEqual(r.execute_command("SL.TIER", "DEL", "gold"), 1)
         with self.assertRaisesRegex(redis.ResponseError, "unknown tier"):
             r.execute_command("SL.TIER", "ASSIGN", "t2", "dave", "platinum")

@@ -196,6 +196,14 @@ static void test_invalid_inputs_change_nothing(void **st)
     sl_close(l);
 }
 
+static int count_assign(void *ctx, const sl_key *tc, const char *tier)
+{
+    (void)tc;
+    assert_string_equal(tier, "gold");
+    ++*(int *)ctx;
+    return 0;
+}
+
 static void test_resolution_order(void **st)
 {
     (void)st;
@@ -238,8 +246,20 @@ static void test_resolution_order(void **st)
     assert_int_equal(take(l, "acme", "login", "alice", 1, T0).limit, 2);
     assert_int_equal(sl_rule_del(l, SL_SCOPE_TENANT, &k), SL_OK);
     assert_int_equal(take(l, "acme", "login", "bob", 1, T0).limit, 7);
+    char tn[SL_MAX_ID_LEN + 1];
+    assert_int_equal(sl_tier_assignment(l, &tc, tn, sizeof tn), SL_OK);
+    assert_string_equal(tn, "gold");
+    int na = 0;
+    assert_int_equal(sl_tier_assignments(l, count_assign, &na), SL_OK);
+    assert_int_equal(na, 2);
+    assert_int_equal(sl_tier_assignment(l, &tc, tn, SL_MAX_ID_LEN), SL_EINVAL); /* too small */
     assert_int_equal(sl_tier_assign(l, &tc, NULL), SL_OK);
     assert_int_equal(sl_tier_assign(l, &tc2, NULL), SL_OK);
+    assert_int_equal(sl_tier_assign(l, &tc2, NULL), SL_ENOTFOUND); /* nothing to remove */
+    assert_int_equal(sl_tier_assignment(l, &tc, tn, sizeof tn), SL_ENOTFOUND);
+    na = 0;
+    assert_int_equal(sl_tier_assignments(l, count_assign, &na), SL_OK);
+    assert_int_equal(na, 0);
     assert_int_equal(sl_tier_del(l, "gold"), SL_OK);
     assert_int_equal(take(l, "acme", "login", "bob", 1, T0).limit, 1);
     sl_close(l);
