@@ -19,10 +19,17 @@
 #define FORMAT_VERSION 1
 #define KEY_MAX (16 + 3 * 3 * SL_MAX_ID_LEN) /* "rule/client/" + three encoded ids */
 
-static const char *const k_adm_names[3] = {"max_global_concurrent_requests",
-                                           "max_tenant_queue_size", "max_queue_wait_ms"};
-static const int64_t k_adm_min[3] = {1, 0, 1};
-#define ADM_MAX 100000000
+const sd_adm_field sd_adm_fields[3] = {
+    {"max_global_concurrent_requests", 1, 100000000},
+    {"max_tenant_queue_size", 0, 100000000},
+    {"max_queue_wait_ms", 1, 3600000}, /* an hour */
+};
+
+static int adm_ok(int i, const json_t *v)
+{
+    return json_is_integer(v) && json_integer_value(v) >= sd_adm_fields[i].min &&
+           json_integer_value(v) <= sd_adm_fields[i].max;
+}
 
 struct sd_config {
     pthread_mutex_t lock;
@@ -226,7 +233,7 @@ static int parse_key(const char *key, parsed *x)
     }
     if (strncmp(key, "admission/", 10) == 0) {
         for (int i = 0; i < 3; i++)
-            if (strcmp(key + 10, k_adm_names[i]) == 0) {
+            if (strcmp(key + 10, sd_adm_fields[i].name) == 0) {
                 x->kind = I_ADMISSION;
                 x->adm = i;
                 return 0;
@@ -292,7 +299,7 @@ static int apply(sd_server *s, const parsed *x, const json_t *v)
         _Atomic int64_t *f[3] = {&s->adm.max_global_concurrent, &s->adm.max_tenant_queue,
                                  &s->adm.max_queue_wait_ms};
         json_int_t n = v ? json_integer_value(v) : dflt[x->adm];
-        if (v && (!json_is_integer(v) || n < k_adm_min[x->adm] || n > ADM_MAX))
+        if (v && !adm_ok(x->adm, v))
             return SL_EINVAL;
         atomic_store(f[x->adm], (int64_t)n);
         return SL_OK;
@@ -613,12 +620,12 @@ int sd_cfg_global_set(sd_server *s, const sl_policy *deflt, const int64_t vals[3
     for (int i = 0; i < 3; i++) {
         if (!set[i])
             continue;
-        if (vals[i] < k_adm_min[i] || vals[i] > ADM_MAX) {
+        if (vals[i] < sd_adm_fields[i].min || vals[i] > sd_adm_fields[i].max) {
             for (int j = 0; j < n; j++)
                 json_decref(ch[j].val);
             return SL_EINVAL;
         }
-        snprintf(ch[n].key, sizeof ch[n].key, "admission/%s", k_adm_names[i]);
+        snprintf(ch[n].key, sizeof ch[n].key, "admission/%s", sd_adm_fields[i].name);
         ch[n++].val = json_integer(vals[i]);
     }
     if (n == 0)
@@ -787,6 +794,7 @@ static int check_items(const json_t *items, const char *prefix, const char *path
     {
         parsed x;
         const char *why = NULL;
+        char whybuf[96];
         sl_policy p;
         if (parse_key(key, &x) != 0) {
             why = "unknown item (rule/..., tier/..., assign/..., default, admission/..., "
@@ -798,10 +806,10 @@ static int check_items(const json_t *items, const char *prefix, const char *path
             /* why says what is wrong with the policy */
         } else if (x.kind == I_ASSIGN && !json_is_string(v)) {
             why = "an assignment is a tier name (a string)";
-        } else if (x.kind == I_ADMISSION &&
-                   (!json_is_integer(v) || json_integer_value(v) < k_adm_min[x.adm] ||
-                    json_integer_value(v) > ADM_MAX)) {
-            why = "must be a whole number in range";
+        } else if (x.kind == I_ADMISSION && !adm_ok(x.adm, v)) {
+            snprintf(whybuf, sizeof whybuf, "must be a whole number from %lld to %lld",
+                     (long long)sd_adm_fields[x.adm].min, (long long)sd_adm_fields[x.adm].max);
+            why = whybuf;
         } else if (x.kind == I_WEIGHT && (!json_is_integer(v) || json_integer_value(v) < 1 ||
                                           json_integer_value(v) > 1000)) {
             why = "a weight is a whole number from 1 to 1000";

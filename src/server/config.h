@@ -62,8 +62,15 @@ int sd_cfg_tier_set(sd_server *s, const char *name, const sl_policy *p);
 int sd_cfg_tier_del(sd_server *s, const char *name);
 int sd_cfg_tier_assign(sd_server *s, const sl_key *tenant_client, const char *tier);
 int sd_cfg_weight_set(sd_server *s, const char *tenant, size_t len, unsigned weight);
-/* Default policy (NULL: unchanged) and admission settings (set[i]: vals[i] given; order
- * max_global_concurrent_requests, max_tenant_queue_size, max_queue_wait_ms), all or nothing. */
+/* The admission settings, in this order everywhere (items, HTTP, RESP): name and range. */
+typedef struct sd_adm_field {
+    const char *name;
+    int64_t min, max;
+} sd_adm_field;
+extern const sd_adm_field sd_adm_fields[3];
+
+/* Default policy (NULL: unchanged) and admission settings (set[i]: vals[i] given, in
+ * sd_adm_fields's order), all or nothing; a value out of its range is SL_EINVAL. */
 int sd_cfg_global_set(sd_server *s, const sl_policy *deflt, const int64_t vals[3],
                       const int set[3]);
 

@@ -27,7 +27,6 @@
 #include "state.h"
 
 #define MAX_SEGS 8        /* path segments; no route has more */
-#define ADMISSION_MAX 1000000000 /* admission settings: a bound far above any use */
 #if JSON_INTEGER_IS_LONG_LONG
 #define JSON_INTEGER_MAX LLONG_MAX
 #else
@@ -943,7 +942,7 @@ static int weight_item(void *arg, const char *tenant, size_t len, unsigned weigh
 }
 
 /* The members of GET|PUT /api/config/global: the default policy and admission control. */
-static void global_body(sd_server *srv, resp_buf *o, int *n)
+static void global_body(sd_server *srv, resp_buf *o, int *n, int weights)
 {
     sl_policy p;
     sl_default_get(srv->lim, &p);
@@ -955,6 +954,8 @@ static void global_body(sd_server *srv, resp_buf *o, int *n)
     jint(o, atomic_load(&srv->adm.max_tenant_queue));
     jkey(o, n, "max_queue_wait_ms");
     jint(o, atomic_load(&srv->adm.max_queue_wait_ms));
+    if (!weights)
+        return;
     jkey(o, n, "tenant_weights");
     members w = {o, 0};
     resp_raw(o, "{", 1);
@@ -1042,7 +1043,7 @@ static void h_config(ctx *x, int method)
     resp_buf o = {0};
     int n = 0;
     resp_raw(&o, "{", 1);
-    global_body(srv, &o, &n);
+    global_body(srv, &o, &n, 1);
     jkey(&o, &n, "rules");
     resp_raw(&o, "[", 1);
     list_ctx lx = {&o, 0, NULL, 0, 0};
@@ -1058,7 +1059,14 @@ static void h_config(ctx *x, int method)
     reply_json(x, 200, &o);
 }
 
-/* GET|PUT /api/config/global. PUT checks every field before it changes anything. */
+static int adm_field(const json_t *o, int i, json_int_t *v, int *have, char *err, size_t n)
+{
+    const sd_adm_field *f = &sd_adm_fields[i];
+    return int_field(o, f->name, f->min, f->max, v, have, err, n);
+}
+
+/* GET|PUT /api/config/global. PUT checks every field before it changes anything; what GET
+ * returns, PUT accepts (tenant weights are per tenant, and in GET /api/config). */
 static void h_global(ctx *x, int method)
 {
     sd_server *srv = x->c->srv;
@@ -1075,12 +1083,9 @@ static void h_global(ctx *x, int method)
         sl_policy p;
         const json_t *pv = json_object_get(o, "default_policy");
         if (only_fields(o, fields, "", err, sizeof err) ||
-            int_field(o, "max_global_concurrent_requests", 1, ADMISSION_MAX, &global,
-                      &have_global, err, sizeof err) ||
-            int_field(o, "max_tenant_queue_size", 0, ADMISSION_MAX, &queue_size, &have_queue,
-                      err, sizeof err) ||
-            int_field(o, "max_queue_wait_ms", 1, 3600000, &wait_ms, &have_wait, err,
-                      sizeof err) ||
+            adm_field(o, 0, &global, &have_global, err, sizeof err) ||
+            adm_field(o, 1, &queue_size, &have_queue, err, sizeof err) ||
+            adm_field(o, 2, &wait_ms, &have_wait, err, sizeof err) ||
             (pv && policy_from_json(pv, "default_policy: ", &p, err, sizeof err))) {
             json_decref(o);
             return reply_error(x, 400, NULL, "%s", err);
@@ -1096,7 +1101,7 @@ static void h_global(ctx *x, int method)
     resp_buf o = {0};
     int n = 0;
     resp_raw(&o, "{", 1);
-    global_body(srv, &o, &n);
+    global_body(srv, &o, &n, 0);
     resp_raw(&o, "}", 1);
     reply_json(x, 200, &o);
 }

@@ -475,15 +475,12 @@ static void cmd_admission(sd_conn *c, const resp_cmd *m)
 {
     resp_buf *o = sd_reply_buf(c);
     sd_admission *a = &c->srv->adm;
-    static const char *const names[] = {"max_global_concurrent_requests",
-                                        "max_tenant_queue_size", "max_queue_wait_ms"};
     _Atomic int64_t *fields[] = {&a->max_global_concurrent, &a->max_tenant_queue,
                                  &a->max_queue_wait_ms};
-    static const int64_t mins[] = {1, 0, 1};
     if (m->argc == 2 && resp_arg_is(&m->argv[1], "GET")) {
         resp_array(o, 2 * 3 + 8);
         for (int i = 0; i < 3; i++) {
-            resp_bulk_str(o, names[i]);
+            resp_bulk_str(o, sd_adm_fields[i].name);
             resp_int(o, atomic_load(fields[i]));
         }
         resp_bulk_str(o, "admitted");
@@ -504,15 +501,16 @@ static void cmd_admission(sd_conn *c, const resp_cmd *m)
     for (int i = 2; i < m->argc; i += 2) {
         int f = -1;
         for (int k = 0; k < 3; k++)
-            if (resp_arg_is(&m->argv[i], names[k]))
+            if (resp_arg_is(&m->argv[i], sd_adm_fields[k].name))
                 f = k;
         if (f < 0)
             return resp_error(o, "ERR unknown admission setting '%.*s'",
                               (int)(m->argv[i].len > 64 ? 64 : m->argv[i].len), m->argv[i].p);
-        if (resp_arg_int(&m->argv[i + 1], &vals[f]) != 0 || vals[f] < mins[f] ||
-            vals[f] > 100000000)
-            return resp_error(o, "ERR %s must be a whole number from %lld to 100000000",
-                              names[f], (long long)mins[f]);
+        const sd_adm_field *af = &sd_adm_fields[f];
+        if (resp_arg_int(&m->argv[i + 1], &vals[f]) != 0 || vals[f] < af->min ||
+            vals[f] > af->max)
+            return resp_error(o, "ERR %s must be a whole number from %lld to %lld", af->name,
+                              (long long)af->min, (long long)af->max);
         set[f] = 1;
     }
     int rc = sd_cfg_global_set(c->srv, NULL, vals, set);

@@ -125,6 +125,11 @@ class AdmissionTest(unittest.TestCase):
             self.r.execute_command("SL.ADMISSION", "SET", "max_global_concurrent_requests", 0)
         with self.assertRaisesRegex(redis.ResponseError, "unknown admission setting"):
             self.r.execute_command("SL.ADMISSION", "SET", "bogus", 1)
+        # the ranges PUT /api/config/global takes (one table): a wait of at most an hour
+        with self.assertRaisesRegex(redis.ResponseError, "from 1 to 3600000"):
+            self.r.execute_command("SL.ADMISSION", "SET", "max_queue_wait_ms", 3600001)
+        with self.assertRaisesRegex(redis.ResponseError, "from 0 to 100000000"):
+            self.r.execute_command("SL.ADMISSION", "SET", "max_tenant_queue_size", 100000001)
 
 
 def admission(r):

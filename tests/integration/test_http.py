@@ -533,6 +533,15 @@ class GlobalConfig(HttpCase):
         g = self.ok("PUT", "/api/config/global", {"max_tenant_queue_size": 1000,
                                                   "max_global_concurrent_requests": 10000})
         self.assertEqual(g["default_policy"]["capacity"], 7)  # untouched
+        # what GET returns, PUT accepts; the ranges are RESP's SL.ADMISSION's (test_admission)
+        self.ok("PUT", "/api/config/global", {"max_queue_wait_ms": 3600000})
+        g = self.ok("GET", "/api/config/global")
+        self.assertEqual(self.ok("PUT", "/api/config/global", g), g)
+        self.error("PUT", "/api/config/global", {"max_queue_wait_ms": 3600001},
+                   contains='"max_queue_wait_ms"')
+        self.error("PUT", "/api/config/global", {"max_tenant_queue_size": 100000001},
+                   contains='"max_tenant_queue_size"')
+        self.ok("PUT", "/api/config/global", {"max_queue_wait_ms": 1000})
 
     def test_put_global_is_all_or_nothing(self):
         before = self.ok("GET", "/api/config/global")
