@@ -109,13 +109,14 @@ static void resp_emit(sd_conn *c, sd_item *it, resp_buf *o)
         resp_int(o, ceil_div(d->reset_after, SL_SECOND));
         return;
     }
-    resp_array(o, 6);
+    resp_array(o, 7);
     resp_int(o, d->allowed);
     resp_int(o, (int64_t)d->limit);
     resp_int(o, (int64_t)d->remaining);
     resp_int(o, d->allowed ? -1 : ceil_div(d->retry_after, 1000000));
     resp_int(o, ceil_div(d->reset_after, 1000000));
     resp_int(o, (int64_t)d->lease);
+    resp_int(o, ceil_div(d->delay, 1000000)); /* leaky bucket: proceed after this many ms */
 }
 
 static sd_item *submit_new(sd_conn *c, int kind, const resp_arg *t, const resp_arg *a,

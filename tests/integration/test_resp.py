@@ -56,6 +56,14 @@ class RespTest(unittest.TestCase):
         self.assertGreater(replies[3][3], 0)
         self.assertLessEqual(replies[3][3], 86400 * 1000)
         self.assertEqual(replies[0][5], 0)  # no lease
+        self.assertEqual(replies[0][6], 0)  # no delay (not a leaky bucket)
+        # A leaky bucket shapes: each admitted request says how long to wait before going on.
+        self.assertTrue(r.execute_command("SL.RULE", "SET", "ACTION", "t1", "queue",
+                                          "leaky_bucket", "LIMIT", 10, "RATE", 0.001))
+        delays = [r.execute_command("SL.TAKE", "t1", "queue", "q")[6] for _ in range(3)]
+        self.assertEqual(delays[0], 0)
+        self.assertEqual(delays[1], 1000 * 1000)  # one unit's drain time: 1000 s
+        self.assertGreater(delays[2], 1999 * 1000)
         # Another client of the same action has its own budget.
         self.assertEqual(r.execute_command("SL.TAKE", "t1", "login", "bob")[0], 1)
         # PEEK does not consume: would one more pass, and what would be left after it.
@@ -255,7 +263,7 @@ class RespTest(unittest.TestCase):
     def test_inline_and_protocol_errors(self):
         self.assertEqual(raw(self.port, b"PING\r\nECHO 'two words'\r\n\r\n", expect=21),
                          b"+PONG\r\n$9\r\ntwo words\r\n")
-        self.assertEqual(raw(self.port, b"SL.TAKE t8 a \"c d\"\n", expect=4)[:4], b"*6\r\n")
+        self.assertEqual(raw(self.port, b"SL.TAKE t8 a \"c d\"\n", expect=4)[:4], b"*7\r\n")
         cases = [
             (b"*abc\r\n", b"invalid multibulk length"),
             (b"*1\r\n$-5\r\n", b"invalid bulk length"),
