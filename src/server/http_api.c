@@ -799,6 +799,33 @@ static int fast_check(const char *p, size_t n, seg key[3], json_int_t *cost, int
 #undef WS
 }
 
+/* The inline policy of a check or status (max_requests and window_duration_seconds, both or
+ * neither: a token bucket of that capacity refilling it per window) into *pol; 0, or -1 with
+ * err naming the `what` ("field", "parameter") at fault. */
+static int inline_policy(double max, int have_max, double win, int have_win, const char *what,
+                         sl_policy *pol, char *err, size_t errlen)
+{
+    if (have_max != have_win) {
+        snprintf(err, errlen, "%s \"%s\" is required with \"%s\"", what,
+                 have_max ? "window_duration_seconds" : "max_requests",
+                 have_max ? "max_requests" : "window_duration_seconds");
+        return -1;
+    }
+    if (!have_max)
+        return 0;
+    if (!(win > 0)) {
+        snprintf(err, errlen, "%s \"window_duration_seconds\" must be > 0", what);
+        return -1;
+    }
+    *pol = SL_POLICY_TOKEN_BUCKET(max, max / win);
+    int rc = sl_policy_validate(pol);
+    if (rc != SL_OK) {
+        invalid_policy(rc, "max_requests/window_duration_seconds: ", err, errlen);
+        return -1;
+    }
+    return 0;
+}
+
 static void h_check(ctx *x, int method)
 {
     (void)method;
@@ -822,24 +849,8 @@ static void h_check(ctx *x, int method)
             num_field(o, "", "window_duration_seconds", &win, &have_win, err, sizeof err))
             goto bad;
     }
-    if (have_max != have_win) {
-        snprintf(err, sizeof err, "field \"%s\" is required with \"%s\"",
-                 have_max ? "window_duration_seconds" : "max_requests",
-                 have_max ? "max_requests" : "window_duration_seconds");
+    if (inline_policy(max, have_max, win, have_win, "field", &pol, err, sizeof err) != 0)
         goto bad;
-    }
-    if (have_max) {
-        if (!(win > 0)) {
-            snprintf(err, sizeof err, "field \"window_duration_seconds\" must be > 0");
-            goto bad;
-        }
-        pol = SL_POLICY_TOKEN_BUCKET(max, max / win);
-        int rc = sl_policy_validate(&pol);
-        if (rc != SL_OK) {
-            invalid_policy(rc, "max_requests/window_duration_seconds: ", err, sizeof err);
-            goto bad;
-        }
-    }
     submit(x, key, (uint64_t)cost, have_max ? &pol : NULL); /* copies the key */
     json_decref(o);
     return;
@@ -855,7 +866,50 @@ static void h_status(ctx *x, int method)
 {
     (void)method;
     seg key[3] = {x->arg[0], x->arg[2], x->arg[1]};
-    submit(x, key, 0, NULL);
+    /* the query may carry the check's inline policy: ?max_requests=N&window_duration_seconds=S */
+    const char *t = x->r->target, *q = memchr(t, '?', x->r->target_len);
+    const char *end = t + x->r->target_len, *hash = q ? memchr(q, '#', (size_t)(end - q)) : NULL;
+    double v[2] = {0, 0};
+    int have[2] = {0, 0};
+    char err[512];
+    sl_policy pol;
+    if (hash)
+        end = hash;
+    for (const char *p = q ? q + 1 : end; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p)), *e = amp ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(e - p));
+        size_t nl = (size_t)((eq ? eq : e) - p);
+        int f = nl == 12 && memcmp(p, "max_requests", 12) == 0              ? 0
+                : nl == 23 && memcmp(p, "window_duration_seconds", 23) == 0 ? 1
+                                                                            : -1;
+        char num[32];
+        size_t vl = eq ? (size_t)(e - eq - 1) : 0;
+        char *stop = num;
+        if (nl == 0 && !eq) { /* "a&&b" or a trailing '&' */
+            p = e + 1;
+            continue;
+        }
+        if (f < 0)
+            return reply_error(x, 400, NULL, "unknown query parameter \"%.*s\" (max_requests, "
+                               "window_duration_seconds)", (int)(nl > 64 ? 64 : nl), p);
+        if (have[f])
+            return reply_error(x, 400, NULL, "query parameter \"%s\" given twice",
+                               f ? "window_duration_seconds" : "max_requests");
+        if (vl > 0 && vl < sizeof num) {
+            memcpy(num, eq + 1, vl);
+            num[vl] = 0;
+            v[f] = strtod(num, &stop);
+        }
+        if (vl == 0 || vl >= sizeof num || *stop || stop == num || !isfinite(v[f]) ||
+            !(num[0] >= '0' && num[0] <= '9'))
+            return reply_error(x, 400, NULL, "query parameter \"%s\" must be a number",
+                               f ? "window_duration_seconds" : "max_requests");
+        have[f] = 1;
+        p = e + 1;
+    }
+    if (inline_policy(v[0], have[0], v[1], have[1], "parameter", &pol, err, sizeof err) != 0)
+        return reply_error(x, 400, NULL, "%s", err);
+    submit(x, key, 0, have[0] ? &pol : NULL);
 }
 /* With the Redis store a second round trip (sl_peek) cannot block the loop, so the status is
  * one peek of cost 1 (see sd_api_emit). */

@@ -302,6 +302,29 @@ class Endpoints(HttpCase):
         data = self.ok("GET", "/api/status/status/nobody/login")
         self.assertEqual((data["allowed"], data["remaining_requests"]), (True, 3))
 
+    def test_status_with_inline_policy(self):
+        """GET /api/status takes the check's inline policy as query parameters, so a client
+        that sends max_requests/window_duration_seconds with its checks sees the same key."""
+        for _ in range(3):
+            self.check("inl", "c", "a", max_requests=100, window_duration_seconds=60)
+        q = "?max_requests=100&window_duration_seconds=60"
+        data = self.ok("GET", "/api/status/inl/c/a" + q)
+        self.assertEqual((data["limit"], data["remaining_requests"]), (100, 97))
+        data = self.ok("GET", "/api/status/inl/c/a?window_duration_seconds=60&max_requests=1e2")
+        self.assertEqual((data["limit"], data["remaining_requests"]), (100, 97))
+        data = self.ok("GET", "/api/status/inl/c/a")  # the default policy: 97 clamped to 5
+        self.assertEqual((data["limit"], data["remaining_requests"]), (5, 5))
+        for query, msg in (("?max_requests=100", '"window_duration_seconds" is required'),
+                           ("?max_requests=x&window_duration_seconds=1", "must be a number"),
+                           ("?max_requests=-1&window_duration_seconds=1", "must be a number"),
+                           ("?max_requests=0&window_duration_seconds=1", "max_requests"),
+                           ("?max_requests=5&window_duration_seconds=0", "must be > 0"),
+                           ("?max_requests=5&max_requests=6&window_duration_seconds=1",
+                            "given twice"),
+                           ("?limit=5", 'unknown query parameter "limit"')):
+            self.error("GET", "/api/status/inl/c/a" + query, contains=msg)
+        self.assertEqual(self.ok("GET", "/api/status/inl/c/a" + q)["remaining_requests"], 97)
+
     def test_status_percent_decoding(self):
         tenant, client, action = "ten ant/é", "user@example.com?x=1&y", "log%in"
         self.rule(urllib.parse.quote(tenant, safe=""), urllib.parse.quote(action, safe=""),
@@ -310,9 +333,12 @@ class Endpoints(HttpCase):
         q = lambda s: urllib.parse.quote(s, safe="")
         data = self.ok("GET", f"/api/status/{q(tenant)}/{q(client)}/{q(action)}")
         self.assertEqual((data["limit"], data["remaining_requests"]), (9, 8))
-        # the query string is not part of the path
-        data = self.ok("GET", f"/api/status/{q(tenant)}/{q(client)}/{q(action)}?verbose=1")
+        # the query string is not part of the path; it takes only the check's inline policy,
+        # strictly, as bodies are taken (a misspelt parameter would silently change the limit)
+        data = self.ok("GET", f"/api/status/{q(tenant)}/{q(client)}/{q(action)}?#frag")
         self.assertEqual(data["remaining_requests"], 8)
+        self.error("GET", f"/api/status/{q(tenant)}/{q(client)}/{q(action)}?verbose=1",
+                   contains='unknown query parameter "verbose"')
         self.error("GET", "/api/status/t/%zz/a", contains="percent-encoding")
         self.error("GET", "/api/status/t/c%2/a", contains="percent-encoding")
         self.error("GET", "/api/status/t//a", contains="SL_EKEYEMPTY")
