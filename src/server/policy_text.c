@@ -16,6 +16,28 @@ static int fail(char *err, size_t errlen, const char *msg, const resp_arg *at)
     return -1;
 }
 
+enum { F_LIMIT = 1, F_RATE = 2, F_WINDOW = 4, F_RESERVE = 8 };
+static const char *const k_field_names[] = {"LIMIT", "RATE", "WINDOW", "RESERVE"};
+
+/* The words each algorithm takes, and those it needs (the rest are refused, as HTTP refuses
+ * fields an algorithm does not use: a stray word is a mistake, not something to ignore). */
+static void fields_of(sl_algorithm a, unsigned *takes, unsigned *needs)
+{
+    switch (a) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET:
+        *takes = *needs = F_LIMIT | F_RATE;
+        return;
+    case SL_BURST_RESERVE:
+        *takes = F_LIMIT | F_RATE | F_RESERVE;
+        *needs = F_LIMIT | F_RATE;
+        return;
+    default: /* the windows, the log, concurrency (WINDOW: the lease's time to live) */
+        *takes = *needs = F_LIMIT | F_WINDOW;
+        return;
+    }
+}
+
 int sd_policy_parse(const resp_arg *argv, int argc, sl_policy *out, char *err, size_t errlen)
 {
     sl_policy p;
@@ -34,26 +56,36 @@ int sd_policy_parse(const resp_arg *argv, int argc, sl_policy *out, char *err, s
             return fail(err, errlen, "unknown algorithm", &argv[i]);
         l->algorithm = a;
         i++;
-        int have_limit = 0;
+        unsigned takes, needs, have = 0;
+        fields_of(a, &takes, &needs);
         while (i < argc && !resp_arg_is(&argv[i], "AND")) {
             const resp_arg *kw = &argv[i];
-            double *field = resp_arg_is(kw, "LIMIT")     ? &l->limit
-                            : resp_arg_is(kw, "RATE")    ? &l->rate
-                            : resp_arg_is(kw, "WINDOW")  ? &l->window
-                            : resp_arg_is(kw, "RESERVE") ? &l->reserve_cap
-                                                         : NULL;
-            if (!field)
+            double *fields[] = {&l->limit, &l->rate, &l->window, &l->reserve_cap};
+            int f = -1;
+            for (int k = 0; k < 4; k++)
+                if (resp_arg_is(kw, k_field_names[k]))
+                    f = k;
+            if (f < 0)
                 return fail(err, errlen, "unknown policy field (LIMIT, RATE, WINDOW, RESERVE)",
                             kw);
+            if (!(takes & 1u << f)) {
+                snprintf(err, errlen, "%s takes no %s", sl_algorithm_name(a), k_field_names[f]);
+                return -1;
+            }
+            if (have & 1u << f)
+                return fail(err, errlen, "policy field given twice", kw);
             if (i + 1 >= argc)
                 return fail(err, errlen, "missing value after", kw);
-            if (resp_arg_double(&argv[i + 1], field) != 0)
+            if (resp_arg_double(&argv[i + 1], fields[f]) != 0)
                 return fail(err, errlen, "not a number", &argv[i + 1]);
-            have_limit |= field == &l->limit;
+            have |= 1u << f;
             i += 2;
         }
-        if (!have_limit)
-            return fail(err, errlen, "every limit needs LIMIT <n>", NULL);
+        for (int k = 0; k < 4; k++)
+            if ((needs & ~have) & 1u << k) {
+                snprintf(err, errlen, "%s needs %s <n>", sl_algorithm_name(a), k_field_names[k]);
+                return -1;
+            }
         if (i >= argc)
             break;
         i++; /* AND */
