@@ -336,7 +336,17 @@ static int int_field(const json_t *o, const char *name, json_int_t min, json_int
     *have = v != NULL;
     if (!v)
         return 0;
-    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
+    /* JSON has numbers, not integers: 2.0 and 1e3 are whole numbers too (exactly, up to 2^53) */
+    json_int_t n = 0;
+    int whole = json_is_integer(v);
+    if (whole) {
+        n = json_integer_value(v);
+    } else if (json_is_real(v)) {
+        double d = json_real_value(v);
+        whole = d == floor(d) && fabs(d) <= 9007199254740992.0;
+        n = whole ? (json_int_t)d : 0;
+    }
+    if (!whole || n < min || n > max) {
         if (max == JSON_INTEGER_MAX)
             snprintf(err, errlen, "field \"%s\" must be a whole number >= %" JSON_INTEGER_FORMAT,
                      name, min);
@@ -346,7 +356,7 @@ static int int_field(const json_t *o, const char *name, json_int_t min, json_int
                      " to %" JSON_INTEGER_FORMAT, name, min, max);
         return -1;
     }
-    *out = json_integer_value(v);
+    *out = n;
     return 0;
 }
 
@@ -391,6 +401,39 @@ static int need(const limit_in *in, int f, const char *where, char *err, size_t 
     if (in->have[f])
         return 0;
     snprintf(err, errlen, "%smissing field \"%s\"", where, k_any_limit_field[f]);
+    return -1;
+}
+
+/* Validate one limit built from JSON, naming the field(s) an error comes from: the library's
+ * codes say which parameter is wrong, these say where the client wrote it. */
+static int check_limit(const sl_limit *l, const char *cap, const char *rate, const char *where,
+                       char *err, size_t errlen)
+{
+    sl_policy one = {1, {*l}};
+    int rc = sl_policy_validate(&one);
+    if (rc == SL_OK)
+        return 0;
+    const char *f = NULL;
+    if (rc == SL_ECAPACITY || rc == SL_ELOGSIZE) {
+        f = cap;
+        if (l->algorithm == SL_BURST_RESERVE) { /* the base or the reserve's cap? */
+            sl_policy base = {1, {*l}};
+            base.limits[0].reserve_cap = 0;
+            if (sl_policy_validate(&base) == SL_OK)
+                f = "reserve_cap";
+        }
+    } else if (rc == SL_ERATE || (rc == SL_ESPAN && rate)) {
+        f = rate;
+    } else if (rc == SL_EWINDOW || rc == SL_ESPAN) {
+        f = "window_duration_seconds";
+    }
+    if (!f) {
+        snprintf(err, errlen, "%sinvalid policy: %s (%s)", where, sl_strerror(rc),
+                 sl_err_name(rc));
+        return -1;
+    }
+    snprintf(err, errlen, "%s%s \"%s\": %s (%s)", where, strchr(f, '/') ? "fields" : "field",
+             f, sl_strerror(rc), sl_err_name(rc));
     return -1;
 }
 
@@ -454,13 +497,14 @@ static int limit_from_json(const json_t *o, const char *where, sl_limit *l, char
                 return -1;
             l->limit = in.v[F_CAPACITY];
             l->rate = in.v[F_REFILL];
-            return 0;
+            return check_limit(l, "capacity", "refill_rate", where, err, errlen);
         }
         if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen))
             return -1;
         l->limit = in.have[F_BURST] ? in.v[F_BURST] : in.v[F_MAX];
         l->rate = in.v[F_MAX] / in.v[F_WINDOW];
-        return 0;
+        return check_limit(l, in.have[F_BURST] ? "burst" : "max_requests",
+                           "max_requests/window_duration_seconds", where, err, errlen);
     case SL_BURST_RESERVE:
         if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen) ||
             need(&in, F_RESERVE_RATE, where, err, errlen) ||
@@ -469,13 +513,14 @@ static int limit_from_json(const json_t *o, const char *where, sl_limit *l, char
         l->limit = in.v[F_MAX] / in.v[F_WINDOW];
         l->rate = in.v[F_RESERVE_RATE];
         l->reserve_cap = in.v[F_RESERVE_CAP];
-        return 0;
+        return check_limit(l, "max_requests/window_duration_seconds", "reserve_rate", where,
+                           err, errlen);
     default:
         if (need(&in, F_MAX, where, err, errlen) || need(&in, F_WINDOW, where, err, errlen))
             return -1;
         l->limit = in.v[F_MAX];
         l->window = in.v[F_WINDOW];
-        return 0;
+        return check_limit(l, "max_requests", NULL, where, err, errlen);
     }
 }
 

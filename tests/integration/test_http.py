@@ -212,11 +212,17 @@ class Endpoints(HttpCase):
         code, _, data = self.check("cost", "c", "a", cost=6)
         self.assertEqual(code, 400)
         self.assertIn("SL_ECOST", data["error"])
-        for bad in (-1, 1.5, "2", True, None):
+        for bad in (-1, 1.5, "2", True, None, -0.5, 1e300):
             code, _, data = self.check("cost", "c", "a", cost=bad)
             self.assertEqual(code, 400, bad)
             self.assertIn('"cost"', data["error"])
         self.assertEqual(self.check("cost", "c", "a")[2]["remaining_requests"], 2)
+        # JSON numbers, not integers: 1.0 and 1e0 are whole numbers
+        self.assertEqual(self.check("cost", "c", "a", cost=1.0)[2]["remaining_requests"], 1)
+        code, _, data = self.call("POST", "/api/check_and_consume",
+                                  '{"tenant_id": "cost", "client_id": "c", "action_type": "a", '
+                                  '"cost": 1e0}')
+        self.assertEqual((code, data["remaining_requests"]), (200, 0))
 
     def test_inline_policy(self):
         body = check_body("inline", "c", "a", **bucket(2))
@@ -496,7 +502,17 @@ class Config(HttpCase):
         self.error("PUT", path, {"limits": []}, contains='"limits"')
         self.error("PUT", path, {"limits": [bucket(1)] * 5}, contains='"limits"')
         self.error("PUT", path, {"limits": [bucket(1), bucket(0)]},
-                   contains="limits[1]: invalid policy")
+                   contains='limits[1]: field "max_requests"')
+        # a library error names the field the client wrote
+        self.error("PUT", path, bucket(1.5), contains='field "max_requests": capacity')
+        self.error("PUT", path, {"capacity": 5, "refill_rate": -1},
+                   contains='field "refill_rate": rate')
+        self.error("PUT", path, dict(bucket(5), burst=0), contains='field "burst"')
+        self.error("PUT", path, {"algorithm": "fixed_window", **bucket(5, 0.0001)},
+                   contains='field "window_duration_seconds": window')
+        self.error("PUT", path, {"algorithm": "burst_reserve", **bucket(5, 1),
+                                 "reserve_rate": 1, "reserve_cap": 2.5},
+                   contains='field "reserve_cap"')
         self.error("PUT", path, {"limits": [bucket(1)], "max_requests": 3},
                    contains='cannot be used with "limits"')
         self.error("PUT", path, "not json", contains="invalid JSON at line 1")
