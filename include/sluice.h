@@ -124,8 +124,9 @@ SL_API int sl_algorithm_parse(const char *name, size_t len, sl_algorithm *out);
 typedef struct sl_limit {
     sl_algorithm algorithm;
     double limit;       /* whole number, 1..1e9 (see the algorithm for its meaning) */
-    double rate;        /* per second: token/leaky refill, burst_reserve reserve refill */
-    double window;      /* seconds: windows and the log; concurrency lease TTL */
+    double rate;        /* per second: token/leaky refill, burst_reserve reserve refill;
+                           > 0, at most 1e9, and one unit's refill at most 366 days */
+    double window;      /* seconds: windows and the log; concurrency lease TTL (1 ms..366 d) */
     double reserve_cap; /* burst_reserve only: reserve ceiling, whole number */
 } sl_limit;
 
@@ -165,7 +166,8 @@ static inline size_t sl_strlen_(const char *s)
         n++;
     return n;
 }
-/* A key from NUL-terminated strings (NULL = empty). */
+/* A key from NUL-terminated strings (NULL = empty). A macro: each argument is evaluated
+ * twice, so pass plain expressions (no i++). */
 #define SL_KEY(t, a, c) ((sl_key){(t), sl_strlen_(t), (a), sl_strlen_(a), (c), sl_strlen_(c)})
 
 /* ---- decisions ----------------------------------------------------------------------------- */
@@ -181,8 +183,10 @@ typedef struct sl_decision {
     int err;              /* SL_OK, or why this request was not decided (batch form) */
     int allowed;          /* 1 admitted (and consumed), 0 denied (nothing consumed) */
     uint64_t limit;       /* the reported limit's capacity/limit */
-    uint64_t remaining;   /* whole units of the reported limit left after this request */
-    int64_t reset_after;  /* ns until the reported limit is back to full */
+    uint64_t remaining;   /* whole units of the reported limit left after this request
+                             (burst_reserve: base plus reserve, so it may exceed `limit`) */
+    int64_t reset_after;  /* ns until the reported limit is back to full (burst_reserve: its
+                             base; the reserve grows on its own) */
     int64_t retry_after;  /* ns until a request of this cost could pass; 0 when allowed */
     int64_t delay;        /* leaky_bucket: ns until the admitted request may proceed; else 0 */
     double tokens;        /* exact (fractional) units left of the reported limit */
@@ -220,9 +224,13 @@ SL_API void sl_close(sl_limiter *l);
 SL_API int64_t sl_now(sl_limiter *l);
 
 /* Decide one request: consume `cost` units if every limit of the key's policy allows it.
- * cost 0 decides without consuming (same as sl_peek). On a concurrency policy a successful
- * take acquires a lease (d->lease). Errors (nothing changed): SL_EINVAL (NULL), SL_EKEYEMPTY,
- * SL_EKEYLONG, SL_ECOST (cost above a limit's capacity), SL_ENOMEM. */
+ * cost 0 consumes nothing, creates no key and is always allowed: it reports what is left now
+ * (sl_peek instead asks whether a request of cost 1 would pass). On a concurrency policy a
+ * successful take acquires a lease (d->lease). Errors (nothing changed): SL_EINVAL (NULL, or
+ * `now` outside [0, 2^62) ns), SL_EKEYEMPTY, SL_EKEYLONG, SL_ECOST (cost above a limit's
+ * capacity), SL_ENOMEM. A key whose policy changed is carried over when it is next decided
+ * (remaining kept, clamped to the new capacity), so a peek before that shows the clamp
+ * against the policy in effect at the time of the peek. */
 SL_API int sl_take(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now,
                    sl_decision *d);
 /* What sl_take of cost 1 would answer, consuming nothing and creating no key. */
@@ -231,8 +239,9 @@ SL_API int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d
 SL_API int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now);
 
 /* The batch form: many requests decided against one `now`, in order. The table prefetches
- * ahead so that cache misses overlap. out[i].err holds each request's own error; the return
- * value is SL_OK unless an argument is NULL. */
+ * ahead so that cache misses overlap. out[i].err holds each request's own error (an invalid
+ * inline policy is an error even when a rule would have been used instead); the return value
+ * is SL_OK unless an argument is NULL or `now` is outside [0, 2^62) ns (SL_EINVAL). */
 typedef struct sl_request {
     sl_key key;
     uint64_t cost;            /* units to take; 0 takes nothing (always allowed, shows what
@@ -295,7 +304,9 @@ typedef struct sl_stats {
     uint64_t keys;                     /* keys held (whole limiter only) */
     uint64_t reclaimed;                /* idle full keys dropped losslessly (whole limiter only) */
 } sl_stats;
-/* Counters of one tenant (SL_ENOTFOUND if it was never seen) or, with tenant NULL, of all. */
+/* Counters of one tenant (SL_ENOTFOUND if it was never seen) or, with tenant NULL, of all.
+ * At most 65,536 tenants are counted apart; later ones are counted under "_overflow" (and
+ * are SL_ENOTFOUND here). */
 SL_API int sl_stats_get(sl_limiter *l, const char *tenant, size_t tenant_len, sl_stats *out);
 typedef int (*sl_tenant_fn)(void *ctx, const char *tenant, size_t len, const sl_stats *s);
 SL_API int sl_stats_list(sl_limiter *l, sl_tenant_fn fn, void *ctx);
