@@ -466,4 +466,8 @@ static void http_close(sd_conn *c)
     c->state = NULL;
 }
 
-const sd_proto sd_proto_http = {"http", http_open, http_feed, http_close, sd_api_emit};
+const sd_proto sd_proto_http = {
+    "http", http_open, http_feed, http_close, sd_api_emit,
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    "Content-Length: 47\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    "{\"error\": \"max number of connections reached\"}\n"};

@@ -329,9 +329,14 @@ static void on_connection(uv_stream_t *l, int status)
     if (w->stopping || (srv->cfg.max_connections && open > (uint64_t)srv->cfg.max_connections) ||
         k->c.proto->open(&k->c) != 0) {
         atomic_fetch_add(&srv->m.connections_rejected, 1);
-        if (!w->stopping)
+        if (!w->stopping) {
             sd_warn("conn %s refused: %llu connections open (max %d)", k->c.peer,
                     (unsigned long long)open, srv->cfg.max_connections);
+            /* say why (best effort: a new socket's buffer takes these few bytes) */
+            uv_buf_t b = uv_buf_init((char *)k->c.proto->full,
+                                     (unsigned)strlen(k->c.proto->full));
+            uv_try_write((uv_stream_t *)&k->tcp, &b, 1);
+        }
         k->c.state = NULL;
         k->closing = 1;
         uv_close((uv_handle_t *)&k->tcp, on_closed);

@@ -31,6 +31,8 @@ typedef struct sd_proto {
     void (*close)(sd_conn *c);   /* free c->state */
     /* Write the reply of a finished (decided or rejected) item. */
     void (*emit)(sd_conn *c, sd_item *it, resp_buf *out);
+    /* What a connection refused for --max-connections is told before it is closed. */
+    const char *full;
 } sd_proto;
 
 struct sd_conn {

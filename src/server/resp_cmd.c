@@ -925,4 +925,5 @@ static void resp_close(sd_conn *c)
     c->state = NULL;
 }
 
-const sd_proto sd_proto_resp = {"resp", resp_open, resp_feed, resp_close, resp_emit};
+const sd_proto sd_proto_resp = {"resp", resp_open, resp_feed, resp_close, resp_emit,
+                                 "-ERR max number of clients reached\r\n"}; /* as Redis */

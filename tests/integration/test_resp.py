@@ -12,7 +12,7 @@ import unittest
 
 import redis
 
-from harness import Sluiced, raw, run_sluiced
+from harness import Sluiced, raw, recv_all, run_sluiced
 
 
 class RespTest(unittest.TestCase):
@@ -339,6 +339,32 @@ class RespTest(unittest.TestCase):
         self.assertIn("requests per second", p.stdout)
         self.assertNotIn("ERR", p.stdout + p.stderr)
         self.assertTrue(self.client().ping())
+
+
+class ConnectionLimitTest(unittest.TestCase):
+    def test_max_connections_refusal_says_why(self):
+        """Past --max-connections a new connection is told why, as Redis does (RESP) or with
+        a 503 (HTTP), then closed; the open ones keep working."""
+        with Sluiced("--max-connections", 2, "--threads", 1) as s:
+            time.sleep(0.3)  # the start's own probes of both ports have closed
+            held = [socket.create_connection(("127.0.0.1", s.resp_port), timeout=5)
+                    for _ in range(2)]
+            try:
+                for h in held:
+                    h.sendall(b"PING\r\n")
+                    self.assertEqual(recv_all(h, 5, expect=7), b"+PONG\r\n")
+                out = raw(s.resp_port, b"", read_until_close=True)
+                self.assertEqual(out, b"-ERR max number of clients reached\r\n")
+                out = raw(s.http_port, b"", read_until_close=True)
+                head, _, body = out.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 503 "), out)
+                self.assertIn(b"Content-Length: %d" % len(body), head)
+                self.assertEqual(json.loads(body), {"error": "max number of connections reached"})
+                held[0].sendall(b"PING\r\n")
+                self.assertEqual(recv_all(held[0], 5, expect=7), b"+PONG\r\n")
+            finally:
+                for h in held:
+                    h.close()
 
 
 class AuthTest(unittest.TestCase):

@@ -30,7 +30,7 @@ static void emit(sd_conn *c, sd_item *it, resp_buf *out)
     resp_raw(out, buf, (size_t)n);
 }
 
-static const sd_proto k_proto = {"test", NULL, NULL, NULL, emit};
+static const sd_proto k_proto = {"test", NULL, NULL, NULL, emit, ""};
 
 /* The order in which clients were decided, from the ready callback's point of view. */
 static char g_order[1 << 16];
