@@ -1001,12 +1001,25 @@ static void h_release(ctx *x, int method)
 /* ---- small endpoints -------------------------------------------------------------------- */
 
 /* GET /api/health */
+/* GET /api/health: 200 while sluiced serves. On the Redis store it also says whether Redis
+ * is reachable ("degraded": decisions follow --fail-mode), still with 200: every sluiced of a
+ * deployment shares its Redis, so taking them out of a balancer would not help. */
 static void h_health(ctx *x, int method)
 {
     (void)method;
+    sd_server *srv = x->c->srv;
+    sl_store_stats st;
+    int redis = srv->rstore && sl_store_stats_get(srv->lim, &st) == SL_OK;
     resp_buf o = {0};
-    jraw(&o, "{\"status\": \"ok\", \"version\": ");
+    jraw(&o, redis && !st.up ? "{\"status\": \"degraded\", \"version\": "
+                             : "{\"status\": \"ok\", \"version\": ");
     jcstr(&o, sl_version_string());
+    if (redis) {
+        jraw(&o, ", \"store\": \"redis\", \"redis_up\": ");
+        jraw(&o, st.up ? "true" : "false");
+        jraw(&o, ", \"fail_mode\": ");
+        jcstr(&o, srv->cfg.fail_mode);
+    }
     jraw(&o, "}");
     reply_json(x, 200, &o);
 }

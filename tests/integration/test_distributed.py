@@ -27,6 +27,11 @@ def metrics(srv):
     return out
 
 
+def health(srv):
+    return json.loads(urllib.request.urlopen("http://127.0.0.1:%d/api/health" % srv.http_port,
+                                             timeout=5).read())
+
+
 def post_status(srv, path, body):
     """POST a JSON body; the HTTP status."""
     req = urllib.request.Request("http://127.0.0.1:%d%s" % (srv.http_port, path),
@@ -381,12 +386,16 @@ class FaultTest(unittest.TestCase):
                 self.assertEqual(m["sluice_redis_up"], 0)
                 self.assertGreaterEqual(
                     m['sluice_redis_decisions_total{source="fail_%s"}' % mode], 6)
+                h = health(s)
+                self.assertEqual((h["status"], h["store"], h["redis_up"], h["fail_mode"]),
+                                 ("degraded", "redis", False, mode))
                 with RedisServer(port=port):
                     deadline = time.monotonic() + 10
                     while time.monotonic() < deadline and metrics(s)["sluice_redis_up"] != 1:
                         c.execute_command("SL.TAKE", "t", "a", "probe")
                         time.sleep(0.05)
                     self.assertEqual(metrics(s)["sluice_redis_up"], 1)
+                    self.assertEqual((health(s)["status"], health(s)["redis_up"]), ("ok", True))
                     self.assertEqual(c.execute_command("SL.PEEK", "t", "a", "fresh")[0], 1)
                     self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "fresh")[2], 4)
                     # logged once per change of state, not once per request
