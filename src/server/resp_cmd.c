@@ -825,7 +825,9 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
         int64_t db;
         if (m->argc != 2)
             arity(o, name);
-        else if (resp_arg_int(&m->argv[1], &db) != 0 || db != 0)
+        else if (resp_arg_int(&m->argv[1], &db) != 0)
+            resp_error(o, "ERR value is not an integer or out of range"); /* as Redis */
+        else if (db != 0)
             resp_error(o, "ERR DB index is out of range");
         else
             resp_simple(o, "OK");

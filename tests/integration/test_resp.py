@@ -39,6 +39,8 @@ class RespTest(unittest.TestCase):
         self.assertTrue(r.execute_command("SELECT", 0))
         with self.assertRaisesRegex(redis.ResponseError, "DB index is out of range"):
             r.execute_command("SELECT", 1)
+        with self.assertRaisesRegex(redis.ResponseError, "not an integer"):
+            r.execute_command("SELECT", "x")
         self.assertTrue(r.client_setname("worker-7"))
         self.assertEqual(r.client_getname(), "worker-7")
         self.assertGreater(r.client_id(), 0)
