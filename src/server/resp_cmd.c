@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -682,7 +683,42 @@ static void cmd_client(sd_conn *c, const resp_cmd *m)
                (int)(sub->len > 32 ? 32 : sub->len), sub->p);
 }
 
-static void cmd_info(sd_conn *c)
+/* Does INFO's argument list (argv[1..]) ask for the section named name[0..len)? None, "all",
+ * "everything" or "default" ask for every one. */
+static int info_wants(const resp_cmd *m, const char *name, size_t len)
+{
+    if (m->argc < 2)
+        return 1;
+    for (int i = 1; i < m->argc; i++) {
+        const resp_arg *a = &m->argv[i];
+        if (resp_arg_is(a, "all") || resp_arg_is(a, "everything") || resp_arg_is(a, "default") ||
+            (a->len == len && strncasecmp(a->p, name, len) == 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* INFO [section ...]: the sections of `text` ("# Name\r\n...\r\n", blank-line separated) that
+ * m asks for, as Redis answers (an unknown section: an empty string). */
+static void info_reply(sd_conn *c, const resp_cmd *m, const char *text, size_t n)
+{
+    resp_buf out = {0};
+    for (size_t i = 0; i < n;) {
+        const char *sec = text + i, *end = memmem(sec, n - i, "\r\n\r\n", 4);
+        size_t len = end ? (size_t)(end - sec) + 2 : n - i; /* the section with its last CRLF */
+        const char *nl = memchr(sec, '\r', len);
+        if (len > 2 && sec[0] == '#' && nl && info_wants(m, sec + 2, (size_t)(nl - sec - 2))) {
+            if (out.len)
+                resp_raw(&out, "\r\n", 2);
+            resp_raw(&out, sec, len);
+        }
+        i += len + (end ? 2 : 0);
+    }
+    resp_bulk(sd_reply_buf(c), out.p ? out.p : "", out.len);
+    resp_buf_free(&out);
+}
+
+static void cmd_info(sd_conn *c, const resp_cmd *m)
 {
     sd_server *srv = c->srv;
     sl_stats s;
@@ -720,7 +756,7 @@ static void cmd_info(sd_conn *c)
                       "\r\nfail_open_decisions:%" PRIu64 "\r\nfail_closed_decisions:%" PRIu64
                       "\r\n",
                       st.up, st.cluster, st.calls, st.near_cache, st.fail_open, st.fail_closed);
-    resp_bulk(sd_reply_buf(c), buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+    info_reply(c, m, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
 static void unknown(resp_buf *o, const resp_cmd *m)
@@ -832,7 +868,7 @@ static int dispatch(sd_conn *c, const resp_cmd *m)
         else
             resp_simple(o, "OK");
     } else if (resp_arg_is(name, "INFO")) {
-        cmd_info(c);
+        cmd_info(c, m);
     } else if (resp_arg_is(name, "COMMAND")) {
         if (m->argc >= 2 && resp_arg_is(&m->argv[1], "COUNT"))
             resp_int(o, 0);
