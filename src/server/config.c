@@ -102,6 +102,21 @@ static void tier_key(char *buf, const char *name)
     seg(buf, &pos, name, strlen(name), 0);
 }
 
+static void assign_key(char *buf, const sl_key *tc)
+{
+    size_t pos = 6;
+    memcpy(buf, "assign", 7);
+    seg(buf, &pos, tc->tenant, tc->tenant_len, 1);
+    seg(buf, &pos, tc->client, tc->client_len, 0);
+}
+
+static void weight_key(char *buf, const char *tenant, size_t len)
+{
+    size_t pos = 6;
+    memcpy(buf, "weight", 7);
+    seg(buf, &pos, tenant, len, 0);
+}
+
 /* Decode one '/'-separated segment starting at *p; advances *p past it. -1 if malformed. */
 static int unpct(const char **p, char *out, size_t *len)
 {
@@ -264,6 +279,27 @@ static int parse_key(const char *key, parsed *x)
             return -1;
     }
     return *p ? -1 : 0;
+}
+
+/* The key in the form the server writes for the item x (parsed from any spelling: "default"
+ * or "" for the default tenant and action, any percent-encoding of the same bytes). */
+static void canonical_key(const char *key, const parsed *x, char *out)
+{
+    sl_key k = {x->a, x->al, x->b, x->bl, x->c, x->cl};
+    switch (x->kind) {
+    case I_RULE:
+        return rule_key(out, x->scope, &k);
+    case I_TIER:
+        return tier_key(out, x->a);
+    case I_ASSIGN: {
+        sl_key tc = {x->a, x->al, NULL, 0, x->b, x->bl};
+        return assign_key(out, &tc);
+    }
+    case I_WEIGHT:
+        return weight_key(out, x->a, x->al);
+    default:
+        snprintf(out, KEY_MAX, "%s", key);
+    }
 }
 
 /* Apply the item's value (NULL: remove it) to the running server. */
@@ -564,10 +600,7 @@ int sd_cfg_tier_assign(sd_server *s, const sl_key *tc, const char *tier)
     if (tier && (rc = sl_tier_get(s->lim, tier, &tmp)) != SL_OK && rc != SL_ETIER)
         return rc;
     change ch = {.val = NULL};
-    size_t pos = 6;
-    memcpy(ch.key, "assign", 7);
-    seg(ch.key, &pos, tc->tenant, tc->tenant_len, 1);
-    seg(ch.key, &pos, tc->client, tc->client_len, 0);
+    assign_key(ch.key, tc);
     if (tier) {
         char enc[3 * SL_MAX_ID_LEN + 1];
         size_t n = 0;
@@ -597,9 +630,7 @@ int sd_cfg_weight_set(sd_server *s, const char *tenant, size_t len, unsigned wei
     if (len > SL_MAX_ID_LEN)
         return SL_EKEYLONG;
     change ch;
-    size_t pos = 6;
-    memcpy(ch.key, "weight", 7);
-    seg(ch.key, &pos, tenant, len, 0);
+    weight_key(ch.key, tenant, len);
     ch.val = weight == 1 ? NULL : json_integer(weight);
     pthread_mutex_lock(&s->config->lock);
     return commit_one(s, &ch);
@@ -829,6 +860,43 @@ static int check_items(const json_t *items, const char *prefix, const char *path
     return 0;
 }
 
+/* The checked `items` (from `path`; the reference is taken) with every key in the server's own
+ * form, so that a change or deletion made through the API finds an item however the file
+ * spelled it. Two spellings of one item are refused. NULL with err set. */
+static json_t *canonical_items(json_t *items, const char *prefix, const char *path, char *err,
+                               size_t errlen)
+{
+    json_t *out = json_object();
+    const char *key;
+    json_t *v;
+    json_object_foreach(items, key, v)
+    {
+        parsed x;
+        char ck[KEY_MAX];
+        if (!out)
+            break;
+        parse_key(key, &x); /* checked already */
+        canonical_key(key, &x, ck);
+        if (json_object_get(out, ck)) {
+            char where[700];
+            sd_file_where(where, sizeof where, prefix, path, 2, key);
+            snprintf(err, errlen, "%s: item \"%s\": the same item as \"%s\", written another way",
+                     where, key, ck);
+            json_decref(out);
+            json_decref(items);
+            return NULL;
+        }
+        if (json_object_set(out, ck, v) != 0) {
+            json_decref(out);
+            out = NULL;
+        }
+    }
+    json_decref(items);
+    if (!out)
+        snprintf(err, errlen, "out of memory");
+    return out;
+}
+
 static json_t *load_overlay(const char *path, char *err, size_t errlen)
 {
     json_error_t e;
@@ -862,6 +930,7 @@ static json_t *load_overlay(const char *path, char *err, size_t errlen)
         json_decref(items);
         return NULL;
     }
+    items = canonical_items(items, "", path, err, errlen);
     return items;
 }
 
@@ -910,6 +979,8 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
     c->overlay = NULL;
     c->base_path = base_path;
     if (base && check_items(base, "--config ", base_path, err, errlen) != 0)
+        return -1;
+    if (base && !(c->base = canonical_items(base, "--config ", base_path, err, errlen)))
         return -1;
     const char *dir = srv->cfg.data_dir;
     if (dir[0]) {

@@ -110,6 +110,45 @@ class ConfigDurabilityTest(unittest.TestCase):
         finally:
             os.unlink(cfg)
 
+    def test_config_file_items_in_any_spelling(self):
+        """--config items written "default" for the default tenant or action, or with another
+        percent-encoding of the same bytes, are the items the API changes: a deletion
+        through the API removes them and stays removed after a kill -9. Two spellings of one
+        item are refused."""
+        cfg = os.path.join(self.dir, "..", os.path.basename(self.dir) + ".json")
+        tb = lambda n: {"limits": [{"algorithm": "token_bucket", "limit": n, "rate": 1}]}
+        with open(cfg, "w") as f:
+            json.dump({"threads": 1, "items": {
+                "rule/action/default/login": tb(10), "rule/action/acme/log%69n": tb(7),
+                "tier/gold": tb(50), "assign/default/alice": "gold"}}, f)
+        try:
+            data = os.path.join(self.dir, "d")
+            with Sluiced("--config", cfg, "--data-dir", data) as s:
+                r = rcli(s)
+                self.assertEqual(r.execute_command("SL.TAKE", "default", "login", "x")[1], 10)
+                self.assertEqual(r.execute_command("SL.TAKE", "", "any", "alice")[1], 50)
+                self.assertEqual(r.execute_command("SL.RULE", "DEL", "ACTION", "default",
+                                                   "login"), 1)
+                self.assertEqual(r.execute_command("SL.RULE", "DEL", "ACTION", "acme", "login"), 1)
+                self.assertEqual(r.execute_command("SL.TIER", "UNASSIGN", "default", "alice"), 1)
+                self.assertEqual(r.execute_command("SL.TIER", "DEL", "gold"), 1)
+                s.stop(signal.SIGKILL)
+            with Sluiced("--config", cfg, "--data-dir", data) as s:
+                r = rcli(s)
+                self.assertIsNone(r.execute_command("SL.RULE", "GET", "ACTION", "default",
+                                                    "login"))
+                self.assertIsNone(r.execute_command("SL.RULE", "GET", "ACTION", "acme", "login"))
+                self.assertIsNone(r.execute_command("SL.TIER", "ASSIGNED", "default", "alice"))
+                self.assertIsNone(r.execute_command("SL.TIER", "GET", "gold"))
+            with open(cfg, "w") as f:
+                f.write('{"items": {"rule/action/acme/login": %s,\n "rule/action/acme/log%%69n": %s}}'
+                        % (json.dumps(tb(1)), json.dumps(tb(2))))
+            code, _, err = run_sluiced("--config", cfg, "--resp-port", 0, "--http-port", 1)
+            self.assertEqual(code, 2, err)
+            self.assertIn('line 2, column 2: item "rule/action/acme/log%69n": the same item', err)
+        finally:
+            os.unlink(cfg)
+
     def test_kill_9_during_writes(self):
         """Dozens of times: a stream of acknowledged rule changes, kill -9 at a random moment,
         restart: every acknowledged change is there, and the file is whole."""
