@@ -290,9 +290,13 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
         free(dir);
         return SL_ENOMEM;
     }
-    /* unique per process and call: concurrent saves never share a temp file */
-    snprintf(tmp, n + 48, "%s.tmp.%ld.%lu", path, (long)getpid(),
-             atomic_fetch_add(&g_seq, 1));
+    /* unique per process and call (concurrent saves never share a temp file), and with the
+     * time, so that a leftover of an earlier process with the same pid (pid 1 in a container)
+     * is never in the way */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tmp, n + 48, "%s.tmp.%ld.%lu.%lx", path, (long)getpid(),
+             atomic_fetch_add(&g_seq, 1), (unsigned long)ts.tv_nsec);
     memcpy(dir, path, n + 1);
     char *slash = strrchr(dir, '/');
     if (slash)
@@ -301,7 +305,9 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
         memcpy(dir, ".", 2);
     sl_snapshot_info info;
     int rc = SL_EIO, e = 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    /* the directory first: one that cannot be opened fails before the file is replaced */
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = dfd < 0 ? -1 : open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
         e = errno;
     } else {
@@ -316,13 +322,10 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
         if (rc != SL_OK)
             unlink(tmp);
     }
-    if (rc == SL_OK) { /* renamed: only the directory's fsync is left to fail */
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0 || fsync(dfd) != 0)
-            rc = SL_EIO, e = errno;
-        if (dfd >= 0)
-            close(dfd);
-    }
+    if (rc == SL_OK && fsync(dfd) != 0) /* renamed: the new snapshot is in place, but its */
+        rc = SL_EIO, e = errno;          /* directory entry may not survive a crash */
+    if (dfd >= 0)
+        close(dfd);
     free(tmp);
     free(dir);
     if (rc == SL_OK) {

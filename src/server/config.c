@@ -7,10 +7,14 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "server.h"
@@ -38,6 +42,7 @@ struct sd_config {
     char path[600];  /* <data-dir>/config.json, "" = not durable */
     char dir[520];
     const char *base_path; /* the --config file, while sd_config_open runs */
+    int lock_fd;           /* DIR/lock, flock()ed while the server runs; -1: none */
 };
 
 static _Thread_local int t_errno;
@@ -386,11 +391,12 @@ static int tier_in_use(struct sd_config *c, const char *name)
 /* ---- writing ------------------------------------------------------------------------------ */
 
 /* Hook for tests: SLUICED_FAIL_CONFIG_WRITES=1 makes every configuration write fail with
- * ENOSPC (where a small filesystem cannot be made). */
+ * ENOSPC (where a small filesystem cannot be made); =2 makes the directory's fsync fail with
+ * EIO after the rename (where a failing disk cannot be made). Returns the digit, or 0. */
 static int injected_failure(void)
 {
     const char *e = getenv("SLUICED_FAIL_CONFIG_WRITES");
-    return e && *e == '1';
+    return e && (*e == '1' || *e == '2') ? *e - '0' : 0;
 }
 
 static int write_all(int fd, const char *p, size_t n)
@@ -408,35 +414,41 @@ static int write_all(int fd, const char *p, size_t n)
 }
 
 /* Replace `path` with `data` atomically and durably: temp file, fsync, rename, fsync dir. */
+/* Replace `path` (in `dir`) with data: temp file, fsync, rename, directory fsync. 0; -1 with
+ * errno, the file as it was; or -2 with errno when only the directory's fsync failed: the file
+ * holds the new data, but maybe not after a crash. The directory is opened first, so a
+ * directory that cannot be opened fails before anything changes. */
 static int write_atomic(const char *dir, const char *path, const char *data, size_t n)
 {
+    static _Atomic unsigned long seq;
     char tmp[700];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    if (injected_failure()) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* with the pid: unique even when pids are reused */
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lu.%lx", path, (long)getpid(),
+             atomic_fetch_add(&seq, 1), (unsigned long)ts.tv_nsec);
+    int inject = injected_failure();
+    if (inject == 1) {
         errno = ENOSPC;
-        return -1;
-    }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -1;
-    if (write_all(fd, data, n) != 0 || fsync(fd) != 0) {
-        int e = errno;
-        close(fd);
-        unlink(tmp);
-        errno = e;
-        return -1;
-    }
-    if (close(fd) != 0 || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        errno = e;
         return -1;
     }
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0)
         return -1;
-    int rc = fsync(dfd);
-    int e = errno;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644), rc = -1, e;
+    if (fd >= 0 && write_all(fd, data, n) == 0 && fsync(fd) == 0) {
+        rc = close(fd);
+        fd = -1;
+        if (rc == 0 && (rc = rename(tmp, path)) == 0 && (inject == 2 || fsync(dfd) != 0)) {
+            if (inject == 2)
+                errno = EIO;
+            rc = -2;
+        }
+    }
+    e = errno;
+    if (fd >= 0)
+        close(fd);
+    if (rc == -1)
+        unlink(tmp);
     close(dfd);
     errno = e;
     return rc;
@@ -484,8 +496,14 @@ static int commit(sd_server *s, change *ch, int n)
         else
             json_object_del(next, ch[i].key);
     }
-    if (rc == SL_OK && persist(c, next) != 0) {
+    int w = rc == SL_OK ? persist(c, next) : 0;
+    if (w != 0) {
         t_errno = errno;
+        /* -2: the file holds the change, but its directory entry may not survive a crash;
+         * put the old file back so that "nothing changed" is true of the file too */
+        if (w == -2 && persist(c, c->overlay) == -1)
+            sd_error("configuration: %s holds a change reported as not saved, and could not "
+                     "be put back: %s", c->path, strerror(errno));
         sd_error("configuration not saved to %s: %s; nothing changed", c->path,
                  strerror(t_errno));
         rc = SD_EPERSIST;
@@ -964,6 +982,39 @@ static int apply_all(sd_server *s, char *err, size_t errlen)
     return 0;
 }
 
+/* Take the data dir for this process: an exclusive lock on DIR/lock, held until exit, so
+ * that two sluiced never rewrite each other's files (each would lose the other's changes).
+ * Then remove temp files that a crash left (ours alone now): a crash loop would otherwise
+ * fill the disk with them. */
+static int lock_data_dir(struct sd_config *c, char *err, size_t errlen)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/lock", c->dir);
+    c->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (c->lock_fd < 0) {
+        snprintf(err, errlen, "--data-dir %s: %s: %s", c->dir, path, strerror(errno));
+        return -1;
+    }
+    if (flock(c->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        snprintf(err, errlen, "--data-dir %s: %s (another sluiced uses it)", c->dir,
+                 errno == EWOULDBLOCK ? "in use" : strerror(errno));
+        return -1;
+    }
+    DIR *d = opendir(c->dir);
+    struct dirent *de;
+    int removed = 0;
+    while (d && (de = readdir(d)) != NULL)
+        if ((strncmp(de->d_name, CONFIG_FILE ".tmp.", sizeof CONFIG_FILE + 4) == 0 ||
+             strncmp(de->d_name, "state.snap.tmp.", 15) == 0) &&
+            unlinkat(dirfd(d), de->d_name, 0) == 0)
+            removed++;
+    if (d)
+        closedir(d);
+    if (removed)
+        sd_info("data dir %s: removed %d temp files left by a crash", c->dir, removed);
+    return 0;
+}
+
 int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *err,
                    size_t errlen)
 {
@@ -974,6 +1025,7 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
         return -1;
     }
     pthread_mutex_init(&c->lock, NULL);
+    c->lock_fd = -1;
     srv->config = c;
     c->base = base ? base : json_object();
     c->overlay = NULL;
@@ -994,6 +1046,8 @@ int sd_config_open(sd_server *srv, json_t *base, const char *base_path, char *er
             return -1;
         }
         snprintf(c->dir, sizeof c->dir, "%s", dir);
+        if (lock_data_dir(c, err, errlen) != 0)
+            return -1;
         snprintf(c->path, sizeof c->path, "%s/%s", dir, CONFIG_FILE);
         if (access(c->path, F_OK) == 0 && !(c->overlay = load_overlay(c->path, err, errlen)))
             return -1;
@@ -1010,6 +1064,8 @@ void sd_config_close(sd_server *srv)
         return;
     json_decref(c->base);
     json_decref(c->overlay);
+    if (c->lock_fd >= 0)
+        close(c->lock_fd); /* releases the flock */
     pthread_mutex_destroy(&c->lock);
     free(c);
     srv->config = NULL;

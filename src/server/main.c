@@ -407,10 +407,15 @@ int main(int argc, char **argv)
             sig == SIGINT ? "SIGINT" : "SIGTERM", srv.cfg.shutdown_timeout_ms);
     sd_net_stop(&srv);
     sd_net_wait(&srv);
-    if (!srv.rstore)
-        sd_state_stop(&srv); /* the workers are gone: this snapshot is the final state */
+    /* the workers are gone: this snapshot is the final state; if it cannot be written, the
+     * state since the last one is lost, and the exit code says so */
+    int lost = !srv.rstore && sd_state_stop(&srv) != 0;
     sd_config_close(&srv);
     sl_close(srv.lim);
+    if (lost) {
+        sd_error("stopped, but the final snapshot failed: the state since the last one is lost");
+        return 1;
+    }
     sd_info("stopped");
     return 0;
 }

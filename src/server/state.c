@@ -48,10 +48,21 @@ int sd_state_open(sd_server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "%s: %s (%s)", g_path, sl_strerror(rc), strerror(errno));
         return -1;
     }
-    /* Truncated, corrupt, or from a newer version: keep it for a person to look at. */
+    /* Truncated, corrupt, or from a newer version: keep it for a person to look at, under a
+     * name no earlier one has (link fails rather than replace: two in one second both stay) */
     char aside[700];
-    snprintf(aside, sizeof aside, "%s.bad-%lld", g_path, (long long)time(NULL));
-    if (rename(g_path, aside) != 0) {
+    int moved = -1;
+    long long now = (long long)time(NULL);
+    for (int i = 0; i < 1000 && moved != 0; i++) {
+        if (i)
+            snprintf(aside, sizeof aside, "%s.bad-%lld-%d", g_path, now, i);
+        else
+            snprintf(aside, sizeof aside, "%s.bad-%lld", g_path, now);
+        moved = link(g_path, aside);
+        if (moved != 0 && errno != EEXIST)
+            break;
+    }
+    if (moved != 0 || unlink(g_path) != 0) {
         snprintf(err, errlen, "%s: %s, and it cannot be moved aside: %s", g_path,
                  sl_strerror(rc), strerror(errno));
         return -1;
@@ -132,7 +143,7 @@ int sd_state_start(sd_server *srv)
     return 0;
 }
 
-void sd_state_stop(sd_server *srv)
+int sd_state_stop(sd_server *srv)
 {
     if (g_running) {
         pthread_mutex_lock(&g_lock);
@@ -145,8 +156,10 @@ void sd_state_stop(sd_server *srv)
     }
     if (srv->cfg.data_dir[0]) {
         sd_save_result r = sd_state_save(srv);
-        if (r.rc == SL_OK)
-            sd_info("state: final snapshot of %llu keys in %lld ms", (unsigned long long)r.keys,
-                    (long long)r.ms);
+        if (r.rc != SL_OK)
+            return -1; /* sd_state_save logged why */
+        sd_info("state: final snapshot of %llu keys in %lld ms", (unsigned long long)r.keys,
+                (long long)r.ms);
     }
+    return 0;
 }

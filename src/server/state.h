@@ -24,8 +24,9 @@ typedef struct sd_server sd_server;
 int sd_state_open(sd_server *srv, char *err, size_t errlen);
 /* Start the periodic snapshot thread (no-op without --data-dir or with interval 0). */
 int sd_state_start(sd_server *srv);
-/* Stop the thread and write a final snapshot (after the workers have stopped). */
-void sd_state_stop(sd_server *srv);
+/* Stop the thread and write a final snapshot (after the workers have stopped). 0, or -1
+ * when the final snapshot could not be written (logged). */
+int sd_state_stop(sd_server *srv);
 
 typedef struct sd_save_result {
     int rc;          /* SL_OK or the library's error */

@@ -81,8 +81,30 @@ class ConfigDurabilityTest(unittest.TestCase):
             doc = json.load(f)
         self.assertEqual(doc["sluice_config"], 1)
         self.assertIn("rule/client/acme/login/b%C3%BCb%2F%25x", doc["items"])
-        # no temp files left (state.snap: the final bucket-state snapshot)
-        self.assertEqual(sorted(os.listdir(self.dir)), ["config.json", "state.snap"])
+        # no temp files left (state.snap: the final bucket-state snapshot; lock: the data dir's)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["config.json", "lock", "state.snap"])
+
+    def test_one_server_per_data_dir_and_crash_leftovers_removed(self):
+        """A second sluiced on a data dir in use exits 2 (it would rewrite the first one's
+        files and lose its changes); temp files a crash left are removed at start, however
+        many (a crash loop must not fill the disk), and a pid reused after a crash does not
+        trip over them."""
+        with Sluiced("--data-dir", self.dir, http=False) as s:
+            code, _, err = run_sluiced("--data-dir", self.dir, "--resp-port", 0, "--http-port",
+                                       1)
+            self.assertEqual(code, 2, err)
+            self.assertIn("in use (another sluiced uses it)", err)
+            self.assertTrue(rcli(s).ping())
+        leftovers = ["config.json.tmp.1", "config.json.tmp.1.0.5", "state.snap.tmp.1.0",
+                     "state.snap.tmp.7.3.ff"]
+        for name in leftovers:
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write("x" * 1000)
+        with Sluiced("--data-dir", self.dir, http=False) as s:
+            rcli(s).execute_command("SL.RULE", "SET", "ACTION", "t", "a", "token_bucket",
+                                    "LIMIT", 3, "RATE", 1)
+            self.assertIn("removed 4 temp files left by a crash", s.log())
+        self.assertEqual(sorted(os.listdir(self.dir)), ["config.json", "lock", "state.snap"])
 
     def test_data_dir_overrides_config_file(self):
         cfg = os.path.join(self.dir, "..", os.path.basename(self.dir) + ".json")
@@ -245,6 +267,29 @@ class ConfigDurabilityTest(unittest.TestCase):
             adm = r.execute_command("SL.ADMISSION", "GET")
             self.assertEqual(dict(zip(adm[0::2], adm[1::2]))[b"max_tenant_queue_size"], 1000)
         self.assertEqual(open(os.path.join(self.dir, "config.json")).read(), before)
+
+    def test_failed_directory_sync_changes_nothing(self):
+        """The directory's fsync failing after the rename (a failing disk; injected): the
+        client is told nothing changed, and that is true of the file too: the previous one
+        is put back, so a restart does not bring the change back."""
+        with Sluiced("--data-dir", self.dir) as s:
+            rcli(s).execute_command("SL.RULE", "SET", "ACTION", "t", "a", "token_bucket",
+                                    "LIMIT", 5, "RATE", 1)
+        before = open(os.path.join(self.dir, "config.json")).read()
+        env = dict(os.environ, SLUICED_FAIL_CONFIG_WRITES="2")
+        with Sluiced("--data-dir", self.dir, env=env) as s:
+            status, body = hreq(s, "PUT", "/api/config/tenant/t/action/x",
+                                {"max_requests": 4, "window_duration_seconds": 1})
+            self.assertEqual(status, 500)
+            self.assertIn("Input/output error", body["error"])
+            with self.assertRaisesRegex(redis.ResponseError, "not saved"):
+                rcli(s).execute_command("SL.RULE", "DEL", "ACTION", "t", "a")
+        self.assertEqual(open(os.path.join(self.dir, "config.json")).read(), before)
+        with Sluiced("--data-dir", self.dir) as s:
+            r = rcli(s)
+            self.assertIsNone(r.execute_command("SL.RULE", "GET", "ACTION", "t", "x"))
+            self.assertEqual(r.execute_command("SL.RULE", "GET", "ACTION", "t", "a"),
+                             b"token_bucket LIMIT 5 RATE 1")
 
     def test_full_disk(self):
         """A real full filesystem: a small tmpfs as the data dir (skipped where the test may

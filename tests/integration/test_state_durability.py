@@ -217,6 +217,17 @@ class StateDurabilityTest(unittest.TestCase):
             bad = glob.glob(path + ".bad-*")
             self.assertEqual(len(bad), 1, name)
             self.assertEqual(open(bad[0], "rb").read(), data, name)  # kept, never deleted
+        # two bad snapshots within one second: both kept (the second is not written over the
+        # first)
+        for old in glob.glob(path + ".bad-*"):
+            os.unlink(old)
+        for data in (b"FIRST corrupt", b"SECOND corrupt"):
+            with open(path, "wb") as f:
+                f.write(data)
+            with self.srv("--snapshot-interval", 0) as s:
+                pass
+        kept = sorted(open(b, "rb").read() for b in glob.glob(path + ".bad-*"))
+        self.assertEqual(kept, [b"FIRST corrupt", b"SECOND corrupt"])
 
 
 if __name__ == "__main__":
