@@ -449,6 +449,9 @@ typedef struct sl_store_stats {
     uint64_t reconnects;     /* connections (re)opened */
     uint64_t script_loads;   /* FUNCTION LOADs of the script (a node did not have it) */
     uint64_t redirects;      /* MOVED and ASK redirections followed */
+    uint64_t fallback_ms_ago; /* ms since the fail mode last decided (Redis unreachable or
+                                 answering with an error: out of memory, a key of another
+                                 type, ...); UINT64_MAX: never */
 } sl_store_stats;
 SL_API int sl_store_stats_get(sl_limiter *l, sl_store_stats *out);
 

@@ -1010,15 +1010,23 @@ static void h_health(ctx *x, int method)
     sd_server *srv = x->c->srv;
     sl_store_stats st;
     int redis = srv->rstore && sl_store_stats_get(srv->lim, &st) == SL_OK;
+    /* degraded: unreachable, or decisions made by the fail mode in the last 10 s (Redis
+     * answering with errors: out of memory, NOAUTH, ...) */
+    int degraded = redis && (!st.up || st.fallback_ms_ago < 10000);
     resp_buf o = {0};
-    jraw(&o, redis && !st.up ? "{\"status\": \"degraded\", \"version\": "
-                             : "{\"status\": \"ok\", \"version\": ");
+    jraw(&o, degraded ? "{\"status\": \"degraded\", \"version\": "
+                      : "{\"status\": \"ok\", \"version\": ");
     jcstr(&o, sl_version_string());
     if (redis) {
         jraw(&o, ", \"store\": \"redis\", \"redis_up\": ");
         jraw(&o, st.up ? "true" : "false");
         jraw(&o, ", \"fail_mode\": ");
         jcstr(&o, srv->cfg.fail_mode);
+        jraw(&o, ", \"fail_mode_decided_ms_ago\": ");
+        if (st.fallback_ms_ago == UINT64_MAX)
+            jraw(&o, "null");
+        else
+            jint(&o, (int64_t)st.fallback_ms_ago);
     }
     jraw(&o, "}");
     reply_json(x, 200, &o);

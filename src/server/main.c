@@ -323,7 +323,11 @@ static void parse_store(const sd_settings *s, sl_redis_options *ro, char *buf, s
     if (at) { /* [user]:password@ */
         *at = '\0';
         char *colon = strchr(p, ':');
+        if (colon && colon != p)
+            bad("--store: user names are not supported (redis://:PASSWORD@HOST:PORT)");
         ro->password = colon ? colon + 1 : p;
+        if (!*ro->password)
+            bad("--store: the password is empty (leave out ':@' to run without one)");
         p = at + 1;
     }
     if (s->redis_password[0])

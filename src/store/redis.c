@@ -33,7 +33,8 @@ typedef struct nc_ent {
     uint64_t policy;    /* the fingerprint (cp.fp) of the policy it was denied under: another
                            policy misses (ids are reused once a policy is collected) */
     uint32_t limit_index;
-    uint64_t cost;      /* denied for this cost: a smaller one might pass, so it misses */
+    uint64_t cost;      /* denied for this cost: another one misses (a smaller might pass, a
+                           larger waits longer than `until`) */
     int64_t until;      /* monotonic ns: the retry time */
     int64_t reset_at;   /* monotonic ns: when the key was to be full */
     uint64_t remaining;
@@ -72,6 +73,7 @@ struct sl_rstore {
     int reported_up;
     nc_shard *nc;
     _Atomic uint64_t calls, near, fopen, fclosed, errors, reconnects, loads, redirects;
+    _Atomic int64_t last_fallback; /* sl_rs_mono() of the last fail-mode decision; 0: none */
 };
 
 int64_t sl_rs_mono(void)
@@ -333,6 +335,8 @@ void sl_rs_stats(sl_rstore *rs, sl_store_stats *out)
     out->calls = atomic_load(&rs->calls);
     out->near_cache = atomic_load(&rs->near);
     out->fail_open = atomic_load(&rs->fopen);
+    int64_t lf = atomic_load_explicit(&rs->last_fallback, memory_order_relaxed);
+    out->fallback_ms_ago = lf ? (uint64_t)(sl_rs_mono() - lf) / 1000000 : UINT64_MAX;
     out->fail_closed = atomic_load(&rs->fclosed);
     out->errors = atomic_load(&rs->errors);
     out->reconnects = atomic_load(&rs->reconnects);
@@ -402,8 +406,12 @@ int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
     if (!rep)
         return SL_ESTORE;
     if (rep->type == REDIS_REPLY_ERROR) {
-        if (!strstr(rep->str, "cluster support disabled"))
+        if (!strstr(rep->str, "cluster support disabled")) {
+            /* NOAUTH, LOADING, NOPERM, ...: this node cannot be used now; say so (logged
+             * once, counted, backed off) rather than deciding by the fail mode unseen */
+            sl_rs_node_failed(rs, from, rep->str);
             return SL_ESTORE;
+        }
         for (int s = 0; s < SL_RS_SLOTS; s++)
             atomic_store_explicit(&rs->slots[s], (uint8_t)from, memory_order_relaxed);
         atomic_store(&rs->topology, 1);
@@ -458,7 +466,7 @@ static const sl_climit *report_limit(const sl_rcall *c, unsigned idx, sl_decisio
     return lim;
 }
 
-/* A denial known for this key, policy and a cost <= this one, still before its retry time? */
+/* A denial known for this key, policy and this cost, still before its retry time? */
 static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
 {
     uint64_t h = c->hash | 1;
@@ -466,7 +474,8 @@ static int nc_lookup(sl_rstore *rs, const sl_rcall *c, sl_decision *d)
     int hit = 0;
     pthread_mutex_lock(&s->mu);
     nc_ent *e = nc_slot_of(s, h);
-    if (e->hash == h && e->policy == c->cp.fp && c->cost >= e->cost && c->sent < e->until) {
+    /* the same cost only: a larger one is denied too, but for longer than the entry says */
+    if (e->hash == h && e->policy == c->cp.fp && c->cost == e->cost && c->sent < e->until) {
         report_limit(c, e->limit_index, d);
         d->remaining = e->remaining;
         d->reset_after = e->reset_at > c->sent ? e->reset_at - c->sent : 0;
@@ -823,6 +832,7 @@ void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *relea
         return;
     }
     report_limit(c, 0, d);
+    atomic_store_explicit(&rs->last_fallback, sl_rs_mono(), memory_order_relaxed);
     if (rs->o.fail_mode == SL_FAIL_OPEN) {
         d->allowed = 1;
         d->source = SL_SOURCE_FAIL_OPEN;

@@ -260,12 +260,50 @@ class SharedRedisTest(unittest.TestCase):
                 self.assertEqual(s.stop(), 0)
                 self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
                 self.assertIn("WRONGPASS", s.log())
+            # no password at all: every CLUSTER SLOTS answers NOAUTH. Under fail-open this
+            # admits without limit, so it must not pass unseen: logged once, redis_up 0,
+            # health degraded, errors counted.
+            with Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--fail-mode",
+                         "open") as s:
+                c = redis.Redis(port=s.resp_port)
+                for _ in range(7):
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "e")[0], 1)
+                m = metrics(s)
+                self.assertEqual(m["sluice_redis_up"], 0)
+                self.assertGreater(m["sluice_redis_errors_total"], 0)
+                h = health(s)
+                self.assertEqual((h["status"], h["redis_up"]), ("degraded", False))
+                self.assertEqual(s.stop(), 0)
+                self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
+                self.assertIn("NOAUTH", s.log())
+
+    def test_near_cache_answers_only_the_cost_it_saw(self):
+        """A denial cached for cost 1 must not answer a request of cost 3: that one waits
+        three times as long, and a client honouring the shorter retry would come back too
+        early. It goes to Redis, whose retry_after is the right one."""
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            c = redis.Redis(port=s.resp_port)
+            c.execute_command("SL.RULE", "SET", "ACTION", "t", "nc", "token_bucket", "LIMIT", 3,
+                              "RATE", 0.5)
+            self.assertEqual(c.execute_command("SL.TAKE", "t", "nc", "u", "COST", 3)[0], 1)
+            one = c.execute_command("SL.TAKE", "t", "nc", "u")
+            self.assertEqual(one[0], 0)
+            self.assertLessEqual(one[3], 2000)
+            again = c.execute_command("SL.TAKE", "t", "nc", "u")  # the near cache's answer
+            self.assertEqual(again[0], 0)
+            three = c.execute_command("SL.TAKE", "t", "nc", "u", "COST", 3)
+            self.assertEqual(three[0], 0)
+            self.assertGreater(three[3], 5000)  # 6 s less the time since the first take
+            m = metrics(s)
+            self.assertGreaterEqual(m['sluice_redis_decisions_total{source="near_cache"}'], 1)
 
     def test_bad_store_settings_exit_2(self):
         for args, word in ((["--store", "redis:/x"], "--store"),
                            (["--store", "redis://nohost"], "--store"),
                            (["--store", "redis://h:1", "--fail-mode", "maybe"], "--fail-mode"),
-                           (["--store", "redis://h:99999"], "--store")):
+                           (["--store", "redis://h:99999"], "--store"),
+                           (["--store", "redis://bob:pw@h:1"], "user names are not supported"),
+                           (["--store", "redis://:@h:1"], "the password is empty")):
             code, _, err = run_sluiced(*args)
             self.assertEqual(code, 2, (args, err))
             self.assertIn(word, err)
@@ -395,7 +433,9 @@ class FaultTest(unittest.TestCase):
                         c.execute_command("SL.TAKE", "t", "a", "probe")
                         time.sleep(0.05)
                     self.assertEqual(metrics(s)["sluice_redis_up"], 1)
-                    self.assertEqual((health(s)["status"], health(s)["redis_up"]), ("ok", True))
+                    h = health(s)  # reachable; "degraded" still: the fail mode decided < 10 s ago
+                    self.assertEqual((h["status"], h["redis_up"]), ("degraded", True))
+                    self.assertLess(h["fail_mode_decided_ms_ago"], 10000)
                     self.assertEqual(c.execute_command("SL.PEEK", "t", "a", "fresh")[0], 1)
                     self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "fresh")[2], 4)
                     # logged once per change of state, not once per request
