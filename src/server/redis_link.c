@@ -37,6 +37,8 @@ struct rl_conn {
 typedef struct rl_node {
     rl_conn c[CONNS_PER_NODE];
     unsigned rr;
+    rl_conn *probe;   /* a PING in flight on this connection (the node is down), or NULL */
+    int64_t probe_at; /* sd_mono_ns when it was sent */
 } rl_node;
 
 struct sd_rlink {
@@ -47,6 +49,7 @@ struct sd_rlink {
     rl_req *free;
     rl_req *wait_head, *wait_tail; /* waiting for the topology */
     int discovering;
+    int discover_tries; /* nodes asked for the topology since requests began to wait */
     rl_conn *asked;     /* the connection a CLUSTER SLOTS was sent on, while discovering */
     int64_t asked_at;   /* sd_mono_ns */
     int closing;
@@ -189,6 +192,8 @@ static int poll_attach(redisAsyncContext *ac, uv_loop_t *loop)
 /* ---- connections ------------------------------------------------------------------------- */
 
 static void send_req(sd_rlink *lk, rl_req *q);
+static void discover(sd_rlink *lk);
+static void drop_timed_out(rl_conn *c);
 
 static rl_conn *conn_of(redisAsyncContext *ac) { return ac->data; }
 
@@ -334,9 +339,15 @@ static void on_slots(redisAsyncContext *ac, void *r, void *priv)
     lk->discovering = 0;
     lk->asked = NULL;
     if (!r || sl_rs_apply_slots(lk->rs, c->node, r) != SL_OK) {
-        fail_waiting(lk);
+        /* another seed may answer (this one is backing off now if it failed): the waiting
+         * requests go to the fail mode only when every node has been asked */
+        if (!lk->closing && ++lk->discover_tries < sl_rs_nnodes(lk->rs))
+            discover(lk);
+        else
+            fail_waiting(lk);
         return;
     }
+    lk->discover_tries = 0;
     rl_req *q = lk->wait_head;
     lk->wait_head = lk->wait_tail = NULL;
     while (q) {
@@ -358,13 +369,14 @@ static void discover(sd_rlink *lk)
         if (!sl_rs_node_usable(lk->rs, i, now))
             continue;
         rl_conn *c = pick(lk, i);
-        if (c && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {
+        if (c && c->ac && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {
             lk->discovering = 1;
             lk->asked = c;
             lk->asked_at = sd_mono_ns();
             return;
         }
     }
+    lk->discover_tries = 0;
     fail_waiting(lk); /* nobody to ask */
 }
 
@@ -384,7 +396,10 @@ static void send_req(sd_rlink *lk, rl_req *q)
         discover(lk); /* a node failed: the slot map may have changed (goes on meanwhile) */
     int node = q->call.node;
     rl_conn *c = NULL;
-    if (node < sl_rs_nnodes(lk->rs) && sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
+    /* a node marked down is decided by the fail mode at once: the sweep's probe, not a
+     * request that would wait for the timeout, finds out when it is back */
+    if (node < sl_rs_nnodes(lk->rs) && !sl_rs_node_down(lk->rs, node) &&
+        sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
         c = pick(lk, node);
     if (!c) {
         fail(lk, q);
@@ -432,6 +447,50 @@ static void submit(void *ctx, sd_item **items, int n)
     }
 }
 
+/* The answer to a probe: any reply but an error means the node is back. */
+static void on_probe(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)priv;
+    rl_conn *c = conn_of(ac);
+    if (!c)
+        return;
+    rl_node *n = c->lk->nodes[c->node];
+    int64_t sent = n->probe_at;
+    n->probe = NULL;
+    redisReply *rep = r;
+    if (!rep || c->lk->closing)
+        return; /* the connection failed: on_connect / on_disconnect said so */
+    if (rep->type == REDIS_REPLY_ERROR)
+        sl_rs_node_failed(c->lk->rs, c->node, rep->str);
+    else
+        sl_rs_node_ok(c->lk->rs, c->node, sent); /* sd_mono_ns: the same clock */
+}
+
+/* A node marked down whose back-off is over gets a PING (one at a time per worker), so that
+ * its return is noticed without traffic, and without a request waiting on a dead node. */
+static void probe_down_nodes(sd_rlink *lk, int64_t now, int64_t limit)
+{
+    for (int i = 0; i < sl_rs_nnodes(lk->rs); i++) {
+        rl_node *n = lk->nodes[i];
+        if (n && n->probe) {
+            if (n->probe->ac && now - n->probe_at > limit) {
+                rl_conn *c = n->probe;
+                n->probe = NULL;
+                drop_timed_out(c); /* hiredis calls on_probe back with no reply */
+            }
+            continue;
+        }
+        if (!sl_rs_node_down(lk->rs, i) || !sl_rs_node_usable(lk->rs, i, sl_rs_mono()))
+            continue;
+        rl_conn *c = pick(lk, i);
+        n = lk->nodes[i];
+        if (c && c->ac && redisAsyncCommand(c->ac, on_probe, NULL, "PING") == REDIS_OK) {
+            n->probe = c;
+            n->probe_at = sd_mono_ns();
+        }
+    }
+}
+
 static void drop_timed_out(rl_conn *c)
 {
     sl_rs_node_failed(c->lk->rs, c->node, "timeout");
@@ -450,6 +509,8 @@ static void on_sweep(uv_timer_t *t)
     int64_t now = sd_mono_ns();
     if (lk->discovering && lk->asked && lk->asked->ac && now - lk->asked_at > limit)
         drop_timed_out(lk->asked);
+    if (!lk->closing)
+        probe_down_nodes(lk, now, limit);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_node *n = lk->nodes[i];
         for (int k = 0; n && k < CONNS_PER_NODE; k++) {

@@ -319,6 +319,11 @@ void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent)
     }
 }
 
+int sl_rs_node_down(sl_rstore *rs, int i)
+{
+    return atomic_load_explicit(&rs->nodes[i]->down, memory_order_relaxed);
+}
+
 int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono)
 {
     return now_mono >= atomic_load_explicit(&rs->nodes[i]->retry_at, memory_order_relaxed);

@@ -135,6 +135,8 @@ int sl_rs_is_cluster(sl_rstore *rs);
 void sl_rs_node_failed(sl_rstore *rs, int i, const char *why);
 void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent); /* sent: sl_rs_mono() of the request */
 int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono);
+/* Is node i marked unreachable (failed, and no success since)? */
+int sl_rs_node_down(sl_rstore *rs, int i);
 int64_t sl_rs_mono(void); /* CLOCK_MONOTONIC ns */
 
 void sl_rs_count_reconnect(sl_rstore *rs);

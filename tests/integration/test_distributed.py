@@ -444,6 +444,39 @@ class FaultTest(unittest.TestCase):
                 code = s.stop()
             self.assertEqual(code, 0, s.log())
 
+    def test_recovery_noticed_without_traffic_and_no_stalls_while_hung(self):
+        """While a node is down, requests are decided by the fail mode at once, every one:
+        a PING probe after each back-off, not a request waiting --redis-timeout, finds out
+        whether it is back. So an idle sluiced notices Redis's return by itself, and a hung
+        Redis (SIGSTOP) costs one timeout, not one per back-off."""
+        with RedisServer() as r:
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--redis-timeout",
+                        "1000").start()
+            try:
+                c = redis.Redis(port=s.resp_port, socket_timeout=10)
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "p0")[0], 1)
+                os.kill(r.proc.pid, signal.SIGSTOP)
+                c.execute_command("SL.TAKE", "t", "a", "p1")  # waits the timeout, once
+                worst, n, end = 0.0, 0, time.monotonic() + 4.0
+                while time.monotonic() < end:
+                    t0 = time.monotonic()
+                    self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "q%d" % n)[0], 0)
+                    worst = max(worst, time.monotonic() - t0)
+                    n += 1
+                    time.sleep(0.01)
+                self.assertLess(worst, 0.5, "a request waited for the hung Redis")
+                os.kill(r.proc.pid, signal.SIGCONT)
+                # no requests now: the probe alone brings it back
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and not health(s)["redis_up"]:
+                    time.sleep(0.1)
+                self.assertTrue(health(s)["redis_up"])
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "back")[0], 1)
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
+
     def test_redis_silent_at_start(self):
         """A Redis that accepts connections but never answers from the start (SIGSTOP before
         the first request): the topology question times out like any request, the waiting
