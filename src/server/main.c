@@ -234,6 +234,11 @@ static void load_config(sd_settings *s, const char *path)
                 bad("%s: must be a string", where);
             set_text(s, o, json_string_value(v), where);
         } else {
+            int flag = o->kind == 'i' && o->min == 0 && o->max == 1; /* 0|1: JSON's false|true too */
+            if (flag && json_is_boolean(v)) {
+                set_text(s, o, json_is_true(v) ? "1" : "0", where);
+                continue;
+            }
             if (o->kind == 'm' ? !json_is_number(v) : !json_is_integer(v))
                 bad("%s: must be a %s", where, o->kind == 'm' ? "number" : "whole number");
             char num[40];
@@ -311,6 +316,8 @@ static void parse_store(const sd_settings *s, sl_redis_options *ro, char *buf, s
     if (slash && at && at > slash)
         at = NULL;
     ro->db = (unsigned)s->redis_db;
+    if (slash && s->redis_db)
+        bad("--store names a database and so does --redis-db: give one of them");
     if (slash) {
         *slash = '\0';
         char *end;
@@ -330,6 +337,8 @@ static void parse_store(const sd_settings *s, sl_redis_options *ro, char *buf, s
             bad("--store: the password is empty (leave out ':@' to run without one)");
         p = at + 1;
     }
+    if (s->redis_password[0] && at)
+        bad("--store has a password and so does --redis-password: give one of them");
     if (s->redis_password[0])
         ro->password = s->redis_password;
     ro->servers = p;

@@ -147,7 +147,7 @@ class SharedRedisTest(unittest.TestCase):
     def test_store_settings_from_the_config_file(self):
         with RedisServer() as r, tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump({"store": "redis://127.0.0.1:%d" % r.port, "fail_mode": "open",
-                       "redis_timeout_ms": 300, "near_cache": 0}, f)
+                       "redis_timeout_ms": 300, "near_cache": False}, f)  # 0|1 or false|true
             f.flush()
             with Sluiced("--config", f.name) as s:
                 c = redis.Redis(port=s.resp_port)
@@ -303,7 +303,11 @@ class SharedRedisTest(unittest.TestCase):
                            (["--store", "redis://h:1", "--fail-mode", "maybe"], "--fail-mode"),
                            (["--store", "redis://h:99999"], "--store"),
                            (["--store", "redis://bob:pw@h:1"], "user names are not supported"),
-                           (["--store", "redis://:@h:1"], "the password is empty")):
+                           (["--store", "redis://:@h:1"], "the password is empty"),
+                           (["--store", "redis://h:1/3", "--redis-db", "5"],
+                            "so does --redis-db"),
+                           (["--store", "redis://:a@h:1", "--redis-password", "b"],
+                            "so does --redis-password")):
             code, _, err = run_sluiced(*args)
             self.assertEqual(code, 2, (args, err))
             self.assertIn(word, err)
