@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "policy_text.h"
 #include "server.h"
 
 #define CONFIG_FILE "config.json"
@@ -203,13 +204,17 @@ static int policy_from_json(const json_t *v, sl_policy *p, const char **why)
             *why = "a limit is an object";
             return -1;
         }
+        unsigned have = 0, takes, needs;
         json_object_foreach((json_t *)l, key, f)
         {
-            double *d = strcmp(key, "limit") == 0         ? &x->limit
-                        : strcmp(key, "rate") == 0        ? &x->rate
-                        : strcmp(key, "window") == 0      ? &x->window
-                        : strcmp(key, "reserve_cap") == 0 ? &x->reserve_cap
-                                                          : NULL;
+            static const char *const names[] = {"limit", "rate", "window", "reserve_cap"};
+            double *fields[] = {&x->limit, &x->rate, &x->window, &x->reserve_cap};
+            double *d = NULL;
+            for (int k = 0; k < 4; k++)
+                if (strcmp(key, names[k]) == 0) {
+                    d = fields[k];
+                    have |= 1u << k; /* SD_F_* in this order */
+                }
             if (strcmp(key, "algorithm") == 0) {
                 const char *a = json_string_value(f);
                 if (!a || sl_algorithm_parse(a, strlen(a), &x->algorithm) != SL_OK) {
@@ -222,6 +227,18 @@ static int policy_from_json(const json_t *v, sl_policy *p, const char **why)
                 *why = d ? "limit fields are numbers" : "unknown limit field";
                 return -1;
             }
+        }
+        sd_policy_fields(x->algorithm, &takes, &needs); /* as RESP and HTTP take them */
+        if (have & ~takes) {
+            *why = "a field does not apply to the limit's algorithm (token and leaky buckets: "
+                   "limit, rate; burst_reserve: limit, rate, reserve_cap; the others: limit, "
+                   "window)";
+            return -1;
+        }
+        if (needs & ~have) {
+            *why = "a field the limit's algorithm needs is missing (token and leaky buckets: "
+                   "limit, rate; burst_reserve: limit, rate; the others: limit, window)";
+            return -1;
         }
     }
     int rc = sl_policy_validate(p);
@@ -917,6 +934,11 @@ static json_t *canonical_items(json_t *items, const char *prefix, const char *pa
 
 static json_t *load_overlay(const char *path, char *err, size_t errlen)
 {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "%s: not a regular file", path);
+        return NULL;
+    }
     json_error_t e;
     json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
     if (!doc) {

@@ -16,24 +16,22 @@ static int fail(char *err, size_t errlen, const char *msg, const resp_arg *at)
     return -1;
 }
 
-enum { F_LIMIT = 1, F_RATE = 2, F_WINDOW = 4, F_RESERVE = 8 };
 static const char *const k_field_names[] = {"LIMIT", "RATE", "WINDOW", "RESERVE"};
 
-/* The words each algorithm takes, and those it needs (the rest are refused, as HTTP refuses
- * fields an algorithm does not use: a stray word is a mistake, not something to ignore). */
-static void fields_of(sl_algorithm a, unsigned *takes, unsigned *needs)
+/* A stray field is a mistake, not something to ignore (HTTP refuses them too). */
+void sd_policy_fields(sl_algorithm a, unsigned *takes, unsigned *needs)
 {
     switch (a) {
     case SL_TOKEN_BUCKET:
     case SL_LEAKY_BUCKET:
-        *takes = *needs = F_LIMIT | F_RATE;
+        *takes = *needs = SD_F_LIMIT | SD_F_RATE;
         return;
     case SL_BURST_RESERVE:
-        *takes = F_LIMIT | F_RATE | F_RESERVE;
-        *needs = F_LIMIT | F_RATE;
+        *takes = SD_F_LIMIT | SD_F_RATE | SD_F_RESERVE;
+        *needs = SD_F_LIMIT | SD_F_RATE;
         return;
     default: /* the windows, the log, concurrency (WINDOW: the lease's time to live) */
-        *takes = *needs = F_LIMIT | F_WINDOW;
+        *takes = *needs = SD_F_LIMIT | SD_F_WINDOW;
         return;
     }
 }
@@ -57,7 +55,7 @@ int sd_policy_parse(const resp_arg *argv, int argc, sl_policy *out, char *err, s
         l->algorithm = a;
         i++;
         unsigned takes, needs, have = 0;
-        fields_of(a, &takes, &needs);
+        sd_policy_fields(a, &takes, &needs);
         while (i < argc && !resp_arg_is(&argv[i], "AND")) {
             const resp_arg *kw = &argv[i];
             double *fields[] = {&l->limit, &l->rate, &l->window, &l->reserve_cap};

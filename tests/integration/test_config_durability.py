@@ -229,9 +229,18 @@ class ConfigDurabilityTest(unittest.TestCase):
             ('{"sluice_config": 1,\n "items": {"assign/t/u": "gold"}}',
              r'config\.json: line 2, column 12: item "assign/t/u": unknown tier'),
             ('{"sluice_config": 2, "items": {}}', r'line 1, column 2: field "sluice_config": version 2'),
+            # a field the algorithm does not use is refused here too, as RESP and HTTP do
+            ('{"sluice_config": 1,\n "items": {"rule/action/a/b": {"limits": [{"algorithm": '
+             '"token_bucket", "limit": 5, "rate": 1, "window": 3}]}}}',
+             r'line 2, column 12: item "rule/action/a/b": a field does not apply'),
+            ('{"sluice_config": 1,\n "items": {"rule/action/a/b": {"limits": [{"algorithm": '
+             '"fixed_window", "limit": 5}]}}}',
+             r'item "rule/action/a/b": a field the limit.s algorithm needs is missing'),
             ('[1, 2]', r"expected \{\"sluice_config\""),
         ]
         for text, msg in cases:
+            if os.path.isdir(path):
+                os.rmdir(path)
             with open(path, "w") as f:
                 f.write(text)
             code, _, err = run_sluiced("--data-dir", self.dir, "--resp-port", 0, "--http-port",
@@ -239,6 +248,13 @@ class ConfigDurabilityTest(unittest.TestCase):
             self.assertEqual(code, 2, (text, err))
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertRegex(err, msg)
+        os.unlink(path)
+        os.mkdir(path)  # a directory where the file should be: named as such
+        code, _, err = run_sluiced("--data-dir", self.dir, "--resp-port", 0, "--http-port", 1,
+                                   "--threads", 1)
+        self.assertEqual(code, 2, err)
+        self.assertIn("config.json: not a regular file", err)
+        os.rmdir(path)
 
     def test_failed_write_changes_nothing(self):
         """An injected write failure (ENOSPC): the client gets an error, the running
