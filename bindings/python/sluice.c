@@ -190,14 +190,15 @@ static int scope_key_from(sl_scope s, PyObject *o, sl_key *k)
     return 0;
 }
 
-static int cost_from(PyObject *o, uint64_t *cost)
+/* A whole number >= 0 for argument `what` (NULL o: 1, the default cost). */
+static int count_from(PyObject *o, const char *what, uint64_t *out)
 {
     if (!o) {
-        *cost = 1;
+        *out = 1;
         return 0;
     }
     if (!PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "cost must be int, not %.100s", Py_TYPE(o)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be int, not %.100s", what, Py_TYPE(o)->tp_name);
         return -1;
     }
     int overflow;
@@ -205,10 +206,11 @@ static int cost_from(PyObject *o, uint64_t *cost)
     if (v == -1 && PyErr_Occurred())
         return -1;
     if (overflow || v < 0) {
-        PyErr_SetString(PyExc_ValueError, overflow > 0 ? "cost is too large" : "cost must be >= 0");
+        PyErr_Format(PyExc_ValueError, overflow > 0 ? "%s is too large" : "%s must be >= 0",
+                     what);
         return -1;
     }
-    *cost = (uint64_t)v;
+    *out = (uint64_t)v;
     return 0;
 }
 
@@ -855,7 +857,7 @@ static int decide_call(Limiter *self, const char *fn, PyObject *const *args, Py_
     sl_key k;
     uint64_t cost = cost_override;
     int64_t now;
-    if (key_from(a[0], &k) < 0 || (has_cost && cost_from(a[1], &cost) < 0) ||
+    if (key_from(a[0], &k) < 0 || (has_cost && count_from(a[1], "cost", &cost) < 0) ||
         now_of(self, a[n - 1], &now) < 0)
         return -1;
     int rc = take ? do_take(self, &k, cost, now, d) : do_peek(self, &k, now, d);
@@ -959,7 +961,7 @@ static PyObject *lim_release(PyObject *s, PyObject *const *args, Py_ssize_t narg
     sl_key k;
     int64_t now;
     uint64_t lease;
-    if (key_from(a[0], &k) < 0 || cost_from(a[1], &lease) < 0 || now_of(self, a[2], &now) < 0)
+    if (key_from(a[0], &k) < 0 || count_from(a[1], "lease", &lease) < 0 || now_of(self, a[2], &now) < 0)
         return NULL;
     int rc = sl_release(self->l, &k, lease, now);
     if (rc == SL_ELEASE)
@@ -1253,7 +1255,7 @@ static PyObject *lim_sweep(PyObject *s, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     uint64_t budget = 1024;
     int64_t now;
-    if ((a[0] && cost_from(a[0], &budget) < 0) || now_of(self, a[1], &now) < 0)
+    if ((a[0] && count_from(a[0], "budget", &budget) < 0) || now_of(self, a[1], &now) < 0)
         return NULL;
     if (now == SL_NOW)
         now = sl_now(self->l);
@@ -1301,6 +1303,24 @@ static PyGetSetDef limiter_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+/* One-argument methods that also take their argument by keyword (save(path=...)). */
+#define ONE_ARG(fn, method, argname)                                                          \
+    static PyObject *fn##_kw(PyObject *s, PyObject *const *args, Py_ssize_t nargs,            \
+                             PyObject *kwn)                                                   \
+    {                                                                                         \
+        static const char *const names[] = {argname};                                         \
+        PyObject *a[1];                                                                       \
+        if (parse_args(method, args, nargs, kwn, names, 1, 1, 1, a) < 0)                      \
+            return NULL;                                                                      \
+        return fn(s, a[0]);                                                                   \
+    }
+ONE_ARG(lim_set_default, "set_default", "policy")
+ONE_ARG(lim_get_tier, "get_tier", "name")
+ONE_ARG(lim_delete_tier, "delete_tier", "name")
+ONE_ARG(lim_save, "save", "path")
+ONE_ARG(lim_load, "load", "path")
+#undef ONE_ARG
+
 #define FK (METH_FASTCALL | METH_KEYWORDS)
 static PyMethodDef limiter_methods[] = {
     {"take", (PyCFunction)(void (*)(void))lim_take, FK,
@@ -1335,12 +1355,12 @@ static PyMethodDef limiter_methods[] = {
      "delete_rule(scope, key) -> bool (False: there was no such rule)"},
     {"list_rules", lim_list_rules, METH_NOARGS,
      "list_rules() -> [(scope, key tuple, policy), ...] from one consistent snapshot"},
-    {"set_default", lim_set_default, METH_O, "set_default(policy): the global default policy"},
+    {"set_default", (PyCFunction)(void (*)(void))lim_set_default_kw, FK, "set_default(policy): the global default policy"},
     {"get_default", lim_get_default, METH_NOARGS, "get_default() -> policy"},
     {"set_tier", (PyCFunction)(void (*)(void))lim_set_tier, FK,
      "set_tier(name, policy): create or replace a named policy"},
-    {"get_tier", lim_get_tier, METH_O, "get_tier(name) -> policy or None"},
-    {"delete_tier", lim_delete_tier, METH_O,
+    {"get_tier", (PyCFunction)(void (*)(void))lim_get_tier_kw, FK, "get_tier(name) -> policy or None"},
+    {"delete_tier", (PyCFunction)(void (*)(void))lim_delete_tier_kw, FK,
      "delete_tier(name) -> bool (False: no such tier; ValueError while it is assigned)"},
     {"assign_tier", (PyCFunction)(void (*)(void))lim_assign_tier, FK,
      "assign_tier(key, tier)\n\nkey: a client id (default tenant) or (tenant, client); tier "
@@ -1351,8 +1371,8 @@ static PyMethodDef limiter_methods[] = {
      "limiter). KeyError for a tenant never seen."},
     {"sweep", (PyCFunction)(void (*)(void))lim_sweep, FK,
      "sweep(budget=1024, *, now=None) -> int: reclaim idle full keys, looking at <= budget keys"},
-    {"save", lim_save, METH_O, "save(path): snapshot the bucket state atomically"},
-    {"load", lim_load, METH_O, "load(path): restore bucket state from a snapshot"},
+    {"save", (PyCFunction)(void (*)(void))lim_save_kw, FK, "save(path): snapshot the bucket state atomically"},
+    {"load", (PyCFunction)(void (*)(void))lim_load_kw, FK, "load(path): restore bucket state from a snapshot"},
     {NULL, NULL, 0, NULL},
 };
 #undef FK

@@ -329,6 +329,25 @@ class Objects(unittest.TestCase):
                 f.write(b"garbage")
             with self.assertRaisesRegex(ValueError, "SL_ESNAPSHOT"):
                 other.load(path)
+            lim.save(path=path)  # every argument may be given by keyword
+            other.load(path=path)
+            self.assertFalse(other.is_allowed("u", now=T0))
+
+    def test_one_argument_methods_take_keywords_and_errors_name_the_argument(self):
+        lim = sluice.RateLimiter()
+        lim.set_default(policy={"algorithm": "token_bucket", "capacity": 4, "refill_rate": 1})
+        lim.set_tier("gold", {"algorithm": "token_bucket", "capacity": 9, "refill_rate": 1})
+        self.assertEqual(lim.get_tier(name="gold"), lim.get_tier("gold"))
+        self.assertIsNotNone(lim.get_tier(name="gold"))
+        self.assertTrue(lim.delete_tier(name="gold"))
+        with self.assertRaisesRegex(TypeError, "lease must be int"):
+            lim.release("x", "abc")
+        with self.assertRaisesRegex(ValueError, "lease must be >= 0"):
+            lim.release("x", -1)
+        with self.assertRaisesRegex(ValueError, "budget must be >= 0"):
+            lim.sweep(-1)
+        with self.assertRaisesRegex(TypeError, "cost must be int"):
+            lim.take("x", "2")
 
     def test_subclass_and_version(self):
         class Mine(sluice.RateLimiter):
