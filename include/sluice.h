@@ -22,9 +22,9 @@
  *  - Time is int64_t nanoseconds. Pass SL_NOW to use the limiter's clock (monotonic, anchored
  *    to wall time at sl_open), or your own timestamp. A timestamp earlier than a key's last one
  *    counts as zero elapsed time: time going backwards never refills and never drains.
- *    Across keys, timestamps may arrive out of order by up to 1 s with exact results; a key
- *    the table reclaimed (idle and full) is decided no earlier than 1 s before the latest
- *    time at which its shard reclaimed one, so it never refills early.
+ *    Across keys, timestamps may arrive out of order by up to 1 s with exact results (idle
+ *    full keys are reclaimed 1 s after they are full); a request more than 1 s older than
+ *    a later timestamp that reclaimed its key finds the key new.
  *  - The caller owns every buffer it passes in; libsluice copies what it keeps.
  *  - Thread safety: every function taking an sl_limiter may be called from any number of
  *    threads at once, except sl_close (call it once, after all other calls have returned).

@@ -169,6 +169,10 @@ static int policy_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **o
     if (!cp && sl_dir_count(l->policies) >= atomic_load_explicit(&l->gc_at, memory_order_relaxed))
         policy_gc(l, cfg_held);
     cp = sl_dir_intern(l->policies, h, &norm, sizeof norm, policy_make, policy_revive, l);
+    if (!cp && sl_dir_count(l->policies) + 1 >= SL_MAX_POLICIES) { /* full: collect, once */
+        policy_gc(l, cfg_held);
+        cp = sl_dir_intern(l->policies, h, &norm, sizeof norm, policy_make, policy_revive, l);
+    }
     if (!cp)
         return sl_dir_count(l->policies) + 1 >= SL_MAX_POLICIES ? SL_ETOOMANY : SL_ENOMEM;
     *out = cp;
@@ -314,6 +318,8 @@ static void policy_gc(sl_limiter *l, int cfg_held)
     size_t live = sl_dir_count(l->policies), at = live * 2, keys = sl_table_count(l->table);
     if (at < keys / 64)
         at = keys / 64;
+    if (at > SL_MAX_POLICIES - SL_MAX_POLICIES / 8) /* else, past 2^19 live, never again */
+        at = SL_MAX_POLICIES - SL_MAX_POLICIES / 8;
     atomic_store_explicit(&l->gc_at, at > SL_GC_MIN ? at : SL_GC_MIN, memory_order_relaxed);
     free(g.pol);
     free(g.mark);
@@ -389,11 +395,11 @@ static inline void *entry_state(sl_entry *e)
     return (e->flags & SL_ENTRY_HEAP) ? (void *)(uintptr_t)e->state[0] : (void *)e->state;
 }
 
-/* Reclaiming waits this long after a key is full, and a key not in the table is decided no
- * earlier than the latest reclaim's `now` minus this: so timestamps that arrive out of order
- * by up to this much (across keys: a reclaim runs at another key's `now`) see exactly what
- * they would have seen had no key been reclaimed, and older ones are decided at a time at
- * which every reclaimed key was full. */
+/* Reclaiming waits this long after a key is full, so that timestamps that arrive out of
+ * order by up to this much (across keys: a reclaim runs at another key's `now`) see exactly
+ * what they would have seen had no key been reclaimed. (Clamping every key not in the table
+ * to the shard's latest reclaim time, tried for larger reorders, let one far-future timestamp
+ * starve every new key of its shard for good; per-key tombstones would be needed.) */
 #define SL_REORDER_NS SL_SECOND
 
 static int64_t hook_full_at(void *ctx, const sl_entry *e)
@@ -782,11 +788,6 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
         sl_shard_unlock(s);
         return SL_ENOMEM;
     }
-    if (!e || created) { /* it may have been reclaimed: full by horizon - SL_REORDER_NS */
-        int64_t h = sl_shard_horizon(s) - SL_REORDER_NS;
-        if (now < h)
-            now = h;
-    }
     if (!e || (!take && e->policy != cp->id)) {
         /* A peek never changes the table: answer from a copy of what the key would hold
          * (a new key's state, or its state carried over to the new policy). */
@@ -888,9 +889,20 @@ int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, cha
         sl_ebr_leave(l->ebr);
         return rc;
     }
-    /* a copy: the policy may be collected while the call is on its way to Redis */
-    memcpy(cp, resolve(atomic_load_explicit(&l->rules, memory_order_acquire), &p, in),
-           sizeof *cp);
+    /* a copy: the policy may be collected while the call is on its way to Redis. Field by
+     * field: `condemned` is written by collections meanwhile, and is not the copy's */
+    const sl_cpolicy *r = resolve(atomic_load_explicit(&l->rules, memory_order_acquire), &p, in);
+    cp->id = r->id;
+    atomic_init(&cp->condemned, 0);
+    cp->fp = r->fp;
+    cp->nlimits = r->nlimits;
+    cp->state_size = r->state_size;
+    cp->heap = r->heap;
+    memcpy(cp->offs, r->offs, sizeof cp->offs);
+    cp->max_cost = r->max_cost;
+    cp->has_lease = r->has_lease;
+    memcpy(cp->lim, r->lim, sizeof cp->lim);
+    cp->src = r->src;
     sl_ebr_leave(l->ebr);
     memcpy(buf, p.buf, p.len);
     *len = p.len;

@@ -260,6 +260,8 @@ sd_item *sd_item_new(sd_conn *c, const char *t, size_t tl, const char *a, size_t
         memcpy(it->key + tl + al, cl, cll);
     it->req.key = (sl_key){it->key, tl, it->key + tl, al, it->key + tl + al, cll};
     it->state = SD_ITEM_WAITING;
+    if (c->items_tail && c->items_tail->state == SD_ITEM_LITERAL)
+        c->lit_closed += c->items_tail->lit.len; /* no longer grows */
     if (c->items_tail)
         c->items_tail->next = it;
     else
@@ -313,15 +315,23 @@ void sd_conn_drain(sd_conn *c)
 {
     sd_item *it;
     while ((it = c->items) && it->state != SD_ITEM_WAITING) {
-        if (it->state == SD_ITEM_LITERAL)
+        if (it->state == SD_ITEM_LITERAL) {
             resp_raw(&c->out, it->lit.p ? it->lit.p : "", it->lit.len);
-        else
+            if (it != c->items_tail)
+                c->lit_closed -= it->lit.len;
+        } else
             c->proto->emit(c, it, &c->out);
         c->items = it->next;
         if (!c->items)
             c->items_tail = NULL;
         item_free(it);
     }
+}
+
+size_t sd_conn_reply_bytes(const sd_conn *c)
+{
+    const sd_item *t = c->items_tail;
+    return c->out.len + c->lit_closed + (t && t->state == SD_ITEM_LITERAL ? t->lit.len : 0);
 }
 
 void sd_conn_forget(sd_conn *c)
@@ -335,6 +345,7 @@ void sd_conn_forget(sd_conn *c)
     }
     c->items = c->items_tail = NULL;
     c->items_waiting = 0;
+    c->lit_closed = 0;
 }
 
 /* ---- queueing and the round-robin ----------------------------------------------------------- */

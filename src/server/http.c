@@ -406,7 +406,8 @@ static size_t http_feed(sd_conn *c)
     }
     while (!st->closing && (pos < c->in_len || paused)) {
         int between = !st->in_body && st->head_bytes == 0; /* no request begun */
-        if (between && c->items_waiting >= SD_PIPELINE_MAX)
+        if (between && (c->items_waiting >= SD_PIPELINE_MAX ||
+                        sd_conn_reply_bytes(c) >= SD_REPLY_HIGH))
             break;
         const char *at = c->in + pos;
         size_t avail = c->in_len - pos;

@@ -33,7 +33,9 @@ typedef struct conn {
     uv_shutdown_t sreq;
     worker *w;
     int writing, closing;
-    int paused;             /* reading stopped: SD_PIPELINE_MAX of its requests undecided */
+    int64_t writing_since;  /* uv_now when the pending write began (a client not reading) */
+    int paused;             /* reading stopped: SD_PIPELINE_MAX of its requests undecided, or
+                               SD_REPLY_HIGH reply bytes unwritten */
     char *in_buf;           /* c.in = in_buf + in_off: consumed input is skipped, not moved */
     size_t in_off;
     int64_t draining_since; /* > 0: replies sent, FIN sent, input discarded until EOF */
@@ -160,17 +162,26 @@ static void process_input(conn *k);
  * write is already under way (then on_written comes back here). */
 static void kick(conn *k)
 {
-    if (k->closing || k->writing || k->draining_since)
-        return;
-    sd_conn_drain(&k->c);
-    /* input to parse; or, for a request waiting on earlier decisions, none left undecided */
-    if (!k->c.close_after_write && (k->c.ordered_wait ? !k->c.items_waiting : k->c.in_len != 0))
-        process_input(k);
-    if (k->paused && k->c.items_waiting < SD_PIPELINE_MAX && !k->c.ordered_wait) {
+    sd_conn *c = &k->c;
+    /* a few rounds: parsing stops at SD_REPLY_HIGH unwritten reply bytes, and a write that
+     * the socket takes at once makes room for more of the input already read */
+    for (int round = 0; round < 16; round++) {
+        if (k->closing || k->writing || k->draining_since)
+            return;
+        sd_conn_drain(c);
+        size_t before = c->in_len;
+        /* input to parse; or, for a request waiting on earlier decisions, none undecided */
+        if (!c->close_after_write && (c->ordered_wait ? !c->items_waiting : c->in_len != 0))
+            process_input(k);
+        flush(k);
+        if (k->closing || k->writing || c->in_len == 0 || c->in_len == before)
+            break;
+    }
+    if (!k->closing && !k->writing && k->paused && c->items_waiting < SD_PIPELINE_MAX &&
+        !c->ordered_wait && sd_conn_reply_bytes(c) < SD_REPLY_HIGH) {
         k->paused = 0;
         read_again(k);
     }
-    flush(k);
 }
 
 static void on_written(uv_write_t *req, int status)
@@ -208,6 +219,7 @@ static void flush(conn *k)
         if ((size_t)n < c->out.len) { /* the rest when the socket takes it */
             b = uv_buf_init(c->out.p + n, (unsigned)(c->out.len - (size_t)n));
             k->writing = 1;
+            k->writing_since = (int64_t)uv_now(&k->w->loop);
             k->wreq.data = k;
             uv_read_stop((uv_stream_t *)&k->tcp);
             if (uv_write(&k->wreq, (uv_stream_t *)&k->tcp, &b, 1, on_written) != 0) {
@@ -248,8 +260,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
                    whose earlier replies are still undecided: input is read only to be dropped */
     c->in_len += (size_t)nread;
     c->last_active_ms = (int64_t)uv_now(&k->w->loop);
-    process_input(k);
-    flush(k);
+    kick(k);
 }
 
 /* Hand the buffered input to the protocol; stop reading while it has too much undecided, or
@@ -270,7 +281,9 @@ static void process_input(conn *k)
             c->in_cap = 0;
         }
     }
-    if ((c->items_waiting >= SD_PIPELINE_MAX || c->ordered_wait) && !k->paused) {
+    if ((c->items_waiting >= SD_PIPELINE_MAX || c->ordered_wait ||
+         sd_conn_reply_bytes(c) >= SD_REPLY_HIGH) &&
+        !k->paused) {
         k->paused = 1;
         uv_read_stop((uv_stream_t *)&k->tcp);
     }
@@ -410,6 +423,11 @@ static void on_tick(uv_timer_t *t)
             if (!k->writing && now - k->c.last_active_ms > (int64_t)idle * 1000) {
                 sd_debug("conn %llu %s idle for %d s; closing", (unsigned long long)k->c.id,
                          k->c.peer, idle);
+                conn_close(k);
+            } else if (k->writing && now - k->writing_since > (int64_t)idle * 1000) {
+                /* a client that stopped reading its replies holds their memory */
+                sd_info("conn %llu %s has not read its replies for %d s; closing",
+                        (unsigned long long)k->c.id, k->c.peer, idle);
                 conn_close(k);
             }
         }

@@ -21,6 +21,11 @@
 /* Undecided requests one connection may have: `feed` stops parsing at this many (the rest
  * stays in the input buffer, and the connection is not read, until some are decided). */
 #define SD_PIPELINE_MAX 256
+/* Parsing also stops between requests while this many reply bytes wait to be written (a
+ * client that sends requests without reading the replies: /metrics, say, 2,000 times). */
+#define SD_REPLY_HIGH (256 * 1024)
+/* Reply bytes this connection holds: written out, or waiting behind its decisions. */
+size_t sd_conn_reply_bytes(const struct sd_conn *c);
 
 #include "admission.h"
 
@@ -49,6 +54,7 @@ struct sd_conn {
     sd_sched *sched;      /* the worker's admission scheduler */
     sd_item *items, *items_tail; /* requests whose replies are not written yet, in order */
     size_t items_waiting;        /* of those, how many are not decided yet */
+    size_t lit_closed;           /* reply bytes in literal items that are no longer the tail */
     int ordered_wait; /* feed stopped at a request that must see every earlier decision of
                          this connection (a rule change after a take): reading pauses, and
                          feed runs again once items_waiting is 0 */

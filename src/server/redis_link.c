@@ -87,6 +87,7 @@ static void fail(sd_rlink *lk, rl_req *q)
 /* Decide every request waiting for the topology by the fail mode. */
 static void fail_waiting(sd_rlink *lk)
 {
+    lk->discover_tries = 0;
     rl_req *q = lk->wait_head;
     lk->wait_head = lk->wait_tail = NULL;
     while (q) {
@@ -204,8 +205,10 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     rl_conn *c = ac->data;
     if (!c)
         return;
-    c->ac = NULL;
-    c->load_queued = 0;
+    if (c->ac == ac) { /* not a newer connection opened meanwhile */
+        c->ac = NULL;
+        c->load_queued = 0;
+    }
     if (status != REDIS_OK && !c->lk->closing)
         sl_rs_node_failed(c->lk->rs, c->node, ac->errstr[0] ? ac->errstr : "connection lost");
 }
@@ -366,7 +369,9 @@ static void discover(sd_rlink *lk)
         return;
     int64_t now = sl_rs_mono();
     for (int i = 0; i < sl_rs_nnodes(lk->rs); i++) {
-        if (!sl_rs_node_usable(lk->rs, i, now))
+        /* a node marked down is the probe's to revive: asking it would hold every waiting
+         * request for the timeout each time its back-off ends */
+        if (sl_rs_node_down(lk->rs, i) || !sl_rs_node_usable(lk->rs, i, now))
             continue;
         rl_conn *c = pick(lk, i);
         if (c && c->ac && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {

@@ -910,7 +910,7 @@ static size_t resp_feed(sd_conn *c)
     size_t pos = 0;
     resp_cmd *m = &t_cmd;
     c->ordered_wait = 0;
-    while (c->items_waiting < SD_PIPELINE_MAX) {
+    while (c->items_waiting < SD_PIPELINE_MAX && sd_conn_reply_bytes(c) < SD_REPLY_HIGH) {
         const char *err = NULL;
         long n = resp_parse(c->in + pos, c->in_len - pos, m, &err);
         if (n == RESP_NEED_MORE)

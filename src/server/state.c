@@ -59,10 +59,20 @@ int sd_state_open(sd_server *srv, char *err, size_t errlen)
         else
             snprintf(aside, sizeof aside, "%s.bad-%lld", g_path, now);
         moved = link(g_path, aside);
+        if (moved != 0 && errno != EEXIST && access(aside, F_OK) != 0) {
+            /* a filesystem without hard links (vfat, some FUSE and container mounts): the
+             * name is free, so rename cannot replace anything */
+            moved = rename(g_path, aside) == 0 ? 1 : -1;
+            break;
+        }
         if (moved != 0 && errno != EEXIST)
             break;
     }
-    if (moved != 0 || unlink(g_path) != 0) {
+    if (moved == 1)
+        moved = 0; /* renamed: nothing left to unlink */
+    else if (moved == 0 && unlink(g_path) != 0)
+        moved = -1;
+    if (moved != 0) {
         snprintf(err, errlen, "%s: %s, and it cannot be moved aside: %s", g_path,
                  sl_strerror(rc), strerror(errno));
         return -1;

@@ -100,14 +100,9 @@ struct sl_shard {
     uint32_t sweep;           /* reclaim cursor (entry number) */
     uint32_t removals;        /* bumped by every removal (entries move): sliced visits */
     size_t keybytes;          /* bytes of heap key copies */
-    /* Cold, on a line of its own: the latest `now` at which this shard reclaimed a key. A
-     * reclaimed key was full at or before it, so a key that is not here is decided no
-     * earlier than this (sl_shard_horizon): a caller's out-of-order timestamps then cannot
-     * see a reclaimed key as full earlier than it was. */
-    alignas(64) int64_t horizon;
 };
 
-_Static_assert(sizeof(struct sl_shard) == 128, "a shard is two cache lines, the first hot");
+_Static_assert(sizeof(struct sl_shard) == 64, "a shard is one cache line");
 
 struct sl_table {
     sl_shard *shards;
@@ -422,8 +417,6 @@ static int reclaim_one_locked(sl_shard *s, int64_t now, sl_grave *grave)
             hk->drop(hk->ctx, e, 0);
         remove_entry_locked(s, c, grave);
         s->sweep = c;
-        if (now > s->horizon)
-            s->horizon = now;
         return 1;
     }
     s->sweep = c + 1;
@@ -705,8 +698,6 @@ fail: /* nothing was published: free directly */
     free(kcopy);
     return NULL;
 }
-
-int64_t sl_shard_horizon(const sl_shard *s) { return s->horizon; }
 
 void sl_shard_remove_locked(sl_shard *s, sl_entry *e)
 {

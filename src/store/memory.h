@@ -102,9 +102,6 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
 /* `now` for an upsert that must not reclaim (a snapshot load: its states are not of the
  * caller's time base, whatever that is). */
 #define SL_TABLE_NO_RECLAIM INT64_MIN
-/* The latest `now` at which the shard reclaimed a key (0: never). A key not in the shard
- * may have been reclaimed, full at or before this time: decide it no earlier. */
-int64_t sl_shard_horizon(const sl_shard *s);
 /* Remove an entry found under the same lock hold (does not call hooks.drop). */
 void sl_shard_remove_locked(sl_shard *s, sl_entry *e);
 
