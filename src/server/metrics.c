@@ -27,7 +27,7 @@ typedef struct hist {
 static hist g_decision;
 
 /* HTTP responses by endpoint and status. Codes not in the list count as "other". */
-static const int k_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 431, 500, 503};
+static const int k_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 431, 500, 503, 507};
 #define NCODES (sizeof k_codes / sizeof k_codes[0])
 static _Atomic uint64_t g_http[SD_EP_COUNT][NCODES + 1];
 static const char *const k_endpoints[SD_EP_COUNT] = {
