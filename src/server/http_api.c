@@ -630,7 +630,11 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
  * quota is restored). Plus Retry-After (RFC 9110, delay-seconds) on 429. */
 static void rate_headers(resp_buf *h, const sl_decision *d, int denied)
 {
-    int64_t w = ceil_div(d->window, SL_SECOND);
+    /* The window the policy was given in: the refill period is a whole number of ns per unit,
+     * rounded up, so 3 per 1 s is 1.000000002 s; within a millisecond of a whole number of
+     * seconds, that number (w is descriptive; t below stays rounded up: it is a promise) */
+    int64_t w = ceil_div(d->window > SL_SECOND / 1000 ? d->window - SL_SECOND / 1000 : d->window,
+                         SL_SECOND);
     resp_str(h, "RateLimit-Policy: \"default\";q=");
     resp_dec(h, (int64_t)d->limit);
     if (w > 0) {

@@ -204,6 +204,12 @@ class Endpoints(HttpCase):
             self.assertEqual(set(params), {"q", "w"})
             params = dict(p.split("=") for p in hdrs["ratelimit"].split(";")[1:])
             self.assertEqual(set(params), {"r", "t"})
+        # w is the window the policy was given in, though the refill interval is rounded up
+        # to whole ns (3 per 1 s: 333,333,334 ns a unit); it used to say w=2
+        for per, secs in ((3, 1), (7, 1), (6, 2), (30, 7), (100, 60)):
+            _, hdrs, _ = self.check("wround", "c%d" % per, "a", max_requests=per,
+                                    window_duration_seconds=secs)
+            self.assertEqual(hdrs["ratelimit-policy"], '"default";q=%d;w=%d' % (per, secs))
 
     def test_cost(self):
         self.rule("cost", "a", bucket(5))
