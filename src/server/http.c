@@ -442,6 +442,10 @@ static size_t http_feed(sd_conn *c)
             parse_error(c, e);
         }
     }
+    if (!st->in_body && st->head_bytes == 0)
+        c->req_started_ms = 0;
+    else if (!c->req_started_ms)
+        c->req_started_ms = c->last_active_ms; /* the read that began it */
     return st->closing ? c->in_len : pos;
 }
 

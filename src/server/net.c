@@ -424,6 +424,11 @@ static void on_tick(uv_timer_t *t)
                 sd_debug("conn %llu %s idle for %d s; closing", (unsigned long long)k->c.id,
                          k->c.peer, idle);
                 conn_close(k);
+            } else if (k->c.req_started_ms && now - k->c.req_started_ms > (int64_t)idle * 1000) {
+                /* a request trickling in, a byte now and then, keeps a connection active */
+                sd_info("conn %llu %s: request not complete after %d s; closing",
+                        (unsigned long long)k->c.id, k->c.peer, idle);
+                conn_close(k);
             } else if (k->writing && now - k->writing_since > (int64_t)idle * 1000) {
                 /* a client that stopped reading its replies holds their memory */
                 sd_info("conn %llu %s has not read its replies for %d s; closing",

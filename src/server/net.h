@@ -55,6 +55,8 @@ struct sd_conn {
     sd_item *items, *items_tail; /* requests whose replies are not written yet, in order */
     size_t items_waiting;        /* of those, how many are not decided yet */
     size_t lit_closed;           /* reply bytes in literal items that are no longer the tail */
+    int64_t req_started_ms;      /* HTTP: when the request being received began (0: none);
+                                    one that takes --idle-timeout is a slowloris */
     int ordered_wait; /* feed stopped at a request that must see every earlier decision of
                          this connection (a rule change after a take): reading pauses, and
                          feed runs again once items_waiting is 0 */

@@ -881,6 +881,28 @@ class Backpressure(unittest.TestCase):
                 h.close()
 
 
+class SlowRequest(unittest.TestCase):
+    def test_request_trickling_in_is_cut_off(self):
+        """A request whose head arrives a byte now and then (slowloris) keeps its connection
+        active, so the idle timeout alone never closes it: a request not complete within
+        --idle-timeout is. A complete request on a slow but honest link is not affected."""
+        with Sluiced("--threads", 1, "--idle-timeout", 2, resp=False) as s:
+            slow = socket.create_connection(("127.0.0.1", s.http_port), timeout=5)
+            slow.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+            closed = False
+            end = time.monotonic() + 6
+            while time.monotonic() < end and not closed:
+                try:
+                    slow.sendall(b"X")  # "X-Slow: ..." one byte at a time
+                    time.sleep(0.4)
+                except OSError:
+                    closed = True
+            self.assertTrue(closed or "request not complete" in s.log(), s.log())
+            self.assertIn("request not complete after 2 s", s.log())
+            slow.close()
+            self.assertEqual(raw_status(s.http_port, "t"), 200)
+
+
 def raw_status(port, tenant):
     body = json.dumps({"tenant_id": tenant, "client_id": "c", "action_type": "a"})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
