@@ -8,6 +8,7 @@
 The binary is $SLUICED (set by ctest), else build/sluiced. Every server listens on 127.0.0.1
 only and is killed if it does not stop by itself within the timeout.
 """
+import atexit
 import os
 import random
 import signal
@@ -72,6 +73,16 @@ def wait_port(port, timeout=10.0):
     return False
 
 
+_running = set()  # every server started and not yet stopped: killed at exit, so that a test
+                  # whose setUpClass failed (no tearDownClass) leaves no server behind
+
+
+@atexit.register
+def _kill_leftovers():
+    for srv in list(_running):
+        srv.kill()
+
+
 class Sluiced:
     def __init__(self, *args, resp=True, http=True, threads=2, env=None):
         self.resp_port = free_port() if resp else 0
@@ -95,6 +106,7 @@ class Sluiced:
                 self.errfile.truncate()
             self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
                                          stderr=self.errfile, env=self.env)
+            _running.add(self)
             if self._listening():
                 return self
             self.kill()
@@ -128,6 +140,7 @@ class Sluiced:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        _running.discard(self)
         log = self.log()
         for marker in ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer",
                        "ERROR: LeakSanitizer", "runtime error:"):
