@@ -1310,6 +1310,13 @@ int sl_tier_del(sl_limiter *l, const char *name)
     return rc == SL_ENOTFOUND ? SL_ETIER : rc;
 }
 
+/* An assignment's tier name (its value bytes) into `tier`, NUL-terminated (> 255 bytes). */
+static void assigned_tier(const sl_ient *e, char *tier)
+{
+    memcpy(tier, e->data + e->klen, e->vlen);
+    tier[e->vlen] = '\0';
+}
+
 /* Encode (tenant, client) for the assignment map; SL_OK or the key's error. */
 static int assign_key(const sl_key *tc, char *k, size_t *klen)
 {
@@ -1360,10 +1367,8 @@ int sl_tier_assignment(sl_limiter *l, const sl_key *tc, char *tier, size_t cap)
         return SL_ENOMEM;
     const sl_rules *r = atomic_load_explicit(&l->rules, memory_order_acquire);
     const sl_ient *e = r->assign ? sl_imap_get(r->assign, sl_table_hash(k, klen), k, klen) : NULL;
-    if (e) {
-        memcpy(tier, e->data + e->klen, e->vlen);
-        tier[e->vlen] = '\0';
-    }
+    if (e)
+        assigned_tier(e, tier);
     sl_ebr_leave(l->ebr);
     return e ? SL_OK : SL_ENOTFOUND;
 }
@@ -1383,8 +1388,7 @@ int sl_tier_assignments(sl_limiter *l, sl_assign_fn fn, void *ctx)
             continue;
         sl_key tc;
         sl_key_decode(e->data, e->klen, &tc);
-        memcpy(tier, e->data + e->klen, e->vlen);
-        tier[e->vlen] = '\0';
+        assigned_tier(e, tier);
         rc = fn(ctx, &tc, tier);
     }
     sl_ebr_leave(l->ebr);

@@ -112,12 +112,20 @@ typedef struct rl_poll {
 
 static void on_poll(uv_poll_t *h, int status, int events);
 
+/* Wait for `events` now (hiredis adds and removes one kind at a time through the hooks). */
 static void poll_set(rl_poll *p)
 {
     if (p->events)
         uv_poll_start(&p->handle, p->events, on_poll);
     else
         uv_poll_stop(&p->handle);
+}
+
+static void poll_change(void *d, int event, int on)
+{
+    rl_poll *p = d;
+    p->events = on ? p->events | event : p->events & ~event;
+    poll_set(p);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -133,33 +141,10 @@ static void on_poll(uv_poll_t *h, int status, int events)
         redisAsyncHandleWrite(p->ac);
 }
 
-static void poll_add_read(void *d)
-{
-    rl_poll *p = d;
-    p->events |= UV_READABLE;
-    poll_set(p);
-}
-
-static void poll_del_read(void *d)
-{
-    rl_poll *p = d;
-    p->events &= ~UV_READABLE;
-    poll_set(p);
-}
-
-static void poll_add_write(void *d)
-{
-    rl_poll *p = d;
-    p->events |= UV_WRITABLE;
-    poll_set(p);
-}
-
-static void poll_del_write(void *d)
-{
-    rl_poll *p = d;
-    p->events &= ~UV_WRITABLE;
-    poll_set(p);
-}
+static void poll_add_read(void *d) { poll_change(d, UV_READABLE, 1); }
+static void poll_del_read(void *d) { poll_change(d, UV_READABLE, 0); }
+static void poll_add_write(void *d) { poll_change(d, UV_WRITABLE, 1); }
+static void poll_del_write(void *d) { poll_change(d, UV_WRITABLE, 0); }
 
 static void poll_closed(uv_handle_t *h) { free(h->data); }
 
