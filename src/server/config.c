@@ -133,10 +133,7 @@ static int unpct(const char **p, char *out, size_t *len)
         if (c == '%') {
             int v = 0;
             for (int i = 1; i <= 2; i++) {
-                char h = s[i];
-                int d = h >= '0' && h <= '9' ? h - '0' : h >= 'A' && h <= 'F' ? h - 'A' + 10
-                                                     : h >= 'a' && h <= 'f'   ? h - 'a' + 10
-                                                                              : -1;
+                int d = sd_hex_digit(s[i]);
                 if (d < 0)
                     return -1;
                 v = v * 16 + d;
@@ -755,10 +752,7 @@ static long jr_hex4(jreader *r)
 {
     long v = 0;
     for (int i = 0; i < 4; i++) {
-        int ch = jr_get(r), d = ch >= '0' && ch <= '9'   ? ch - '0'
-                               : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-                               : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
-                                                        : -1;
+        int d = sd_hex_digit(jr_get(r));
         if (d < 0)
             return -1;
         v = v << 4 | d;

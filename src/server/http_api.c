@@ -24,6 +24,7 @@
 #include "http_api.h"
 
 #include "config.h"
+#include "server.h"
 #include "state.h"
 
 #define MAX_SEGS 8        /* path segments; no route has more */
@@ -1134,20 +1135,26 @@ static int tier_item(void *arg, const char *name, const sl_policy *p)
     return 0;
 }
 
+/* {"tenant_id", "client_id", "tier"}: an assignment, alone or in a list */
+static void jassignment(resp_buf *o, const sl_key *k, const char *tier)
+{
+    int n = 0;
+    resp_raw(o, "{", 1);
+    jkey(o, &n, "tenant_id");
+    jid(o, k->tenant, k->tenant_len);
+    jkey(o, &n, "client_id");
+    jstr(o, k->client, k->client_len);
+    jkey(o, &n, "tier");
+    jcstr(o, tier);
+    resp_raw(o, "}", 1);
+}
+
 static int assign_item(void *arg, const sl_key *k, const char *tier)
 {
     list_ctx *x = arg;
-    int n = 0;
     if (x->n++)
         resp_raw(x->o, ", ", 2);
-    resp_raw(x->o, "{", 1);
-    jkey(x->o, &n, "tenant_id");
-    jid(x->o, k->tenant, k->tenant_len);
-    jkey(x->o, &n, "client_id");
-    jstr(x->o, k->client, k->client_len);
-    jkey(x->o, &n, "tier");
-    jcstr(x->o, tier);
-    resp_raw(x->o, "}", 1);
+    jassignment(x->o, k, tier);
     return 0;
 }
 
@@ -1422,15 +1429,7 @@ static void h_tier(ctx *x, int method)
 static void reply_assignment(ctx *x, const sl_key *k, const char *tier)
 {
     resp_buf b = {0};
-    int n = 0;
-    resp_raw(&b, "{", 1);
-    jkey(&b, &n, "tenant_id");
-    jid(&b, k->tenant, k->tenant_len);
-    jkey(&b, &n, "client_id");
-    jstr(&b, k->client, k->client_len);
-    jkey(&b, &n, "tier");
-    jcstr(&b, tier);
-    resp_raw(&b, "}", 1);
+    jassignment(&b, k, tier);
     reply_json(x, 200, &b);
 }
 
@@ -1574,14 +1573,6 @@ static const route k_routes[] = {
 };
 #define NROUTES (sizeof k_routes / sizeof k_routes[0])
 
-static int hexval(char ch)
-{
-    return ch >= '0' && ch <= '9'   ? ch - '0'
-           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
-                                    : -1;
-}
-
 /* Split the path of a request-target into percent-decoded segments (decoded into `buf`,
  * at least as long as the target). Splitting comes first, so "%2F" stays inside a segment.
  * Returns the number of segments, or SPLIT_BAD_TARGET (not a path: "*", "host:port"),
@@ -1613,8 +1604,8 @@ static int split_path(const char *t, size_t n, char *buf, seg *segs)
         size_t start = out;
         while (i < end && t[i] != '/') {
             if (t[i] == '%') {
-                int hi = i + 2 < end ? hexval(t[i + 1]) : -1;
-                int lo = i + 2 < end ? hexval(t[i + 2]) : -1;
+                int hi = i + 2 < end ? sd_hex_digit(t[i + 1]) : -1;
+                int lo = i + 2 < end ? sd_hex_digit(t[i + 2]) : -1;
                 if (hi < 0 || lo < 0)
                     return SPLIT_BAD_ESCAPE;
                 buf[out++] = (char)(hi * 16 + lo);

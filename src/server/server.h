@@ -67,6 +67,15 @@ void sd_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 #define sd_info(...) sd_log(SD_LOG_INFO, __VA_ARGS__)
 #define sd_debug(...) (sd_log_level >= SD_LOG_DEBUG ? sd_log(SD_LOG_DEBUG, __VA_ARGS__) : (void)0)
 
+/* The value of a hexadecimal digit, or -1 (percent-encodings, JSON \u escapes). */
+static inline int sd_hex_digit(int ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
 /* ---- the network layer (net.c) ---- */
 
 /* Open every listener (on failure: logged, nothing left open, -1) and start the workers. */
