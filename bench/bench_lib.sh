@@ -43,15 +43,25 @@ peer_lua_load() {
 }
 
 # rb <name> <port> <pipeline> <keyspace> <command...>: one redis-benchmark run, 50
-# connections -> "name rps p50_ms p99_ms" appended to $OUT. Error replies fail the run.
+# connections -> "name rps p50_ms p99_ms redis_us" appended to $OUT. Error replies fail the
+# run. DECISIONS (default 1): decisions per request; rps counts decisions. REDIS_PORT, when
+# set: redis_us = microseconds Redis spent executing scripts (FCALL and EVALSHA, INFO
+# commandstats) per decision of this run, else -1.
 rb() {
-    local name=$1 port=$2 pipe=$3 keys=$4 csv
+    local name=$1 port=$2 pipe=$3 keys=$4 csv us=-1 per=${DECISIONS:-1}
     shift 4
+    [ -n "${REDIS_PORT:-}" ] && redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
     csv=$(redis-benchmark -p "$port" -c 50 -n "$N" -r "$keys" -P "$pipe" --csv "$@" 2>"$TMP/rb.err") ||
         fail "redis-benchmark $name: $(cat "$TMP/rb.err")"
     grep -q "Error\|ERR\|BUSY" "$TMP/rb.err" && fail "$name: error replies: $(head -3 "$TMP/rb.err")"
+    if [ -n "${REDIS_PORT:-}" ]; then
+        us=$(redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' |
+            sed -n 's/^cmdstat_\(fcall\|evalsha\):calls=[0-9]*,usec=\([0-9]*\),.*/\2/p' |
+            awk -v d="$((N * per))" '{u += $1} END {printf "%.2f", u / d}')
+    fi
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-    echo "$csv" | tail -1 | tr -d '"' | awk -F, -v n="$name" '{print n, $2, $5, $7}' >>"$OUT"
+    echo "$csv" | tail -1 | tr -d '"' |
+        awk -F, -v n="$name" -v per="$per" -v us="$us" '{print n, $2 * per, $5, $7, us}' >>"$OUT"
 }
 
 # summarize <pairs> <p99 target ms> <scenario regex for p99 targets>: medians of $OUT as
@@ -62,15 +72,16 @@ function median(arr, n,    i, j, t) {
     for (i = 2; i <= n; i++) { t = arr[i]; for (j = i - 1; j >= 1 && arr[j] > t; j--) arr[j + 1] = arr[j]; arr[j + 1] = t }
     return n % 2 ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
 }
-{ k = ++cnt[$1]; rps[$1, k] = $2; p50[$1, k] = $3; p99[$1, k] = $4; if (k == 1) order[++no] = $1 }
+{ k = ++cnt[$1]; rps[$1, k] = $2; p50[$1, k] = $3; p99[$1, k] = $4; rus[$1, k] = NF >= 5 ? $5 : -1; if (k == 1) order[++no] = $1 }
 END {
     for (i = 1; i <= no; i++) {
         s = order[i]; n = cnt[s]
-        for (k = 1; k <= n; k++) { a[k] = rps[s, k]; b[k] = p50[s, k]; c[k] = p99[s, k] }
+        for (k = 1; k <= n; k++) { a[k] = rps[s, k]; b[k] = p50[s, k]; c[k] = p99[s, k]; e[k] = rus[s, k] }
         R[s] = median(a, n); P99[s] = median(c, n)
         printf "RESULT name=%s metric=rps value=%.0f\n", s, R[s]
         printf "RESULT name=%s metric=p50_ms value=%.3f\n", s, median(b, n)
         printf "RESULT name=%s metric=p99_ms value=%.3f\n", s, P99[s]
+        if (e[1] >= 0) printf "RESULT name=%s metric=redis_us_per_decision value=%.2f\n", s, median(e, n)
     }
     split(pairs, pr, " ")
     for (i = 1; i in pr; i++) {

@@ -46,6 +46,7 @@ wait_port "$RP"
 wait_port "$SP"
 redis-cli -p "$SP" SL.ADMISSION SET max_tenant_queue_size 1000000 >/dev/null
 SHA=$(peer_lua_load "$RP")
+REDIS_PORT=$RP # rb reports Redis's script time per decision of each run (redis_us_per_decision)
 # both sides must agree on what the attack workload decides: 1 allowed, then denied
 [ "$(redis-cli -p "$SP" CL.THROTTLE chk 0 1 3600 | head -1)$(redis-cli -p "$SP" CL.THROTTLE chk 0 1 3600 | head -1)" = 01 ] ||
     fail "sluiced does not deny the second request of capacity 1"
@@ -60,6 +61,8 @@ for r in $(seq 1 "$ROUNDS"); do
     rb lua_direct_random "$RP" 1 100000 EVALSHA "$SHA" 1 "l$r:__rand_int__" 1000000 1000000 1
     # CL.THROTTLE k 1000000 1000000 1 = a token bucket of 1000001 refilling every 1000 ns
     rb function_direct_random "$RP" 1 100000 FCALL "$FN" 1 "f$r:__rand_int__" "" take 1 1 1 1000001 1000 0 0 0
+    # the same function deciding 16 keys per call, as sluiced's groups do (rps: decisions/s)
+    DECISIONS=16 rb function_direct_random_group16 "$RP" 1 100000 FCALL "$FN" 16 $(for i in $(seq 16); do printf 'g%s:__rand_int__ ' "$r"; done) "" take 1 1 1 1000001 1000 0 0 0
     rb sluiced_redis_attack "$SP" 1 100 CL.THROTTLE "a$r:__rand_int__" 0 1 3600
     rb lua_direct_attack "$RP" 1 100 EVALSHA "$SHA" 1 "b$r:__rand_int__" 1 0.000277 1
     # the ceiling of this setup: Redis answering PING, no work at all
@@ -75,11 +78,4 @@ grep -q "error\|unreachable" "$TMP/sluiced.log" && fail "sluiced logged errors: 
 
 echo "# sluiced Redis-store bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, $ROUNDS rounds," \
      "redis-benchmark -c 50 -P 1 and -P 16 -n $N, $((T1 - T0)) s"
-# Redis's own time per call of each script, over the whole run (INFO commandstats: the
-# command's execution only, not reading or writing it): sluice's function (FCALL, from sluiced
-# and from the direct clients) and the naive script (EVALSHA).
-for c in fcall evalsha; do
-    u=$(redis-cli -p "$RP" INFO commandstats | tr -d '\r' | sed -n "s/^cmdstat_$c:.*usec_per_call=\([0-9.]*\).*/\1/p")
-    [ -n "$u" ] && echo "RESULT name=redis_time_$c metric=usec_per_call value=$u"
-done
 summarize "sluiced_redis_random:lua_direct_random:2 sluiced_redis_attack:lua_direct_attack:2 sluiced_redis_random:function_direct_random:1 sluiced_redis_attack:redis_ping:0.9 sluiced_redis_random_P16:lua_direct_random_P16:2 sluiced_redis_attack_P16:lua_direct_attack_P16:2" 2 "^sluiced"

@@ -17,13 +17,16 @@
 
 typedef struct rl_conn rl_conn;
 
-/* One request in flight: its item and the formatted call. */
+/* One request in flight: its item and the formatted call. Or a group: one FCALL deciding
+ * its members (requests alike in all but the key, sl_rs_groupable), linked by `next`. */
 typedef struct rl_req {
-    struct rl_req *next; /* the connection's in-flight FIFO, or the free list */
-    sd_item *it;
+    struct rl_req *next; /* the connection's in-flight FIFO, a group's members, the free list */
+    sd_item *it;         /* NULL for a group */
     rl_conn *conn;
     int64_t t0;
-    sl_rcall call;
+    struct rl_req *members; /* a group's, in key order */
+    int nmembers;
+    sl_rcall call;          /* not used by a group */
 } rl_req;
 
 struct rl_conn {
@@ -54,6 +57,7 @@ struct sd_rlink {
     int64_t asked_at;   /* sd_mono_ns */
     int closing;
     uv_timer_t sweep;
+    char gcmd[SL_RS_GROUP_MAX * SL_RS_CMD_MAX]; /* a group's FCALL, being formatted */
 };
 
 /* ---- requests ---------------------------------------------------------------------------- */
@@ -67,15 +71,22 @@ static rl_req *req_new(sd_rlink *lk)
         return NULL;
     q->next = NULL;
     q->conn = NULL;
+    q->members = NULL;
+    q->nmembers = 0;
     return q;
+}
+
+static void recycle(sd_rlink *lk, rl_req *q)
+{
+    q->next = lk->free;
+    lk->free = q;
 }
 
 static void complete(sd_rlink *lk, rl_req *q)
 {
     sd_metrics_decision(sd_mono_ns() - q->t0);
     sd_sched_decided(lk->sched, q->it);
-    q->next = lk->free;
-    lk->free = q;
+    recycle(lk, q);
 }
 
 static void fail(sd_rlink *lk, rl_req *q)
@@ -280,22 +291,9 @@ static void on_loaded(redisAsyncContext *ac, void *r, void *priv)
         sl_rs_count_script_load(c->lk->rs);
 }
 
-static void on_reply(redisAsyncContext *ac, void *r, void *priv)
+/* What a reply says about one request (not a group). */
+static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, const redisReply *r)
 {
-    (void)ac;
-    rl_req *q = priv;
-    rl_conn *c = q->conn;
-    sd_rlink *lk = c->lk;
-    /* replies come in send order: q is the head */
-    c->head = q->next;
-    if (!c->head)
-        c->tail = NULL;
-    q->next = NULL;
-    if (!r) { /* the connection failed or was closed */
-        fail(lk, q);
-        return;
-    }
-    sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
     switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err)) {
     case SL_RS_DONE:
         complete(lk, q);
@@ -315,6 +313,53 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
     default:
         fail(lk, q);
     }
+}
+
+/* A group's reply: an array, element i for member i. An error answers every member as its
+ * own call would have been answered (each then goes again alone if it must); anything else,
+ * or no reply, fails them all. */
+static void settle_group(sd_rlink *lk, rl_conn *c, rl_req *g, const redisReply *r)
+{
+    rl_req *m = g->members;
+    int each = r && r->type == REDIS_REPLY_ARRAY && r->elements == (size_t)g->nmembers;
+    int same = r && r->type == REDIS_REPLY_ERROR;
+    if (r)
+        sl_rs_node_ok(lk->rs, c->node, g->t0);
+    recycle(lk, g);
+    for (size_t i = 0; m; i++) {
+        rl_req *next = m->next;
+        m->next = NULL;
+        if (each)
+            settle(lk, c, m, r->element[i]);
+        else if (same)
+            settle(lk, c, m, r);
+        else
+            fail(lk, m);
+        m = next;
+    }
+}
+
+static void on_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    (void)ac;
+    rl_req *q = priv;
+    rl_conn *c = q->conn;
+    sd_rlink *lk = c->lk;
+    /* replies come in send order: q is the head */
+    c->head = q->next;
+    if (!c->head)
+        c->tail = NULL;
+    q->next = NULL;
+    if (q->members) {
+        settle_group(lk, c, q, r);
+        return;
+    }
+    if (!r) { /* the connection failed or was closed */
+        fail(lk, q);
+        return;
+    }
+    sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
+    settle(lk, c, q, r);
 }
 
 static void on_slots(redisAsyncContext *ac, void *r, void *priv)
@@ -370,6 +415,31 @@ static void discover(sd_rlink *lk)
     fail_waiting(lk); /* nobody to ask */
 }
 
+/* The connection to send to node `node` on, or NULL when the node is not to be tried. */
+static rl_conn *conn_for(sd_rlink *lk, int node)
+{
+    if (sl_rs_is_cluster(lk->rs) && sl_rs_claim_refresh(lk->rs))
+        discover(lk); /* a node failed: the slot map may have changed (goes on meanwhile) */
+    /* a node marked down is decided by the fail mode at once: the sweep's probe, not a
+     * request that would wait for the timeout, finds out when it is back */
+    if (node < sl_rs_nnodes(lk->rs) && !sl_rs_node_down(lk->rs, node) &&
+        sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
+        return pick(lk, node);
+    return NULL;
+}
+
+/* q has just been written to c: its reply is the next after those in flight. */
+static void in_flight(rl_conn *c, rl_req *q)
+{
+    q->conn = c;
+    q->next = NULL;
+    if (c->tail)
+        c->tail->next = q;
+    else
+        c->head = q;
+    c->tail = q;
+}
+
 static void send_req(sd_rlink *lk, rl_req *q)
 {
     if (!sl_rs_topology_known(lk->rs)) {
@@ -382,32 +452,72 @@ static void send_req(sd_rlink *lk, rl_req *q)
         discover(lk);
         return;
     }
-    if (sl_rs_is_cluster(lk->rs) && sl_rs_claim_refresh(lk->rs))
-        discover(lk); /* a node failed: the slot map may have changed (goes on meanwhile) */
-    int node = q->call.node;
-    rl_conn *c = NULL;
-    /* a node marked down is decided by the fail mode at once: the sweep's probe, not a
-     * request that would wait for the timeout, finds out when it is back */
-    if (node < sl_rs_nnodes(lk->rs) && !sl_rs_node_down(lk->rs, node) &&
-        sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
-        c = pick(lk, node);
+    rl_conn *c = conn_for(lk, q->call.node);
     if (!c) {
         fail(lk, q);
         return;
     }
     if (q->call.asking)
         redisAsyncCommand(c->ac, NULL, NULL, "ASKING");
-    q->conn = c;
-    q->next = NULL;
     if (redisAsyncFormattedCommand(c->ac, on_reply, q, q->call.cmd, q->call.len) != REDIS_OK) {
         fail(lk, q);
         return;
     }
-    if (c->tail)
-        c->tail->next = q;
-    else
-        c->head = q;
-    c->tail = q;
+    in_flight(c, q);
+}
+
+/* Send members[0..n) (n >= 2, all groupable with the first) as one FCALL. */
+static void send_group(sd_rlink *lk, rl_req **members, int n)
+{
+    sl_rcall *calls[SL_RS_GROUP_MAX];
+    for (int i = 0; i < n; i++) {
+        calls[i] = &members[i]->call;
+        members[i]->next = i + 1 < n ? members[i + 1] : NULL;
+    }
+    rl_conn *c = conn_for(lk, members[0]->call.node);
+    size_t len = c ? sl_rs_group_cmd(calls, n, lk->gcmd, sizeof lk->gcmd) : 0;
+    rl_req *g = len ? req_new(lk) : NULL;
+    if (g) {
+        g->it = NULL;
+        g->t0 = sd_mono_ns();
+        g->members = members[0];
+        g->nmembers = n;
+        if (redisAsyncFormattedCommand(c->ac, on_reply, g, lk->gcmd, len) == REDIS_OK) {
+            in_flight(c, g);
+            return;
+        }
+        recycle(lk, g);
+    }
+    for (int i = 0; i < n; i++) {
+        members[i]->next = NULL;
+        if (c) /* out of memory: each alone */
+            send_req(lk, members[i]);
+        else
+            fail(lk, members[i]);
+    }
+}
+
+/* Send prepared requests, those alike in all but the key (sl_rs_groupable) as one call:
+ * Redis then pays a call's own cost once per group, not once per request. Each request
+ * joins the group of the first earlier one it is groupable with. */
+static void send_all(sd_rlink *lk, rl_req **ready, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (!ready[i])
+            continue;
+        rl_req *group[SL_RS_GROUP_MAX];
+        int k = 0;
+        group[k++] = ready[i];
+        for (int j = i + 1; j < n && k < SL_RS_GROUP_MAX; j++)
+            if (ready[j] && sl_rs_groupable(lk->rs, &ready[i]->call, &ready[j]->call)) {
+                group[k++] = ready[j];
+                ready[j] = NULL;
+            }
+        if (k == 1)
+            send_req(lk, ready[i]);
+        else
+            send_group(lk, group, k);
+    }
 }
 
 /* ---- the scheduler's side ---------------------------------------------------------------- */
@@ -415,6 +525,8 @@ static void send_req(sd_rlink *lk, rl_req *q)
 static void submit(void *ctx, sd_item **items, int n)
 {
     sd_rlink *lk = ctx;
+    rl_req *ready[SL_RS_GROUP_MAX];
+    int nready = 0;
     for (int i = 0; i < n; i++) {
         sd_item *it = items[i];
         rl_req *q = req_new(lk);
@@ -433,8 +545,13 @@ static void submit(void *ctx, sd_item **items, int n)
             complete(lk, q); /* bad input, or the near cache */
             continue;
         }
-        send_req(lk, q);
+        ready[nready++] = q;
+        if (nready == SL_RS_GROUP_MAX) {
+            send_all(lk, ready, nready);
+            nready = 0;
+        }
     }
+    send_all(lk, ready, nready);
 }
 
 /* The answer to a probe: any reply but an error means the node is back. */

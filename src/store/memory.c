@@ -87,22 +87,28 @@ typedef struct sl_chunkvec {
     sl_entry *chunk[];  /* nchunks in use, NULL beyond */
 } sl_chunkvec;
 
+/* Two cache lines: what the lockless prefetches read (changed only by a resize or a new chunk
+ * vector) apart from what every decision writes (the lock) and inserts update. Sharing one
+ * line made each thread's prefetch of a shard stall on the line the other core had just
+ * written by taking the lock (2 threads, random keys: both touch every shard). */
 struct sl_shard {
-    alignas(64) atomic_uint lock;
-    _Atomic uint32_t mask;        /* idx->mask, for the locked paths and sl_table_prefetch */
+    /* read-mostly */
+    alignas(64) _Atomic uint32_t mask; /* idx->mask, for the locked paths and sl_table_prefetch */
+    uint32_t share;               /* most entries this shard may hold */
     _Atomic(sl_index *) idx;
     _Atomic(sl_chunkvec *) cv;    /* NULL until the first chunk */
     sl_table *t;
+    /* written under the lock */
+    alignas(64) atomic_uint lock;
     _Atomic uint32_t count;       /* entries 0..count-1 are live */
     uint32_t nchunks;
-    uint32_t share;               /* most entries this shard may hold */
     uint32_t hand;            /* CLOCK hand (entry number) */
     uint32_t sweep;           /* reclaim cursor (entry number) */
     uint32_t removals;        /* bumped by every removal (entries move): sliced visits */
     size_t keybytes;          /* bytes of heap key copies */
 };
 
-_Static_assert(sizeof(struct sl_shard) == 64, "a shard is one cache line");
+_Static_assert(sizeof(struct sl_shard) == 128, "a shard is two cache lines");
 
 struct sl_table {
     sl_shard *shards;
@@ -545,7 +551,7 @@ sl_shard *sl_table_shard(sl_table *t, uint64_t hash)
 void sl_table_prefetch(sl_table *t, uint64_t hash)
 {
     sl_shard *s = &t->shards[hash >> t->shift & t->smask];
-    __builtin_prefetch(s, 1, 3);
+    __builtin_prefetch(&s->lock, 1, 3);
     uintptr_t idx = (uintptr_t)atomic_load_explicit(&s->idx, memory_order_relaxed);
     uint32_t mask = atomic_load_explicit(&s->mask, memory_order_relaxed);
     /* Integer arithmetic: the pair (idx, mask) may be torn by a concurrent resize, and the

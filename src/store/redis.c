@@ -633,7 +633,9 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     put_bulk(&b, "FCALL", 5);
     put_bulk(&b, sl_rs_function(), strlen(sl_rs_function()));
     put_bulk(&b, "1", 1);
+    c->key_off = (uint16_t)b.n;
     put_bulk(&b, key, klen);
+    c->tail_off = (uint16_t)b.n;
     if (now == SL_NOW)
         put_bulk(&b, "", 0);
     else
@@ -654,6 +656,29 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
         return SL_EINVAL; /* cannot happen: SL_RS_CMD_MAX covers the longest request */
     c->len = b.n;
     return SL_OK;
+}
+
+int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
+{
+    size_t ta = a->len - a->tail_off, tb = b->len - b->tail_off;
+    int topo = atomic_load_explicit(&rs->topology, memory_order_relaxed);
+    return topo != 0 && (topo == 1 || a->slot == b->slot) && a->op != SL_RS_RELEASE &&
+           a->op == b->op && a->node == b->node && !a->asking && !b->asking && ta == tb &&
+           !memcmp(a->cmd + a->tail_off, b->cmd + b->tail_off, ta);
+}
+
+size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap)
+{
+    const sl_rcall *c0 = calls[0];
+    obuf b = {out, 0, cap, 0};
+    put_header(&b, '*', 7 + (size_t)n + 6 * (size_t)c0->cp.nlimits);
+    put_bulk(&b, "FCALL", 5);
+    put_bulk(&b, sl_rs_function(), strlen(sl_rs_function()));
+    put_num(&b, (uint64_t)n);
+    for (int i = 0; i < n; i++)
+        put(&b, calls[i]->cmd + calls[i]->key_off, calls[i]->tail_off - calls[i]->key_off);
+    put(&b, c0->cmd + c0->tail_off, c0->len - c0->tail_off);
+    return b.overflow ? 0 : b.n;
 }
 
 int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,

@@ -54,6 +54,8 @@ typedef struct sl_rcall {
     size_t tenant_len;
     char tenant[SL_MAX_ID_LEN];
     size_t len;
+    uint16_t key_off;       /* cmd[key_off..tail_off): the key's bulk string */
+    uint16_t tail_off;      /* cmd[tail_off..len): the arguments after the key */
     char cmd[SL_RS_CMD_MAX];/* the formatted FCALL (RESP) */
 } sl_rcall;
 
@@ -70,6 +72,19 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
 /* Prepare a release of `lease` on key `k`; returns 1 with *rc set when decided already. */
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
+
+/* Requests that can share one FCALL (a group): takes or peeks for the same node, neither
+ * redirected with ASK, alike in every argument but the key (time, op, cost, limits), and
+ * on a cluster in the same slot. Each key of a group is decided as its own call would be
+ * (redis_script.lua, CALL); the group saves Redis the call's own cost per key. */
+#define SL_RS_GROUP_MAX 64
+int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b);
+/* Format one FCALL for calls[0..n), 2 <= n <= SL_RS_GROUP_MAX, each groupable with
+ * calls[0], into out[0..cap) (n * SL_RS_CMD_MAX bytes always suffice). Its length, or 0 if
+ * cap is too small. The reply is an array of n elements, element i the reply to calls[i]
+ * for sl_rs_finish; any other reply (an error: "Function not found", MOVED, ...) answers
+ * every member as if each had been sent alone. */
+size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap);
 
 /* Make reader `r` (a redisContext's c->reader) refuse arrays longer than SL_RS_MAX_ARRAY
  * instead of allocating them. Every connection to Redis calls it before reading. */

@@ -277,6 +277,41 @@ class SharedRedisTest(unittest.TestCase):
                 self.assertEqual(s.log().count("redis: unreachable"), 1, s.log())
                 self.assertIn("NOAUTH", s.log())
 
+    def test_pipelined_requests_share_calls(self):
+        """Requests alike in all but the key go to Redis as a few calls deciding many keys
+        each, answered exactly as one call per key would be: per key, its capacity allowed
+        and no more. After FUNCTION FLUSH, such a call is answered "Function not found": the
+        library is loaded again and each request sent again alone, none counted twice."""
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            rr = r.client()
+            c = redis.Redis(port=s.resp_port)
+            c.execute_command("CL.THROTTLE", "warm", 1, 1, 3600)  # library loaded
+            rr.config_resetstat()
+            keys = ["g%d" % i for i in range(60)]
+            p = c.pipeline(transaction=False)
+            for _ in range(3):
+                for k in keys:
+                    p.execute_command("CL.THROTTLE", k, 1, 1, 3600)  # capacity 2 per hour
+            res = p.execute()
+            allowed = {k: 0 for k in keys}
+            for i, rep in enumerate(res):
+                allowed[keys[i % len(keys)]] += rep[0] == 0
+            self.assertEqual(set(allowed.values()), {2}, allowed)
+            calls = rr.info("commandstats")["cmdstat_fcall"]["calls"]
+            self.assertLess(calls, len(res) // 4, "requests were not grouped")
+
+            rr.execute_command("FUNCTION", "FLUSH")
+            fresh = ["h%d" % i for i in range(60)]
+            p = c.pipeline(transaction=False)
+            for k in fresh:
+                p.execute_command("CL.THROTTLE", k, 0, 1, 3600)  # capacity 1 per hour
+            self.assertEqual([rep[0] for rep in p.execute()], [0] * len(fresh))
+            p = c.pipeline(transaction=False)
+            for k in fresh:
+                p.execute_command("CL.THROTTLE", k, 0, 1, 3600)
+            self.assertEqual([rep[0] for rep in p.execute()], [1] * len(fresh))
+            self.assertEqual(metrics(s)['sluice_redis_decisions_total{source="fail_closed"}'], 0)
+
     def test_near_cache_answers_only_the_cost_it_saw(self):
         """A denial cached for cost 1 must not answer a request of cost 3: that one waits
         three times as long, and a client honouring the shorter retry would come back too

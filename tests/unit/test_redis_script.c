@@ -126,19 +126,23 @@ static redisReply *get_reply(void)
     return r;
 }
 
-/* Queue an FCALL of the script (pipelined; get_reply reads the answer). `now` < 0 sends ""
- * (Redis's clock). Limits come from the compiled policy (NULL: none). */
-static void append_call(const char *key, int64_t now, const char *op, uint64_t cost,
-                        const sl_cpolicy *cp)
+/* Queue an FCALL of the script deciding keys[0..nk) (pipelined; get_reply reads the answer).
+ * `now` < 0 sends "" (Redis's clock). Limits come from the compiled policy (NULL: none). */
+#define GROUP_KEYS_MAX 70
+static void append_group(const char *const *keys, int nk, int64_t now, const char *op,
+                         uint64_t cost, const sl_cpolicy *cp)
 {
-    char nums[8 + 6 * SL_MAX_LIMITS][24];
-    const char *argv[8 + 6 * SL_MAX_LIMITS];
-    size_t lens[8 + 6 * SL_MAX_LIMITS];
+    enum { MAXARG = 8 + GROUP_KEYS_MAX + 6 * SL_MAX_LIMITS };
+    char nums[MAXARG][24];
+    const char *argv[MAXARG];
+    size_t lens[MAXARG];
     unsigned n = cp ? cp->nlimits : 0, k = 0;
+    assert_true(nk <= GROUP_KEYS_MAX);
     argv[k++] = "FCALL";
     argv[k++] = fname;
-    argv[k++] = "1";
-    argv[k++] = key;
+    snprintf(nums[k], 24, "%d", nk), argv[k] = nums[k], k++;
+    for (int i = 0; i < nk; i++)
+        argv[k++] = keys[i];
     if (now < 0)
         argv[k++] = "";
     else
@@ -156,6 +160,12 @@ static void append_call(const char *key, int64_t now, const char *op, uint64_t c
     for (unsigned i = 0; i < k; i++)
         lens[i] = strlen(argv[i]);
     assert_int_equal(redisAppendCommandArgv(rc, (int)k, argv, lens), REDIS_OK);
+}
+
+static void append_call(const char *key, int64_t now, const char *op, uint64_t cost,
+                        const sl_cpolicy *cp)
+{
+    append_group(&key, 1, now, op, cost, cp);
 }
 
 typedef struct sdec {
@@ -1119,6 +1129,98 @@ static void test_bad_arguments(void **st)
     cmd("DEL sl:bad");
 }
 
+/* Several keys in one call (a server's group): each key's reply, stored value and TTL are
+ * exactly those of one call per key in the same order at the same time, a key named twice
+ * included; across algorithms, stacked limits, takes, peeks and costs. Malformed groups
+ * (no key, more than 64, a release of two) are refused and change nothing. */
+static void test_group(void **st)
+{
+    (void)st;
+    sl_limit tb = {SL_TOKEN_BUCKET, 3, 2, 0, 0}, sw = {SL_SLIDING_WINDOW, 4, 0, 1, 0},
+             cc = {SL_CONCURRENCY, 2, 0, 30, 0}, lg = {SL_SLIDING_LOG, 3, 0, 0.5, 0},
+             fw = {SL_FIXED_WINDOW, 5, 0, 2, 0};
+    sl_policy pols[] = {{1, {tb}}, {1, {sw}}, {1, {cc}}, {1, {lg}}, {2, {tb, fw}}};
+    const int pick[] = {0, 1, 2, 1, 3, 0, 4}; /* key 1 and key 0 twice */
+    enum { NK = sizeof pick / sizeof pick[0] };
+    for (size_t pi = 0; pi < sizeof pols / sizeof pols[0]; pi++) {
+        sl_cpolicy cp;
+        assert_int_equal(sl_policy_compile(&pols[pi], NULL, &cp), SL_OK);
+        char gk[NK][32], sk[NK][32];
+        const char *gkeys[NK];
+        for (int i = 0; i < NK; i++) {
+            snprintf(gk[i], sizeof gk[i], "sl:g%zu:%d", pi, pick[i]);
+            snprintf(sk[i], sizeof sk[i], "sl:s%zu:%d", pi, pick[i]);
+            gkeys[i] = gk[i];
+        }
+        int64_t now = 1700000000 * S;
+        for (int round = 0; round < 12; round++) {
+            const char *op = round % 4 == 3 ? "peek" : "take";
+            uint64_t cost = round % 3 == 2 ? 2 : round == 5 ? 0 : 1;
+            append_group(gkeys, NK, now, op, cost, &cp);
+            redisReply *g = get_reply();
+            assert_int_equal(g->type, REDIS_REPLY_ARRAY);
+            assert_int_equal(g->elements, NK);
+            for (int i = 0; i < NK; i++) {
+                append_call(sk[i], now, op, cost, &cp);
+                redisReply *one = get_reply();
+                assert_int_equal(one->type, REDIS_REPLY_STRING);
+                assert_int_equal(g->element[i]->type, REDIS_REPLY_STRING);
+                if (one->len != g->element[i]->len ||
+                    memcmp(one->str, g->element[i]->str, one->len) != 0)
+                    fail_msg("policy %zu round %d key %d: the group's reply differs", pi,
+                             round, i);
+                freeReplyObject(one);
+            }
+            freeReplyObject(g);
+            for (int i = 0; i < NK; i++) {
+                size_t gl = 0, sl = 0;
+                char *gv = get_value(gk[i], &gl), *sv = get_value(sk[i], &sl);
+                assert_int_equal(gv == NULL, sv == NULL);
+                if (gv && (gl != sl || memcmp(gv, sv, gl) != 0))
+                    fail_msg("policy %zu round %d key %d: stored values differ", pi, round, i);
+                free(gv);
+                free(sv);
+                redisReply *a = redisCommand(rc, "PTTL %s", gk[i]);
+                redisReply *b = redisCommand(rc, "PTTL %s", sk[i]);
+                assert_true(llabs(a->integer - b->integer) <= 50); /* read moments apart */
+                freeReplyObject(a);
+                freeReplyObject(b);
+            }
+            now += 150 * S / 1000;
+        }
+        for (int i = 0; i < NK; i++)
+            cmd("DEL %s %s", gk[i], sk[i]);
+    }
+
+    sl_cpolicy cp = compile1(tb);
+    const char *many[GROUP_KEYS_MAX];
+    for (int i = 0; i < GROUP_KEYS_MAX; i++)
+        many[i] = "sl:gbad";
+    struct {
+        int nk;
+        const char *op;
+    } bad[] = {{0, "take"}, {65, "take"}, {2, "release"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        append_group(many, bad[i].nk, 1700000000 * S, bad[i].op, 1, &cp);
+        redisReply *r = get_reply();
+        if (r->type != REDIS_REPLY_ERROR || strncmp(r->str, "ERR sluice: ", 12) != 0)
+            fail_msg("bad group %zu: not refused (%d)", i, r->type);
+        freeReplyObject(r);
+    }
+    append_group(many, 64, 1700000000 * S, "take", 1, &cp); /* the most: 64, here all one key */
+    redisReply *r = get_reply();
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(r->elements, 64);
+    sl_rs_reply x;
+    assert_true(sl_rs_decode(r->element[2]->str, r->element[2]->len, 1, &x));
+    assert_int_equal(x.allowed, 1);
+    assert_int_equal(x.remaining, 0); /* the third of 3 */
+    assert_true(sl_rs_decode(r->element[3]->str, r->element[3]->len, 1, &x));
+    assert_int_equal(x.allowed, 0);
+    freeReplyObject(r);
+    cmd("DEL sl:gbad");
+}
+
 /* The reply decoder takes what the script packs and refuses anything else: a wrong length,
  * flags out of range, a count that is not an integer in [0, 2^53] (NaN, negative, 0.5). */
 static void put_le(char *p, double v)
@@ -1252,6 +1354,7 @@ int main(void)
         cmocka_unit_test(test_garbage),      cmocka_unit_test(test_peek_and_expiry),
         cmocka_unit_test(test_time_mode),    cmocka_unit_test(test_big_log),
         cmocka_unit_test(test_differential), cmocka_unit_test(test_reply_decode),
+        cmocka_unit_test(test_group),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
