@@ -201,13 +201,29 @@ static void fallback(sl_rstore *rs, slot_req *q)
     sl_rs_fallback(rs, &q->call, q->d, q->release_rc);
 }
 
-/* Send every pending request, read every reply; what must go again stays pending. */
+/* Send every pending request, read every reply; what must go again stays pending. Requests
+ * alike in all but the key go as one call (sl_rs_groupable): lead[i] is the first member of
+ * request i's group (i itself for a group's first member and for a request alone). */
 static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
 {
     int nn = sl_rs_nnodes(rs);
     int64_t now = sl_rs_mono();
     slot_req *again[CHUNK]; /* what must go out again, in order */
     size_t keep = 0;
+    size_t lead[CHUNK], size[CHUNK];
+    for (size_t i = 0; i < *npend; i++)
+        lead[i] = SIZE_MAX;
+    for (size_t i = 0; i < *npend; i++) {
+        if (lead[i] != SIZE_MAX)
+            continue;
+        lead[i] = i;
+        size[i] = 1;
+        for (size_t j = i + 1; j < *npend && size[i] < SL_RS_GROUP_MAX; j++)
+            if (lead[j] == SIZE_MAX && sl_rs_groupable(rs, &pend[i]->call, &pend[j]->call)) {
+                lead[j] = i;
+                size[i]++;
+            }
+    }
     /* one node at a time for writing: nodes of this round, in first-seen order */
     int order[CHUNK];
     redisContext *conn[CHUNK];
@@ -221,6 +237,7 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
         else if (!seen)
             order[nord++] = nd;
     }
+    char *gbuf = NULL; /* a group's command */
     for (int k = 0; k < nord; k++) {
         int nd = order[k];
         conn[k] = sl_rs_node_usable(rs, nd, now) ? checkout(rs, nd) : NULL;
@@ -228,8 +245,26 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
             continue;
         for (size_t i = 0; i < *npend; i++) {
             sl_rcall *c = &pend[i]->call;
-            if (c->node != nd)
+            if (c->node != nd || lead[i] != i)
                 continue;
+            if (size[i] > 1) {
+                sl_rcall *calls[SL_RS_GROUP_MAX];
+                size_t m = 0, len = 0;
+                for (size_t j = i; j < *npend && m < size[i]; j++)
+                    if (lead[j] == i)
+                        calls[m++] = &pend[j]->call;
+                if (!gbuf)
+                    gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX);
+                if (gbuf && (len = sl_rs_group_cmd(calls, (int)m, gbuf,
+                                                  (size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX))) {
+                    redisAppendFormattedCommand(conn[k], gbuf, len);
+                    continue;
+                }
+                for (size_t j = i + 1; j < *npend; j++) /* out of memory: each alone */
+                    if (lead[j] == i)
+                        lead[j] = j, size[j] = 1;
+                size[i] = 1;
+            }
             if (c->asking)
                 redisAppendCommand(conn[k], "ASKING");
             redisAppendFormattedCommand(conn[k], c->cmd, c->len);
@@ -242,36 +277,44 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
                 break;
             }
     }
+    free(gbuf);
     for (int k = 0; k < nord; k++) {
         int nd = order[k], notloaded = 0;
         for (size_t i = 0; i < *npend; i++) {
             slot_req *q = pend[i];
-            if (q->call.node != nd)
+            if (q->call.node != nd || lead[i] != i)
                 continue;
-            if (!conn[k]) {
-                fallback(rs, q);
-                continue;
-            }
             redisReply *r = NULL;
-            if (q->call.asking) { /* +OK to ASKING */
+            if (conn[k] && q->call.asking && size[i] == 1) { /* +OK to ASKING */
                 if (redisGetReply(conn[k], (void **)&r) == REDIS_OK)
                     freeReplyObject(r);
                 r = NULL;
             }
-            if (redisGetReply(conn[k], (void **)&r) != REDIS_OK) {
+            if (conn[k] && redisGetReply(conn[k], (void **)&r) != REDIS_OK) {
                 conn_failed(rs, nd, conn[k]);
                 conn[k] = NULL;
-                fallback(rs, q);
-                continue;
             }
-            int st = sl_rs_finish(rs, &q->call, r, q->d, q->release_rc);
-            freeReplyObject(r);
-            if (st == SL_RS_NOTLOADED)
-                notloaded = 1;
-            if (st == SL_RS_RESEND || st == SL_RS_NOTLOADED)
-                again[keep++] = q;
-            else if (st == SL_RS_FAILED)
-                fallback(rs, q);
+            /* a group's reply: element m for its member m; an error answers each member as
+             * its own call would have been answered; no reply fails them all */
+            int each = r && size[i] > 1 && r->type == REDIS_REPLY_ARRAY && r->elements == size[i];
+            int same = r && (size[i] == 1 || r->type == REDIS_REPLY_ERROR);
+            for (size_t j = i, m = 0; j < *npend && m < size[i]; j++) {
+                if (lead[j] != i)
+                    continue;
+                slot_req *mq = pend[j];
+                const redisReply *mr = each ? r->element[m] : same ? r : NULL;
+                m++;
+                int st = mr ? sl_rs_finish(rs, &mq->call, mr, mq->d, mq->release_rc)
+                            : SL_RS_FAILED;
+                if (st == SL_RS_NOTLOADED)
+                    notloaded = 1;
+                if (st == SL_RS_RESEND || st == SL_RS_NOTLOADED)
+                    again[keep++] = mq;
+                else if (st == SL_RS_FAILED)
+                    fallback(rs, mq);
+            }
+            if (r)
+                freeReplyObject(r);
         }
         if (conn[k]) {
             if (notloaded && !load_script(rs, conn[k])) {

@@ -179,6 +179,70 @@ static void test_library_reload_and_spans(void **st)
     sl_close(l);
 }
 
+/* FCALLs since `c`'s last CONFIG RESETSTAT. */
+static long long fcalls(redisContext *c)
+{
+    redisReply *r = cmd(c, "INFO commandstats");
+    const char *p = strstr(r->str, "cmdstat_fcall:calls=");
+    long long n = p ? atoll(p + strlen("cmdstat_fcall:calls=")) : 0;
+    freeReplyObject(r);
+    return n;
+}
+
+/* A batch's requests alike in all but the key go as a few calls of many keys, answered as one
+ * call per key would be (each key: exactly its capacity, a key twice in one call included).
+ * After FUNCTION FLUSH the call is answered "Function not found": the library is loaded and
+ * each request sent again alone, none counted twice. */
+static void test_batch_groups(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "bg:", NULL);
+    sl_policy two = SL_POLICY_TOKEN_BUCKET(2, 1.0 / 3600);
+    assert_int_equal(sl_default_set(l, &two), SL_OK);
+    enum { KEYS = 40, N = 3 * KEYS };
+    char names[KEYS][16];
+    sl_request reqs[N];
+    sl_decision ds[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(names[i % KEYS], sizeof names[0], "u%d", i % KEYS);
+        memset(&reqs[i], 0, sizeof reqs[i]);
+        reqs[i].key = (sl_key)SL_KEY("t", "a", names[i % KEYS]);
+        reqs[i].cost = 1;
+    }
+    sl_decision d;
+    sl_key warm = SL_KEY("t", "warm", "x");
+    assert_int_equal(sl_take(l, &warm, 1, SL_NOW, &d), SL_OK); /* topology, library */
+    redisContext *c = redis_fixture_connect(&g_redis);
+    freeReplyObject(cmd(c, "CONFIG RESETSTAT"));
+    assert_int_equal(sl_take_batch(l, reqs, N, SL_NOW, ds), SL_OK);
+    int allowed[KEYS] = {0};
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(ds[i].err, SL_OK);
+        assert_int_equal(ds[i].source, SL_SOURCE_STORE);
+        allowed[i % KEYS] += ds[i].allowed;
+    }
+    for (int k = 0; k < KEYS; k++)
+        assert_int_equal(allowed[k], 2);
+    assert_true(fcalls(c) <= 3); /* 120 requests: chunks of 64, one call each */
+
+    sl_policy one = SL_POLICY_TOKEN_BUCKET(1, 1.0 / 3600);
+    assert_int_equal(sl_default_set(l, &one), SL_OK);
+    for (int i = 0; i < KEYS; i++)
+        reqs[i].key = (sl_key)SL_KEY("t", "fresh", names[i]);
+    freeReplyObject(cmd(c, "FUNCTION FLUSH"));
+    assert_int_equal(sl_take_batch(l, reqs, KEYS, SL_NOW, ds), SL_OK);
+    for (int i = 0; i < KEYS; i++)
+        assert_true(ds[i].err == SL_OK && ds[i].allowed && ds[i].source == SL_SOURCE_STORE);
+    assert_int_equal(sl_take_batch(l, reqs, KEYS, SL_NOW, ds), SL_OK);
+    for (int i = 0; i < KEYS; i++)
+        assert_true(ds[i].err == SL_OK && !ds[i].allowed);
+    sl_store_stats ss;
+    sl_store_stats_get(l, &ss);
+    assert_int_equal(ss.fail_closed, 0);
+    redisFree(c);
+    sl_close(l);
+}
+
 /* Redis Cluster's key hashing (cluster spec): CRC16/XMODEM, and only a non-empty {tag}. */
 static void test_slots(void **st)
 {
@@ -522,6 +586,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redis_clock_and_near_cache),
         cmocka_unit_test(test_library_reload_and_spans),
+        cmocka_unit_test(test_batch_groups),
         cmocka_unit_test(test_slots),
         cmocka_unit_test(test_bad_addresses),
         cmocka_unit_test(test_redis_hangs),
