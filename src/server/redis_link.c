@@ -497,26 +497,30 @@ static void send_group(sd_rlink *lk, rl_req **members, int n)
     }
 }
 
-/* Send prepared requests, those alike in all but the key (sl_rs_groupable) as one call:
- * Redis then pays a call's own cost once per group, not once per request. Each request
- * joins the group of the first earlier one it is groupable with. */
+/* Send prepared requests, those alike in all but the key as one call (sl_rs_plan_groups):
+ * Redis then pays a call's own cost once per group, not once per request. */
 static void send_all(sd_rlink *lk, rl_req **ready, int n)
 {
+    sl_rcall *calls[SL_RS_GROUP_MAX] = {0};
+    size_t lead[SL_RS_GROUP_MAX], size[SL_RS_GROUP_MAX];
+    if (n == 0)
+        return;
+    for (int i = 0; i < n; i++)
+        calls[i] = &ready[i]->call;
+    sl_rs_plan_groups(lk->rs, calls, (size_t)n, lead, size);
     for (int i = 0; i < n; i++) {
-        if (!ready[i])
+        if (lead[i] != (size_t)i)
             continue;
+        if (size[i] == 1) {
+            send_req(lk, ready[i]);
+            continue;
+        }
         rl_req *group[SL_RS_GROUP_MAX];
         int k = 0;
-        group[k++] = ready[i];
-        for (int j = i + 1; j < n && k < SL_RS_GROUP_MAX; j++)
-            if (ready[j] && sl_rs_groupable(lk->rs, &ready[i]->call, &ready[j]->call)) {
+        for (int j = i; j < n && k < (int)size[i]; j++)
+            if (lead[j] == (size_t)i)
                 group[k++] = ready[j];
-                ready[j] = NULL;
-            }
-        if (k == 1)
-            send_req(lk, ready[i]);
-        else
-            send_group(lk, group, k);
+        send_group(lk, group, k);
     }
 }
 

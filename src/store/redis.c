@@ -667,6 +667,36 @@ int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
            !memcmp(a->cmd + a->tail_off, b->cmd + b->tail_off, ta);
 }
 
+void sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *lead,
+                       size_t *size)
+{
+    for (size_t i = 0; i < n; i++)
+        lead[i] = SIZE_MAX;
+    for (size_t i = 0; i < n; i++) {
+        if (lead[i] != SIZE_MAX)
+            continue;
+        lead[i] = i;
+        size[i] = 1;
+        /* keys of the requests passed over: they go after this group, so a request for one
+         * of them may not join it (it would overtake them) */
+        uint64_t passed[SL_RS_GROUP_MAX];
+        size_t np = 0;
+        for (size_t j = i + 1; j < n && size[i] < SL_RS_GROUP_MAX && np < SL_RS_GROUP_MAX; j++) {
+            if (lead[j] != SIZE_MAX)
+                continue;
+            int join = sl_rs_groupable(rs, calls[i], calls[j]);
+            for (size_t k = 0; join && k < np; k++)
+                join = passed[k] != calls[j]->hash;
+            if (join) {
+                lead[j] = i;
+                size[i]++;
+            } else {
+                passed[np++] = calls[j]->hash;
+            }
+        }
+    }
+}
+
 size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap)
 {
     const sl_rcall *c0 = calls[0];

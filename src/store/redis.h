@@ -79,6 +79,13 @@ int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_
  * (redis_script.lua, CALL); the group saves Redis the call's own cost per key. */
 #define SL_RS_GROUP_MAX 64
 int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b);
+/* Plan the groups of calls[0..n) (n >= 1), to be sent in order: lead[i] is the index of the
+ * first member of call i's group (i itself for a group's first member, or a call alone),
+ * size[lead] its number of members (<= SL_RS_GROUP_MAX). A call joins the group of the first
+ * earlier one it is groupable with, unless it would overtake a call for the same key that
+ * is not in that group: per key, calls run in their order. */
+void sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *lead,
+                       size_t *size);
 /* Format one FCALL for calls[0..n), 2 <= n <= SL_RS_GROUP_MAX, each groupable with
  * calls[0], into out[0..cap) (n * SL_RS_CMD_MAX bytes always suffice). Its length, or 0 if
  * cap is too small. The reply is an array of n elements, element i the reply to calls[i]

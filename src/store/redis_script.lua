@@ -894,30 +894,44 @@ local TB1 = '<BBdBddddd' -- version, 1, lastid, TB, limit, interval, base, tat, 
 local TB1_LEN = 51
 
 local function decide_tb(key, v, c, cost, take, osec, ons)
-    local O, n, s = osec, ons, {tat = ons, last = ons}
+    local O, n, tat, last = osec, ons, ons, ons
     if v then
         if #v ~= TB1_LEN then return nil end
-        local ver, nl, lastid, a, limit, interval, B, tat, last = unpack(TB1, v, 1)
+        local ver, nl, lastid, a, limit, interval, B, stat, slast = unpack(TB1, v, 1)
         if ver ~= VERSION or nl ~= 1 or lastid ~= 0 or a ~= TB or limit ~= c.limit or
-            interval ~= c.interval or not isint(B, 0, MAX_SEC) or not isint(last, 0, NS - 1) or
-            not isoff(tat) or tat > last + TWO52 then
+            interval ~= c.interval or not isint(B, 0, MAX_SEC) or not isint(slast, 0, NS - 1) or
+            not isoff(stat) or stat > slast + TWO52 then
             return nil
         end
-        O, n = effective(B, last, osec, ons)
+        O, n = effective(B, slast, osec, ons)
         local boff = (B - O) * NS
-        s.tat, s.last = max(FLOOR, tat + boff), max(FLOOR, last + boff)
+        tat, last = stat + boff, slast + boff
+        if tat < FLOOR then tat = FLOOR end
+        if last < FLOOR then last = FLOOR end
     end
-    local o = {allowed = false, remaining = 0, reset = 0, retry = 0, delay = 0, tokens = 0,
-               reserve = 0, via_reserve = false}
-    gcra_check(c, s, cost, n, o)
+    -- gcra_check and gcra_commit, written out: no tables for the state and the outcome
+    -- (the same operations in the same order, so the same doubles)
+    local T, tau = c.interval, c.tau
+    local backlog = tat > n and tat - n or 0
+    local have = backlog >= tau and 0 or tau - backlog
+    local need = cost * T -- cost <= limit, so need <= tau
+    local allowed, remaining, reset, retry, tokens
+    if need <= have then
+        allowed, remaining, reset, retry = 1, idiv(have - need, T), backlog + need, 0
+        tokens = (have - need) / T
+    else
+        allowed, remaining, reset, retry = 0, idiv(have, T), backlog, backlog + need - tau
+        tokens = have / T
+    end
     if take then
-        if o.allowed then gcra_commit(c, s, cost, n) else s.last = n end
-        local ttl = max(1, ms_until(O, s.tat, 0, osec, ons))
-        redis.call('SET', key, pack(TB1, VERSION, 1, 0, TB, c.limit, c.interval, O, s.tat,
-                                    s.last), 'PX', string.format('%.0f', ttl))
+        if allowed == 1 then tat = (tat > n and tat or n) + cost * T end
+        last = n
+        local ttl = ms_until(O, tat, 0, osec, ons)
+        -- a number argument reaches Redis as "%.17g": exact for these whole ms (< 2^53)
+        redis.call('SET', key, pack(TB1, VERSION, 1, 0, TB, c.limit, T, O, tat, last), 'PX',
+                   ttl > 1 and ttl or 1)
     end
-    return pack(REPLY, o.allowed and 1 or 0, 0, o.remaining, o.reset,
-                o.allowed and 0 or o.retry, 0, o.tokens, 0, 0, osec, ons)
+    return pack(REPLY, allowed, 0, remaining, reset, retry, 0, tokens, 0, 0, osec, ons)
 end
 
 -- sl_release: on the stored limits; only the concurrency ones change.

@@ -211,19 +211,10 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
     slot_req *again[CHUNK]; /* what must go out again, in order */
     size_t keep = 0;
     size_t lead[CHUNK], size[CHUNK];
+    sl_rcall *calls[CHUNK];
     for (size_t i = 0; i < *npend; i++)
-        lead[i] = SIZE_MAX;
-    for (size_t i = 0; i < *npend; i++) {
-        if (lead[i] != SIZE_MAX)
-            continue;
-        lead[i] = i;
-        size[i] = 1;
-        for (size_t j = i + 1; j < *npend && size[i] < SL_RS_GROUP_MAX; j++)
-            if (lead[j] == SIZE_MAX && sl_rs_groupable(rs, &pend[i]->call, &pend[j]->call)) {
-                lead[j] = i;
-                size[i]++;
-            }
-    }
+        calls[i] = &pend[i]->call;
+    sl_rs_plan_groups(rs, calls, *npend, lead, size);
     /* one node at a time for writing: nodes of this round, in first-seen order */
     int order[CHUNK];
     redisContext *conn[CHUNK];
@@ -248,14 +239,14 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
             if (c->node != nd || lead[i] != i)
                 continue;
             if (size[i] > 1) {
-                sl_rcall *calls[SL_RS_GROUP_MAX];
+                sl_rcall *members[SL_RS_GROUP_MAX];
                 size_t m = 0, len = 0;
                 for (size_t j = i; j < *npend && m < size[i]; j++)
                     if (lead[j] == i)
-                        calls[m++] = &pend[j]->call;
+                        members[m++] = &pend[j]->call;
                 if (!gbuf)
                     gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX);
-                if (gbuf && (len = sl_rs_group_cmd(calls, (int)m, gbuf,
+                if (gbuf && (len = sl_rs_group_cmd(members, (int)m, gbuf,
                                                   (size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX))) {
                     redisAppendFormattedCommand(conn[k], gbuf, len);
                     continue;
