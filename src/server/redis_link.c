@@ -291,10 +291,10 @@ static void on_loaded(redisAsyncContext *ac, void *r, void *priv)
         sl_rs_count_script_load(c->lk->rs);
 }
 
-/* What a reply says about one request (not a group). */
-static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, const redisReply *r)
+/* Act on what sl_rs_finish said about request q's reply (not a group's). */
+static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, int st)
 {
-    switch (sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err)) {
+    switch (st) {
     case SL_RS_DONE:
         complete(lk, q);
         break;
@@ -315,26 +315,19 @@ static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, const redisReply *r)
     }
 }
 
-/* A group's reply: an array, element i for member i. An error answers every member as its
- * own call would have been answered (each then goes again alone if it must); anything else,
- * or no reply, fails them all. */
+/* A group's reply, member by member (sl_rs_finish_member: after an error reply each goes
+ * again alone, or is decided by the fail mode). */
 static void settle_group(sd_rlink *lk, rl_conn *c, rl_req *g, const redisReply *r)
 {
     rl_req *m = g->members;
-    int each = r && r->type == REDIS_REPLY_ARRAY && r->elements == (size_t)g->nmembers;
-    int same = r && r->type == REDIS_REPLY_ERROR;
+    size_t n = (size_t)g->nmembers;
     if (r)
         sl_rs_node_ok(lk->rs, c->node, g->t0);
     recycle(lk, g);
     for (size_t i = 0; m; i++) {
         rl_req *next = m->next;
         m->next = NULL;
-        if (each)
-            settle(lk, c, m, r->element[i]);
-        else if (same)
-            settle(lk, c, m, r);
-        else
-            fail(lk, m);
+        settle(lk, c, m, sl_rs_finish_member(lk->rs, &m->call, r, i, n, &m->it->d, &m->it->d.err));
         m = next;
     }
 }
@@ -359,7 +352,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
         return;
     }
     sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
-    settle(lk, c, q, r);
+    settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
 }
 
 static void on_slots(redisAsyncContext *ac, void *r, void *priv)

@@ -617,6 +617,7 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->explicit_now = now != SL_NOW;
     c->sent = sl_rs_mono();
     c->asking = 0;
+    c->alone = 0;
     c->redirects = 0;
     c->tenant_len = (unsigned char)enc[0];
     memcpy(c->tenant, enc + 2, c->tenant_len);
@@ -663,7 +664,8 @@ int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
     size_t ta = a->len - a->tail_off, tb = b->len - b->tail_off;
     int topo = atomic_load_explicit(&rs->topology, memory_order_relaxed);
     return topo != 0 && (topo == 1 || a->slot == b->slot) && a->op != SL_RS_RELEASE &&
-           a->op == b->op && a->node == b->node && !a->asking && !b->asking && ta == tb &&
+           a->op == b->op && a->node == b->node && !a->asking && !b->asking && !a->alone &&
+           !b->alone && ta == tb &&
            !memcmp(a->cmd + a->tail_off, b->cmd + b->tail_off, ta);
 }
 
@@ -883,6 +885,21 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
             nc_insert(rs, c, d);
     }
     return SL_RS_DONE;
+}
+
+int sl_rs_finish_member(sl_rstore *rs, sl_rcall *c, const redisReply *group, size_t i,
+                        size_t n, sl_decision *d, int *release_rc)
+{
+    if (group && group->type == REDIS_REPLY_ARRAY && group->elements == n)
+        return sl_rs_finish(rs, c, group->element[i], d, release_rc);
+    if (!group || group->type != REDIS_REPLY_ERROR)
+        return SL_RS_FAILED;
+    int st = sl_rs_finish(rs, c, group, d, release_rc);
+    if (st == SL_RS_FAILED) {
+        c->alone = 1;
+        st = SL_RS_RESEND;
+    }
+    return st;
 }
 
 void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *release_rc)

@@ -285,18 +285,15 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
                 conn_failed(rs, nd, conn[k]);
                 conn[k] = NULL;
             }
-            /* a group's reply: element m for its member m; an error answers each member as
-             * its own call would have been answered; no reply fails them all */
-            int each = r && size[i] > 1 && r->type == REDIS_REPLY_ARRAY && r->elements == size[i];
-            int same = r && (size[i] == 1 || r->type == REDIS_REPLY_ERROR);
             for (size_t j = i, m = 0; j < *npend && m < size[i]; j++) {
                 if (lead[j] != i)
                     continue;
                 slot_req *mq = pend[j];
-                const redisReply *mr = each ? r->element[m] : same ? r : NULL;
+                int st = size[i] > 1 ? sl_rs_finish_member(rs, &mq->call, r, m, size[i], mq->d,
+                                                           mq->release_rc)
+                         : r ? sl_rs_finish(rs, &mq->call, r, mq->d, mq->release_rc)
+                             : SL_RS_FAILED;
                 m++;
-                int st = mr ? sl_rs_finish(rs, &mq->call, mr, mq->d, mq->release_rc)
-                            : SL_RS_FAILED;
                 if (st == SL_RS_NOTLOADED)
                     notloaded = 1;
                 if (st == SL_RS_RESEND || st == SL_RS_NOTLOADED)

@@ -573,6 +573,45 @@ static void test_cluster(void **st)
     sl_store_stats_get(l, &ss);
     assert_int_equal(ss.redirects, 2);
     assert_int_equal(ss.fail_closed, 0);
+
+    /* Two keys of one slot (a hash tag) go as one call. With the slot half migrated (one
+     * key moved, the other not) Redis refuses that call with TRYAGAIN: each is sent again
+     * alone (one decided where it is, one after ASK), none decided by the fail mode. */
+    sl_request two[2] = {{.key = SL_KEY("t", "a", "{h}x"), .cost = 1},
+                         {.key = SL_KEY("t", "a", "{h}y"), .cost = 1}};
+    assert_int_equal(sl_take_batch(l, two, 2, SL_NOW, d), SL_OK);
+    assert_true(d[0].allowed && d[1].allowed);
+    r = cmd(c0, "CLUSTER KEYSLOT {h}");
+    long long hs = r->integer;
+    freeReplyObject(r);
+    int hfrom = -1;
+    for (int i = 0; i < 3 && hfrom < 0; i++) {
+        redisContext *c = redis_fixture_connect(&n[i]);
+        r = cmd(c, "CLUSTER COUNTKEYSINSLOT %lld", hs);
+        if (r->integer == 2)
+            hfrom = i;
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    assert_true(hfrom >= 0);
+    int hto = (hfrom + 1) % 3;
+    redisContext *hf = redis_fixture_connect(&n[hfrom]), *ht = redis_fixture_connect(&n[hto]);
+    freeReplyObject(cmd(ht, "CLUSTER SETSLOT %lld IMPORTING %s", hs, ids[hfrom]));
+    freeReplyObject(cmd(hf, "CLUSTER SETSLOT %lld MIGRATING %s", hs, ids[hto]));
+    freeReplyObject(cmd(hf, "MIGRATE 127.0.0.1 %d %s 0 5000", n[hto].port, "cl:1:t:1:a:{h}x"));
+    uint64_t errors = ss.errors;
+    assert_int_equal(sl_take_batch(l, two, 2, SL_NOW, d), SL_OK);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(d[i].err, SL_OK);
+        assert_int_equal(d[i].source, SL_SOURCE_STORE);
+        assert_true(d[i].allowed);
+        assert_int_equal(d[i].remaining, 3); /* the second unit of 5, state kept */
+    }
+    sl_store_stats_get(l, &ss);
+    assert_int_equal(ss.fail_closed, 0);
+    assert_true(ss.errors > errors); /* the group was refused: TRYAGAIN */
+    redisFree(hf);
+    redisFree(ht);
     redisFree(cf);
     redisFree(ct);
     redisFree(c0);
