@@ -15,6 +15,9 @@
 # its core is the shared bottleneck). A third run calls sluice's own Redis function (FCALL,
 # the same exact decision sluiced sends) directly from the 50 clients: sluiced against it
 # shows what pipelining the clients onto few connections gains for the same Redis work.
+# function_direct_random_group16 calls it with 16 keys per call, as sluiced's groups do, and
+# getset_direct_random_group16 a function doing only a GET and a SET per key: the least any
+# exact script must do (their rps count decisions, 16 per call).
 # redis_ping (Redis answering PING) is the ceiling of this setup: one request per round
 # trip per connection, with the load generator on the same 2 cores. Each run is repeated ROUNDS times (default 3),
 # alternating; medians are printed as RESULT lines, then ratios and TARGET lines
@@ -52,6 +55,21 @@ REDIS_PORT=$RP # rb reports Redis's script time per decision of each run (redis_
     fail "sluiced does not deny the second request of capacity 1"
 FN=$(redis-cli -p "$RP" --raw FUNCTION LIST | grep -m1 '^sluice_') ||
     fail "sluiced did not load its function library into Redis"
+# The least any exact script must do per key: read the state, write it back with a TTL. A
+# function doing only that (a 51-byte value, like the token bucket's) for each of its keys:
+# the ceiling for sluice's function, or any other, on this Redis.
+GETSET_LUA="#!lua name=sluice_bench_getset
+redis.register_function('sluice_bench_getset', function(keys, args)
+    local out = {}
+    for i = 1, #keys do
+        redis.call('GET', keys[i])
+        redis.call('SET', keys[i], string.rep('x', 51), 'PX', 60000)
+        out[i] = 1
+    end
+    return out
+end)"
+redis-cli -p "$RP" FUNCTION LOAD REPLACE "$GETSET_LUA" >/dev/null ||
+    fail "could not load the GET+SET function"
 
 : >"$OUT"
 T0=$(date +%s)
@@ -63,6 +81,8 @@ for r in $(seq 1 "$ROUNDS"); do
     rb function_direct_random "$RP" 1 100000 FCALL "$FN" 1 "f$r:__rand_int__" "" take 1 1 1 1000001 1000 0 0 0
     # the same function deciding 16 keys per call, as sluiced's groups do (rps: decisions/s)
     DECISIONS=16 rb function_direct_random_group16 "$RP" 1 100000 FCALL "$FN" 16 $(for i in $(seq 16); do printf 'g%s:__rand_int__ ' "$r"; done) "" take 1 1 1 1000001 1000 0 0 0
+    # the ceiling: only a GET and a SET per key, 16 keys per call
+    DECISIONS=16 rb getset_direct_random_group16 "$RP" 1 100000 FCALL sluice_bench_getset 16 $(for i in $(seq 16); do printf 'h%s:__rand_int__ ' "$r"; done)
     rb sluiced_redis_attack "$SP" 1 100 CL.THROTTLE "a$r:__rand_int__" 0 1 3600
     rb lua_direct_attack "$RP" 1 100 EVALSHA "$SHA" 1 "b$r:__rand_int__" 1 0.000277 1
     # the ceiling of this setup: Redis answering PING, no work at all
