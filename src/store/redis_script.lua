@@ -898,12 +898,15 @@ local function decide_tb(key, v, c, cost, take, osec, ons)
     if v then
         if #v ~= TB1_LEN then return nil end
         local ver, nl, lastid, a, limit, interval, B, stat, slast = unpack(TB1, v, 1)
+        -- isint and isoff, effective and (below) idiv and ms_until, written out: a Lua call
+        -- costs about as much as the arithmetic
         if ver ~= VERSION or nl ~= 1 or lastid ~= 0 or a ~= TB or limit ~= c.limit or
-            interval ~= c.interval or not isint(B, 0, MAX_SEC) or not isint(slast, 0, NS - 1) or
-            not isoff(stat) or stat > slast + TWO52 then
+            interval ~= c.interval or B ~= floor(B) or B < 0 or B > MAX_SEC or
+            slast ~= floor(slast) or slast < 0 or slast > NS - 1 or stat ~= floor(stat) or
+            stat < -TWO53 or stat > TWO53 or stat > slast + TWO52 then
             return nil
         end
-        O, n = effective(B, slast, osec, ons)
+        if B > osec or (B == osec and slast > ons) then O, n = B, slast end -- effective()
         local boff = (B - O) * NS
         tat, last = stat + boff, slast + boff
         if tat < FLOOR then tat = FLOOR end
@@ -917,16 +920,22 @@ local function decide_tb(key, v, c, cost, take, osec, ons)
     local need = cost * T -- cost <= limit, so need <= tau
     local allowed, remaining, reset, retry, tokens
     if need <= have then
-        allowed, remaining, reset, retry = 1, idiv(have - need, T), backlog + need, 0
-        tokens = (have - need) / T
+        local left = have - need
+        allowed, remaining, reset, retry = 1, (left - fmod(left, T)) / T, backlog + need, 0
+        tokens = left / T
     else
-        allowed, remaining, reset, retry = 0, idiv(have, T), backlog, backlog + need - tau
+        allowed, remaining, reset, retry = 0, (have - fmod(have, T)) / T, backlog,
+                                           backlog + need - tau
         tokens = have / T
     end
     if take then
         if allowed == 1 then tat = (tat > n and tat or n) + cost * T end
         last = n
-        local ttl = ms_until(O, tat, 0, osec, ons)
+        local tr, nr = fmod(tat, 1e6), fmod(ons, 1e6) -- ms_until(O, tat, 0, osec, ons)
+        if tr < 0 then tr = tr + 1e6 end
+        local ttl = (O - osec) * 1000 + (tat - tr) / 1e6 - (ons - nr) / 1e6
+        local rest = tr - nr
+        if rest > 1e6 then ttl = ttl + 2 elseif rest > 0 then ttl = ttl + 1 end
         -- a number argument reaches Redis as "%.17g": exact for these whole ms (< 2^53)
         redis.call('SET', key, pack(TB1, VERSION, 1, 0, TB, c.limit, T, O, tat, last), 'PX',
                    ttl > 1 and ttl or 1)
