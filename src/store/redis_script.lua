@@ -1016,16 +1016,17 @@ local function limits_of(ARGV)
 end
 
 
--- One key's decision (or release) under the call's validated arguments.
-local function one(key, op, limits, cost, osec, ons)
+-- One key's decision (or release) under the call's validated arguments; tb: the one
+-- token-bucket limit when decide_tb may take it, take: a take that consumes (cost > 0).
+local function one(key, op, limits, tb, cost, take, osec, ons)
     local v = redis.call('GET', key)
-    if op ~= 'release' and #limits == 1 and limits[1].alg == TB then
-        local res = decide_tb(key, v, limits[1], cost, op == 'take' and cost > 0, osec, ons)
+    if tb then
+        local res = decide_tb(key, v, tb, cost, take, osec, ons)
         if res then return res end
     end
     local stored = parse(v)
     if op == 'release' then return release(key, stored, cost, osec, ons) end
-    return decide(key, stored, limits, cost, op == 'take' and cost > 0, osec, ons)
+    return decide(key, stored, limits, cost, take, osec, ons)
 end
 
 local MAX_KEYS = 64 -- keys one take or peek call may decide (see CALL)
@@ -1062,8 +1063,10 @@ local function main(KEYS, ARGV)
             end
         end
     end
-    if nk == 1 then return one(KEYS[1], op, limits, cost, osec, ons) end
+    local tb = op ~= 'release' and #limits == 1 and limits[1].alg == TB and limits[1]
+    local take = op == 'take' and cost > 0
+    if nk == 1 then return one(KEYS[1], op, limits, tb, cost, take, osec, ons) end
     local out = {}
-    for i = 1, nk do out[i] = one(KEYS[i], op, limits, cost, osec, ons) end
+    for i = 1, nk do out[i] = one(KEYS[i], op, limits, tb, cost, take, osec, ons) end
     return out
 end
