@@ -12,7 +12,6 @@
 #include "metrics.h"
 #include "redis.h"
 
-#define CONNS_PER_NODE 2
 #define SWEEP_MS 50 /* how often in-flight requests are checked against the timeout */
 
 typedef struct rl_conn rl_conn;
@@ -37,9 +36,11 @@ struct rl_conn {
     rl_req *head, *tail;   /* requests in flight, in send order (replies come in order) */
 };
 
+/* One connection per node: Redis runs one connection's commands in order, so the requests
+ * for a key are decided in the order they were sent (several connections let Redis serve
+ * one's whole pipeline before another's). */
 typedef struct rl_node {
-    rl_conn c[CONNS_PER_NODE];
-    unsigned rr;
+    rl_conn c;
     rl_conn *probe;   /* a PING in flight on this connection (the node is down), or NULL */
     int64_t probe_at; /* sd_mono_ns when it was sent */
 } rl_node;
@@ -266,13 +267,11 @@ static rl_conn *pick(sd_rlink *lk, int node)
     if (!n) {
         if (!(n = calloc(1, sizeof *n)))
             return NULL;
-        for (int i = 0; i < CONNS_PER_NODE; i++) {
-            n->c[i].lk = lk;
-            n->c[i].node = node;
-        }
+        n->c.lk = lk;
+        n->c.node = node;
         lk->nodes[node] = n;
     }
-    rl_conn *c = &n->c[n->rr++ % CONNS_PER_NODE];
+    rl_conn *c = &n->c;
     if (!c->ac && conn_open(lk, c) != 0)
         return NULL;
     return c;
@@ -616,12 +615,9 @@ static void on_sweep(uv_timer_t *t)
     if (!lk->closing)
         probe_down_nodes(lk, now, limit);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
-        rl_node *n = lk->nodes[i];
-        for (int k = 0; n && k < CONNS_PER_NODE; k++) {
-            rl_conn *c = &n->c[k];
-            if (c->ac && c->head && now - c->head->t0 > limit)
-                drop_timed_out(c);
-        }
+        rl_conn *c = lk->nodes[i] ? &lk->nodes[i]->c : NULL;
+        if (c && c->ac && c->head && now - c->head->t0 > limit)
+            drop_timed_out(c);
     }
 }
 
@@ -650,12 +646,11 @@ void sd_rlink_close(sd_rlink *lk)
         uv_close((uv_handle_t *)&lk->sweep, NULL);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_node *n = lk->nodes[i];
-        for (int k = 0; n && k < CONNS_PER_NODE; k++)
-            if (n->c[k].ac) { /* in-flight requests are called back (fail mode) */
-                redisAsyncContext *ac = n->c[k].ac;
-                n->c[k].ac = NULL;
-                redisAsyncFree(ac);
-            }
+        if (n && n->c.ac) { /* in-flight requests are called back (fail mode) */
+            redisAsyncContext *ac = n->c.ac;
+            n->c.ac = NULL;
+            redisAsyncFree(ac);
+        }
     }
     fail_waiting(lk);
 }

@@ -1,14 +1,15 @@
 /*
  * redis_link.h — a worker's connections to the Redis store (distributed mode).
  *
- * Each worker has its own link: hiredis asynchronous contexts on the worker's libuv loop
- * (hiredis's libuv adapter), CONNS_PER_NODE per Redis node, opened on first use. The link is
- * the admission scheduler's `submit`: every request of a batch is prepared by the store
- * (policy resolved, near cache consulted, FCALL formatted) and written to its node's next
- * connection, so requests from all of the worker's clients share a few pipelined
- * connections. Replies come back in order per connection; "Function not found" loads the
- * library ahead of the resent request, MOVED/ASK resend to the node named, and a failed connection, a reply
- * overdue by the store's timeout, or a node in back-off decides by the fail mode.
+ * Each worker has its own link: one hiredis asynchronous context per Redis node on the
+ * worker's libuv loop (attached by redis_link.c's own hooks), opened on first use. The link
+ * is the admission scheduler's `submit`: every request of a batch is prepared by the store
+ * (policy resolved, near cache consulted, FCALL formatted), requests alike in all but the key
+ * are joined into one call (sl_rs_plan_groups), and each call is written to its node's
+ * connection, so requests from all of the worker's clients share one pipelined connection
+ * per node, in order. Replies come back in order; "Function not found" loads the library
+ * ahead of the resent request, MOVED/ASK resend to the node named, and a failed connection,
+ * a reply overdue by the store's timeout, or a node in back-off decides by the fail mode.
  */
 #ifndef SD_REDIS_LINK_H
 #define SD_REDIS_LINK_H

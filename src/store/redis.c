@@ -617,7 +617,6 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->explicit_now = now != SL_NOW;
     c->sent = sl_rs_mono();
     c->asking = 0;
-    c->alone = 0;
     c->redirects = 0;
     c->tenant_len = (unsigned char)enc[0];
     memcpy(c->tenant, enc + 2, c->tenant_len);
@@ -662,10 +661,9 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
 int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
 {
     size_t ta = a->len - a->tail_off, tb = b->len - b->tail_off;
-    int topo = atomic_load_explicit(&rs->topology, memory_order_relaxed);
-    return topo != 0 && (topo == 1 || a->slot == b->slot) && a->op != SL_RS_RELEASE &&
-           a->op == b->op && a->node == b->node && !a->asking && !b->asking && !a->alone &&
-           !b->alone && ta == tb &&
+    return atomic_load_explicit(&rs->topology, memory_order_relaxed) == 1 &&
+           a->op != SL_RS_RELEASE && a->op == b->op && a->node == b->node && !a->asking &&
+           !b->asking && ta == tb &&
            !memcmp(a->cmd + a->tail_off, b->cmd + b->tail_off, ta);
 }
 
@@ -832,8 +830,10 @@ int sl_rs_decode(const char *p, size_t len, unsigned nlimits, sl_rs_reply *r)
     return 1;
 }
 
-int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision *d,
-                 int *release_rc)
+/* sl_rs_finish; count_error 0: an error reply not counted (another member of the same
+ * group reply counted it). */
+static int finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision *d,
+                  int *release_rc, int count_error)
 {
     if (!rep)
         return SL_RS_FAILED;
@@ -854,7 +854,8 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
             c->asking = ask;
             return SL_RS_RESEND;
         }
-        BUMP(rs->errors); /* CLUSTERDOWN, TRYAGAIN, LOADING, NOAUTH, a script error, ... */
+        if (count_error)
+            BUMP(rs->errors); /* CLUSTERDOWN, TRYAGAIN, LOADING, NOAUTH, a script error, ... */
         return SL_RS_FAILED;
     }
     if (c->op == SL_RS_RELEASE) {
@@ -887,19 +888,22 @@ int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision 
     return SL_RS_DONE;
 }
 
+int sl_rs_finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision *d,
+                 int *release_rc)
+{
+    return finish(rs, c, rep, d, release_rc, 1);
+}
+
 int sl_rs_finish_member(sl_rstore *rs, sl_rcall *c, const redisReply *group, size_t i,
                         size_t n, sl_decision *d, int *release_rc)
 {
     if (group && group->type == REDIS_REPLY_ARRAY && group->elements == n)
-        return sl_rs_finish(rs, c, group->element[i], d, release_rc);
-    if (!group || group->type != REDIS_REPLY_ERROR)
-        return SL_RS_FAILED;
-    int st = sl_rs_finish(rs, c, group, d, release_rc);
-    if (st == SL_RS_FAILED) {
-        c->alone = 1;
-        st = SL_RS_RESEND;
-    }
-    return st;
+        return finish(rs, c, group->element[i], d, release_rc, 1);
+    if (group && group->type == REDIS_REPLY_ERROR)
+        return finish(rs, c, group, d, release_rc, i == 0);
+    if (i == 0)
+        BUMP(rs->errors); /* not the reply of a call of n keys */
+    return SL_RS_FAILED;
 }
 
 void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *release_rc)

@@ -54,7 +54,6 @@ typedef struct sl_rcall {
     size_t tenant_len;
     char tenant[SL_MAX_ID_LEN];
     size_t len;
-    int alone;              /* sent again alone after an error reply to its group */
     uint16_t key_off;       /* cmd[key_off..tail_off): the key's bulk string */
     uint16_t tail_off;      /* cmd[tail_off..len): the arguments after the key */
     char cmd[SL_RS_CMD_MAX];/* the formatted FCALL (RESP) */
@@ -74,10 +73,11 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
 
-/* Requests that can share one FCALL (a group): takes or peeks for the same node, neither
- * redirected with ASK nor sent alone after a group's error, alike in every argument but
- * the key (time, op, cost, limits), and on a cluster in the same slot. Each key of a group is decided as its own call would be
- * (redis_script.lua, CALL); the group saves Redis the call's own cost per key. */
+/* Requests that can share one FCALL (a group): on one Redis (not a cluster: there a call's
+ * keys must share a slot, and a slot half migrated refuses a call of several keys), takes or
+ * peeks alike in every argument but the key (time, op, cost, limits), neither redirected.
+ * Each key of a group is decided as its own call would be (redis_script.lua, CALL); the
+ * group saves Redis the call's own cost per key. */
 #define SL_RS_GROUP_MAX 64
 int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b);
 /* Plan the groups of calls[0..n) (n >= 1), to be sent in order: lead[i] is the index of the
@@ -93,11 +93,12 @@ void sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *
  * for sl_rs_finish; any other reply (an error: "Function not found", MOVED, ...) answers
  * every member as if each had been sent alone. */
 size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap);
-/* sl_rs_finish for member i of a group of n, given the group's reply (NULL: none). An
- * error reply is every member's own (a redirection is followed; "Function not found" loads
- * the library); any other error, e.g. TRYAGAIN for a slot half migrated, sends each member
- * again alone (SL_RS_RESEND, call->alone set) instead of failing it: Redis refuses such a
- * call before running it. A reply that is neither the array of n nor an error fails it. */
+/* sl_rs_finish for member i of a group of n, given the group's reply (NULL: none): element
+ * i of the array of n replies (an error element is that key's own failure: the script
+ * decides each key apart, so the others stand). An error reply for the whole call is every
+ * member's own (a redirection is followed; "Function not found" loads the library; any
+ * other: the fail mode); Redis gives those before the function runs, so no key was decided.
+ * Anything else fails every member. An error reply counts once in the store's errors. */
 int sl_rs_finish_member(sl_rstore *rs, sl_rcall *c, const struct redisReply *group, size_t i,
                         size_t n, sl_decision *d, int *release_rc);
 

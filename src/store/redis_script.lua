@@ -38,7 +38,8 @@ REPLY
              are integers below 2^53, so exact; tokens and reserve are the doubles
              themselves. (An array of 11 integers and "%.17g" strings cost Redis ~2 us more
              per call, and the caller 12 allocations.)
-  k > 1:     an array of the k keys' replies, in key order.
+  k > 1:     an array of the k keys' replies, in key order; an error on one key (say
+             WRONGTYPE) is that element, an error reply, and the other keys stand.
   release:   1 released, 0 unknown or already expired (SL_ELEASE). Like sl_release, it acts
              on the limits the key's state was written under; the <n> limits are ignored.
 
@@ -936,9 +937,9 @@ local function decide_tb(key, v, c, cost, take, osec, ons)
         local ttl = (O - osec) * 1000 + (tat - tr) / 1e6 - (ons - nr) / 1e6
         local rest = tr - nr
         if rest > 1e6 then ttl = ttl + 2 elseif rest > 0 then ttl = ttl + 1 end
-        -- a number argument reaches Redis as "%.17g": exact for these whole ms (< 2^53)
+        -- formatted here: Redis 7.2.0-7.2.4 format a number argument such as 1e8 as "1e+8"
         redis.call('SET', key, pack(TB1, VERSION, 1, 0, TB, c.limit, T, O, tat, last), 'PX',
-                   ttl > 1 and ttl or 1)
+                   string.format('%.0f', ttl > 1 and ttl or 1))
     end
     return pack(REPLY, allowed, 0, remaining, reset, retry, 0, tokens, 0, 0, osec, ons)
 end
@@ -1066,7 +1067,17 @@ local function main(KEYS, ARGV)
     local tb = op ~= 'release' and #limits == 1 and limits[1].alg == TB and limits[1]
     local take = op == 'take' and cost > 0
     if nk == 1 then return one(KEYS[1], op, limits, tb, cost, take, osec, ons) end
+    -- each key apart: an error on one (a key of another type: WRONGTYPE) is that key's
+    -- reply, and the keys before it, already decided and written, keep their replies
     local out = {}
-    for i = 1, nk do out[i] = one(KEYS[i], op, limits, tb, cost, take, osec, ons) end
+    for i = 1, nk do
+        local ok, res = pcall(one, KEYS[i], op, limits, tb, cost, take, osec, ons)
+        if ok then
+            out[i] = res
+        else
+            out[i] = redis.error_reply(type(res) == 'table' and res.err or
+                                       'ERR sluice: ' .. tostring(res))
+        end
+    end
     return out
 end

@@ -312,6 +312,33 @@ class SharedRedisTest(unittest.TestCase):
             self.assertEqual([rep[0] for rep in p.execute()], [1] * len(fresh))
             self.assertEqual(metrics(s)['sluice_redis_decisions_total{source="fail_closed"}'], 0)
 
+            # a key of another type in the middle of a call: that request alone goes to the
+            # fail mode, the keys around it are decided once
+            rr.hset("sl:2:cl:0::bad", "f", "v")
+            p = c.pipeline(transaction=False)
+            for k in ("w0", "bad", "w2"):
+                p.execute_command("CL.THROTTLE", k, 1, 1, 3600)  # capacity 2
+            res = p.execute()
+            self.assertEqual([r[0] for r in res], [0, 1, 0])
+            self.assertEqual([res[0][2], res[2][2]], [1, 1])
+            self.assertEqual(c.execute_command("CL.THROTTLE", "w0", 1, 1, 3600)[2], 0)
+            self.assertEqual(metrics(s)['sluice_redis_decisions_total{source="fail_closed"}'], 1)
+
+    def test_requests_for_a_key_run_in_order(self):
+        """A pipeline alternating costs 2 and 1 on one key of capacity 6 is decided in the
+        order sent: remaining 4, 3, 1, 0, then denied. (With two connections to Redis per
+        node, Redis could run one connection's requests before the other's.)"""
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            c = redis.Redis(port=s.resp_port)
+            c.execute_command("CL.THROTTLE", "warm", 1, 1, 3600)
+            for rnd in range(20):
+                p = c.pipeline(transaction=False)
+                for q in (2, 1, 2, 1, 2, 1):
+                    p.execute_command("CL.THROTTLE", "o%d" % rnd, 5, 1, 3600, q)
+                res = p.execute()
+                self.assertEqual([(x[0], x[2]) for x in res],
+                                 [(0, 4), (0, 3), (0, 1), (0, 0), (1, 0), (1, 0)], rnd)
+
     def test_near_cache_answers_only_the_cost_it_saw(self):
         """A denial cached for cost 1 must not answer a request of cost 3: that one waits
         three times as long, and a client honouring the shorter retry would come back too

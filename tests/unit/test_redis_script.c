@@ -1131,8 +1131,9 @@ static void test_bad_arguments(void **st)
 
 /* Several keys in one call (a server's group): each key's reply, stored value and TTL are
  * exactly those of one call per key in the same order at the same time, a key named twice
- * included; across algorithms, stacked limits, takes, peeks and costs. Malformed groups
- * (no key, more than 64, a release of two) are refused and change nothing. */
+ * included; across algorithms, stacked limits, takes, peeks and costs. A key of another
+ * type fails alone. Malformed groups (no key, more than 64, a release of two) are refused
+ * and change nothing. */
 static void test_group(void **st)
 {
     (void)st;
@@ -1207,6 +1208,25 @@ static void test_group(void **st)
             fail_msg("bad group %zu: not refused (%d)", i, r->type);
         freeReplyObject(r);
     }
+    /* a key of another type fails alone; the keys around it are decided once */
+    cmd("HSET sl:gwt f v");
+    const char *mixed[] = {"sl:gok1", "sl:gwt", "sl:gok2"};
+    append_group(mixed, 3, 1700000000 * S, "take", 1, &cp);
+    redisReply *m = get_reply();
+    assert_int_equal(m->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(m->elements, 3);
+    assert_int_equal(m->element[1]->type, REDIS_REPLY_ERROR);
+    assert_non_null(strstr(m->element[1]->str, "WRONGTYPE"));
+    for (int i = 0; i < 3; i += 2) {
+        sl_rs_reply y;
+        assert_int_equal(m->element[i]->type, REDIS_REPLY_STRING);
+        assert_true(sl_rs_decode(m->element[i]->str, m->element[i]->len, 1, &y));
+        assert_int_equal(y.allowed, 1);
+        assert_int_equal(y.remaining, 2);
+    }
+    freeReplyObject(m);
+    cmd("DEL sl:gwt sl:gok1 sl:gok2");
+
     append_group(many, 64, 1700000000 * S, "take", 1, &cp); /* the most: 64, here all one key */
     redisReply *r = get_reply();
     assert_int_equal(r->type, REDIS_REPLY_ARRAY);
