@@ -8,7 +8,9 @@
  *  - sl_rs_apply_slots, as the reply to CLUSTER SLOTS;
  *  - sl_rs_finish, as the reply to each of four calls prepared with sl_rs_prepare (a take with
  *    two limits, a peek, a take holding a concurrency lease, a release), kept from one reply
- *    to the next as a transport keeps a call it resends.
+ *    to the next as a transport keeps a call it resends;
+ *  - sl_rs_finish_member, as the reply to a group of copies of the take (as many as the
+ *    reply's elements, else 2).
  * The limiter is opened with the Redis store on 127.0.0.1 (nothing is sent: the store only
  * connects to decide, and nothing here decides through it).
  *
@@ -161,8 +163,34 @@ static void finish(sl_rstore *rs, calls *c, int i, const redisReply *rep)
     }
 }
 
+/* The reply as the reply to a group (sl_rs_finish_member) of n copies of the take call:
+ * each member comes out decided, resent to a known node, or failed, and an array of the
+ * wrong length fails every member. */
+static void finish_group(sl_rstore *rs, const calls *c, const redisReply *rep, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        sl_rcall m = c->call[C_TAKE];
+        sl_decision d;
+        int release_rc = SL_OK;
+        memset(&d, 0, sizeof d);
+        int st = sl_rs_finish_member(rs, &m, rep, i, n, &d, &release_rc);
+        int whole = rep->type == REDIS_REPLY_ARRAY && rep->elements == n;
+        if (!whole && rep->type != REDIS_REPLY_ERROR)
+            FUZZ_CHECK(st == SL_RS_FAILED);
+        if (st == SL_RS_DONE)
+            FUZZ_CHECK(whole && d.limit_index < m.cp.nlimits && d.source == SL_SOURCE_STORE &&
+                       (d.allowed == 0 || d.allowed == 1) && d.retry_after >= 0);
+        else if (st == SL_RS_RESEND)
+            FUZZ_CHECK(m.node >= 0 && m.node < sl_rs_nnodes(rs) && m.redirects >= 1);
+        else
+            FUZZ_CHECK(st == SL_RS_FAILED || st == SL_RS_NOTLOADED);
+    }
+}
+
 static void handle(sl_rstore *rs, calls *c, const redisReply *rep)
 {
+    finish_group(rs, c, rep, rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 &&
+                                     rep->elements <= SL_RS_GROUP_MAX ? rep->elements : 2);
     if (rep->type == REDIS_REPLY_STRING)
         for (unsigned n = 1; n <= SL_MAX_LIMITS; n++) {
             sl_rs_reply r;
