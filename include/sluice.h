@@ -321,7 +321,8 @@ SL_API size_t sl_sweep(sl_limiter *l, int64_t now, size_t budget);
  * load, since policy ids belong to one limiter) and its algorithm state, so that a limiter
  * that loads it decides, at the same `now`, exactly as the one that wrote it: an exhausted
  * key stays exhausted, a half-full window stays half full, leases stay held (and can be
- * released; lease ids issued after a load are above every id loaded). Rules, tiers,
+ * released; lease ids issued after a load are above every id loaded, and a snapshot with
+ * an id of 2^62 or more is refused: new ids could wrap round). Rules, tiers,
  * defaults and counters are not in it.
  *
  * Time: states hold timestamps of the limiter's clock. The internal clock is monotonic but

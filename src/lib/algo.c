@@ -713,7 +713,8 @@ int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lea
         int64_t prev = 0;
         for (uint32_t i = 0; i < h.n; i++) {
             cc_lease l = r[cc_idx(&h, c->limit, i)];
-            if (l.id == 0 || l.weight == 0 || l.weight > c->limit || l.expiry < prev ||
+            if (l.id == 0 || l.id >= SL_LEASE_ID_MAX || l.weight == 0 || l.weight > c->limit ||
+                l.expiry < prev ||
                 l.expiry - h.last > MAX_TAU) /* sorted by expiry */
                 return 0;
             used += l.weight; /* at most N * N <= 1e10 */

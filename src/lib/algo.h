@@ -88,6 +88,10 @@ void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc,
  * (ring positions and counts within the limit, times in range and in order, a concurrency
  * state's total weight) so that a state read from outside (a snapshot) can be used safely.
  * Returns 1 or 0. `*max_lease` (concurrency) is raised to the largest lease id held. */
+/* Lease ids a loaded state may hold are below this: the limiter numbers new leases from the
+ * largest loaded id + 1, and from any id below 2^62 that count never wraps round to 0 (no
+ * lease) or to ids in use (a snapshot holding UINT64_MAX made the next lease 0: fuzz_snapshot). */
+#define SL_LEASE_ID_MAX (UINT64_C(1) << 62)
 int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lease);
 
 /* concurrency: release lease `id`. Returns SL_OK or SL_ELEASE. */

@@ -796,8 +796,27 @@ static long jr_string(jreader *r, char *buf, size_t cap)
     }
 }
 
+/* Is the member name written[0..n) the item `key` (an item's key in the server's form), in
+ * any spelling the file may use ("assign/%a0/b" for "assign/%A0/b")? */
+static int same_item(const char *written, size_t n, const char *key)
+{
+    if (n == strlen(key) && memcmp(written, key, n) == 0)
+        return 1;
+    char w[KEY_MAX + 1], ck[KEY_MAX];
+    parsed x;
+    if (n > KEY_MAX || memchr(written, 0, n))
+        return 0;
+    memcpy(w, written, n);
+    w[n] = 0;
+    if (parse_key(w, &x) != 0)
+        return 0;
+    canonical_key(w, &x, ck);
+    return strcmp(ck, key) == 0;
+}
+
 /* Line and column (1-based) of the first object member named `key` (as jansson decodes it:
- * escapes count) at nesting `depth` (1: the top-level object's members); 0, or -1. */
+ * escapes count; at depth 2, an item's key in any spelling) at nesting `depth` (1: the
+ * top-level object's members); 0, or -1. */
 static int file_position(const char *path, int depth, const char *key, int *line, int *col)
 {
     *line = *col = 0;
@@ -819,7 +838,9 @@ static int file_position(const char *path, int depth, const char *key, int *line
                 break;
             while ((ch = jr_get(&r)) == ' ' || ch == '\t' || ch == '\r' || ch == '\n')
                 ;
-            if (ch == ':' && d == depth && (size_t)n == kl && memcmp(buf, key, kl) == 0) {
+            if (ch == ':' && d == depth && (size_t)n <= KEY_MAX &&
+                (depth == 2 ? same_item(buf, (size_t)n, key)
+                            : (size_t)n == kl && memcmp(buf, key, kl) == 0)) {
                 *line = sl;
                 *col = sc;
                 found = 0;

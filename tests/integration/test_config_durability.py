@@ -228,6 +228,10 @@ class ConfigDurabilityTest(unittest.TestCase):
              r'config\.json: line 3, column 4: item "bogus/x": unknown item'),
             ('{"sluice_config": 1,\n "items": {"assign/t/u": "gold"}}',
              r'config\.json: line 2, column 12: item "assign/t/u": unknown tier'),
+            # an item applied in the server's own spelling is found as the file spells it
+            # (found by fuzz_config)
+            ('{"sluice_config": 1,\n "items": {"assign/%a0/u": "gold"}}',
+             r'config\.json: line 2, column 12: item "assign/%A0/u": unknown tier'),
             ('{"sluice_config": 2, "items": {}}', r'line 1, column 2: field "sluice_config": version 2'),
             # a field the algorithm does not use is refused here too, as RESP and HTTP do
             ('{"sluice_config": 1,\n "items": {"rule/action/a/b": {"limits": [{"algorithm": '

@@ -579,6 +579,7 @@ static void test_corrupt_inputs_change_nothing(void **st)
         {log_state + 7, 0x80},   /* sliding_log `last` negative */
         {conc_state + 16, 9},    /* concurrency: total weight does not match its leases */
         {conc_state + 24, 0},    /* concurrency: lease id 0 */
+        {conc_state + 31, 0x40}, /* concurrency: lease id >= 2^62 (new ids would wrap) */
         {log + 2 + 7, 0},        /* a policy of 0 limits */
         {log + 2 + 7 + 1, 42},   /* an unknown algorithm */
         {log + 2 + 7 + 1 + 33, 0x40}, /* a state length that is not the policy's (56) */
