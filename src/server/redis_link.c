@@ -38,7 +38,8 @@ struct rl_conn {
 
 /* One connection per node: Redis runs one connection's commands in order, so the requests
  * for a key are decided in the order they were sent (several connections let Redis serve
- * one's whole pipeline before another's). */
+ * one's whole pipeline before another's). Not kept: a request resent after "Function not
+ * found" goes behind what was sent meanwhile (docs/design.md). */
 typedef struct rl_node {
     rl_conn c;
     rl_conn *probe;   /* a PING in flight on this connection (the node is down), or NULL */

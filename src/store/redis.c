@@ -901,8 +901,9 @@ int sl_rs_finish_member(sl_rstore *rs, sl_rcall *c, const redisReply *group, siz
         return finish(rs, c, group->element[i], d, release_rc, 1);
     if (group && group->type == REDIS_REPLY_ERROR)
         return finish(rs, c, group, d, release_rc, i == 0);
-    if (i == 0)
-        BUMP(rs->errors); /* not the reply of a call of n keys */
+    if (group && i == 0)
+        BUMP(rs->errors); /* not the reply of a call of n keys (no reply: the transport's
+                             failed connection counted already) */
     return SL_RS_FAILED;
 }
 
