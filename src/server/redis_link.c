@@ -33,13 +33,17 @@ struct rl_conn {
     int node;
     redisAsyncContext *ac; /* NULL: not connected */
     int load_queued;       /* a FUNCTION LOAD is queued ahead of later commands */
+    int64_t load_at;       /* sd_mono_ns when it was sent */
+    /* While the load is queued nothing more is sent, so that a key's requests stay in order:
+     * requests refused with "Function not found" (sent before the load, in reply order,
+     * which is send order) and requests sent meanwhile wait, in that order, for its reply. */
+    rl_req *held_old, *held_old_tail, *held_new, *held_new_tail;
     rl_req *head, *tail;   /* requests in flight, in send order (replies come in order) */
 };
 
 /* One connection per node: Redis runs one connection's commands in order, so the requests
  * for a key are decided in the order they were sent (several connections let Redis serve
- * one's whole pipeline before another's). Not kept: a request resent after "Function not
- * found" goes behind what was sent meanwhile (docs/design.md). */
+ * one's whole pipeline before another's); a library reload holds what follows (rl_conn). */
 typedef struct rl_node {
     rl_conn c;
     rl_conn *probe;   /* a PING in flight on this connection (the node is down), or NULL */
@@ -280,15 +284,41 @@ static rl_conn *pick(sd_rlink *lk, int node)
 
 /* ---- replies ----------------------------------------------------------------------------- */
 
+static void hold(rl_req **head, rl_req **tail, rl_req *q)
+{
+    q->next = NULL;
+    if (*tail)
+        (*tail)->next = q;
+    else
+        *head = q;
+    *tail = q;
+}
+
+/* The load is answered: send what waited for it, in order; or, when the connection failed
+ * (no reply), the load was refused (an error: resending would only be refused again) or the
+ * link is closing, decide it by the fail mode like the requests in flight. */
 static void on_loaded(redisAsyncContext *ac, void *r, void *priv)
 {
     (void)priv;
     rl_conn *c = conn_of(ac);
     redisReply *rep = r;
-    if (c)
-        c->load_queued = 0;
-    if (rep && rep->type == REDIS_REPLY_STRING && c)
+    if (!c)
+        return;
+    c->load_queued = 0;
+    int loaded = rep && rep->type == REDIS_REPLY_STRING;
+    if (loaded)
         sl_rs_count_script_load(c->lk->rs);
+    rl_req *lists[2] = {c->held_old, c->held_new};
+    c->held_old = c->held_old_tail = c->held_new = c->held_new_tail = NULL;
+    for (int k = 0; k < 2; k++)
+        for (rl_req *q = lists[k], *next; q; q = next) {
+            next = q->next;
+            q->next = NULL;
+            if (loaded && !c->lk->closing)
+                send_req(c->lk, q);
+            else
+                fail(c->lk, q);
+        }
 }
 
 /* Act on what sl_rs_finish said about request q's reply (not a group's). */
@@ -298,14 +328,19 @@ static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, int st)
     case SL_RS_DONE:
         complete(lk, q);
         break;
-    case SL_RS_NOTLOADED: /* load it ahead of the resent request, once per connection */
+    case SL_RS_NOTLOADED: /* load it, once per connection; resend once it is loaded */
         if (c->ac && !c->load_queued) {
             size_t len;
             const char *s = sl_rs_script(&len);
-            if (redisAsyncCommand(c->ac, on_loaded, NULL, "FUNCTION LOAD REPLACE %b", s, len) == REDIS_OK)
+            if (redisAsyncCommand(c->ac, on_loaded, NULL, "FUNCTION LOAD REPLACE %b", s, len) == REDIS_OK) {
                 c->load_queued = 1;
+                c->load_at = sd_mono_ns();
+            }
         }
-        send_req(lk, q);
+        if (c->load_queued)
+            hold(&c->held_old, &c->held_old_tail, q);
+        else
+            send_req(lk, q);
         break;
     case SL_RS_RESEND:
         send_req(lk, q);
@@ -450,6 +485,10 @@ static void send_req(sd_rlink *lk, rl_req *q)
         fail(lk, q);
         return;
     }
+    if (c->load_queued) { /* goes after the load, behind what it refused */
+        hold(&c->held_new, &c->held_new_tail, q);
+        return;
+    }
     if (q->call.asking)
         redisAsyncCommand(c->ac, NULL, NULL, "ASKING");
     if (redisAsyncFormattedCommand(c->ac, on_reply, q, q->call.cmd, q->call.len) != REDIS_OK) {
@@ -468,7 +507,7 @@ static void send_group(sd_rlink *lk, rl_req **members, int n)
         members[i]->next = i + 1 < n ? members[i + 1] : NULL;
     }
     rl_conn *c = conn_for(lk, members[0]->call.node);
-    size_t len = c ? sl_rs_group_cmd(calls, n, lk->gcmd, sizeof lk->gcmd) : 0;
+    size_t len = c && !c->load_queued ? sl_rs_group_cmd(calls, n, lk->gcmd, sizeof lk->gcmd) : 0;
     rl_req *g = len ? req_new(lk) : NULL;
     if (g) {
         g->it = NULL;
@@ -483,7 +522,7 @@ static void send_group(sd_rlink *lk, rl_req **members, int n)
     }
     for (int i = 0; i < n; i++) {
         members[i]->next = NULL;
-        if (c) /* out of memory: each alone */
+        if (c) /* out of memory, or a load queued: each alone (send_req holds them) */
             send_req(lk, members[i]);
         else
             fail(lk, members[i]);
@@ -617,8 +656,9 @@ static void on_sweep(uv_timer_t *t)
         probe_down_nodes(lk, now, limit);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_conn *c = lk->nodes[i] ? &lk->nodes[i]->c : NULL;
-        if (c && c->ac && c->head && now - c->head->t0 > limit)
-            drop_timed_out(c);
+        if (c && c->ac && ((c->head && now - c->head->t0 > limit) ||
+                           (c->load_queued && now - c->load_at > limit)))
+            drop_timed_out(c); /* a load unanswered holds requests: they fail with it */
     }
 }
 

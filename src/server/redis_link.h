@@ -7,9 +7,10 @@
  * (policy resolved, near cache consulted, FCALL formatted), requests alike in all but the key
  * are joined into one call (sl_rs_plan_groups), and each call is written to its node's
  * connection, so requests from all of the worker's clients share one pipelined connection
- * per node, in order. Replies come back in order; "Function not found" loads the library
- * ahead of the resent request, MOVED/ASK resend to the node named, and a failed connection,
- * a reply overdue by the store's timeout, or a node in back-off decides by the fail mode.
+ * per node, in order. Replies come back in order; "Function not found" loads the library,
+ * holding the refused requests and any later ones until it is loaded; MOVED/ASK resend to
+ * the node named; and a failed connection, a reply overdue by the store's timeout, or a node
+ * in back-off decides by the fail mode.
  */
 #ifndef SD_REDIS_LINK_H
 #define SD_REDIS_LINK_H

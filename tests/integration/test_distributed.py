@@ -89,7 +89,112 @@ def stop_all(servers):
         assert code == 0, (code, s.log())
 
 
+class SlowReplies:
+    """A TCP proxy in front of a Redis that, while `slow` is set, hands Redis's replies on 20
+    bytes at a time, 2 ms apart: replies then arrive in pieces, as from a busy Redis far away,
+    and the client reads a few at a time."""
+
+    def __init__(self, redis_port):
+        self.slow = threading.Event()
+        self.redis_port = redis_port
+        self.socks = []
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.port = free_port()
+        self.ls.bind(("127.0.0.1", self.port))
+        self.ls.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.ls.accept()
+                b = socket.create_connection(("127.0.0.1", self.redis_port))
+            except OSError:
+                return
+            self.socks += [a, b]
+            threading.Thread(target=self._pipe, args=(a, b, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(b, a, True), daemon=True).start()
+
+    def _pipe(self, src, dst, replies):
+        try:
+            while True:
+                d = src.recv(65536)
+                if not d:
+                    break
+                step = 20 if replies and self.slow.is_set() else len(d)
+                for i in range(0, len(d), step):
+                    dst.sendall(d[i:i + step])
+                    if step < len(d):
+                        time.sleep(0.002)
+        except OSError:
+            pass
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        for x in [self.ls] + self.socks:
+            try:
+                x.close()
+            except OSError:
+                pass
+
+
+def resp_command(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+
+
 class SharedRedisTest(unittest.TestCase):
+    def test_order_kept_across_a_library_reload(self):
+        """Redis loses sluice's function library (FUNCTION FLUSH) while one client sends
+        requests for one key, 1 ms apart, alternating costs 1 and 2, and Redis's replies
+        arrive in pieces: the requests refused with "Function not found" wait for the reload
+        together with those sent meanwhile, and all are decided in the order sent (each
+        remaining is the one before less that request's cost)."""
+        with RedisServer() as r:
+            proxy = SlowReplies(r.port)
+            try:
+                with Sluiced("--store", "redis://127.0.0.1:%d" % proxy.port) as s:
+                    c = redis.Redis(port=s.resp_port)
+                    c.execute_command("CL.THROTTLE", "warm", 1, 1, 3600)
+                    r.client().execute_command("FUNCTION", "FLUSH")
+                    proxy.slow.set()
+                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
+                    sk.settimeout(30)
+                    n, got = 40, bytearray()
+
+                    def read():
+                        while got.count(b"*5\r\n") < n:
+                            d = sk.recv(65536)
+                            if not d:
+                                return
+                            got.extend(d)
+                    reader = threading.Thread(target=read)
+                    reader.start()
+                    costs = [1 + i % 2 for i in range(n)]
+                    for q in costs:
+                        sk.sendall(resp_command("CL.THROTTLE", "k", 1000000, 1, 1, q))
+                        time.sleep(0.001)
+                    reader.join(30)
+                    sk.close()
+                    rows = [p.split(b"\r\n") for p in bytes(got).split(b"*5\r\n")[1:]]
+                    self.assertEqual(len(rows), n)
+                    left = [int(x[2][1:]) for x in rows]
+                    self.assertEqual([int(x[0][1:]) for x in rows], [0] * n)  # all allowed
+                    want = [1000001 - sum(costs[:i + 1]) for i in range(n)]
+                    self.assertEqual(left, want)
+                    m = metrics(s)
+                    self.assertGreaterEqual(m["sluice_redis_script_loads_total"], 1)
+            finally:
+                proxy.close()
+
     def test_three_servers_share_one_limit(self):
         """Three sluiced on one Redis: per key, exactly the limit is admitted in total (never
         more: no over-admission; not less: no lost tokens while Redis is up)."""
