@@ -18,8 +18,8 @@ CALL
                                                             <rinterval> <rcap>} x n
   <k>     1..64 keys (release: 1). k > 1 decides each key in turn, in order, exactly as k
           calls of one key with the same arguments at the same time would (a server groups
-          requests that share everything but the key: the call's own cost in Redis, ~5 of
-          ~10 us, is then paid once for the group).
+          requests that share everything but the key: the call's own cost in Redis is then
+          paid once for the group; bench/redis_bench.sh measures it).
   <now>   "" = Redis's clock (TIME); else decimal ns since the Unix epoch, 0 <= now < 2^62.
   <op>    "take": consume <cost> if every limit allows it (cost 0 = peek);
           "peek": what take of <cost> would answer; writes nothing, creates no key;
