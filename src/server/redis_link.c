@@ -17,7 +17,7 @@
 typedef struct rl_conn rl_conn;
 
 /* One request in flight: its item and the formatted call. Or a group: one FCALL deciding
- * its members (requests alike in all but the key, sl_rs_groupable), linked by `next`. */
+ * its members (requests alike in all but the key, sl_rs_plan_groups), linked by `next`. */
 typedef struct rl_req {
     struct rl_req *next; /* the connection's in-flight FIFO, a group's members, the free list */
     sd_item *it;         /* NULL for a group */
@@ -284,7 +284,8 @@ static rl_conn *pick(sd_rlink *lk, int node)
 
 /* ---- replies ----------------------------------------------------------------------------- */
 
-static void hold(rl_req **head, rl_req **tail, rl_req *q)
+/* Append q to the list head..tail (linked by `next`). */
+static void append(rl_req **head, rl_req **tail, rl_req *q)
 {
     q->next = NULL;
     if (*tail)
@@ -338,7 +339,7 @@ static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, int st)
             }
         }
         if (c->load_queued)
-            hold(&c->held_old, &c->held_old_tail, q);
+            append(&c->held_old, &c->held_old_tail, q);
         else
             send_req(lk, q);
         break;
@@ -460,23 +461,13 @@ static rl_conn *conn_for(sd_rlink *lk, int node)
 static void in_flight(rl_conn *c, rl_req *q)
 {
     q->conn = c;
-    q->next = NULL;
-    if (c->tail)
-        c->tail->next = q;
-    else
-        c->head = q;
-    c->tail = q;
+    append(&c->head, &c->tail, q);
 }
 
 static void send_req(sd_rlink *lk, rl_req *q)
 {
     if (!sl_rs_topology_known(lk->rs)) {
-        q->next = NULL;
-        if (lk->wait_tail)
-            lk->wait_tail->next = q;
-        else
-            lk->wait_head = q;
-        lk->wait_tail = q;
+        append(&lk->wait_head, &lk->wait_tail, q);
         discover(lk);
         return;
     }
@@ -486,7 +477,7 @@ static void send_req(sd_rlink *lk, rl_req *q)
         return;
     }
     if (c->load_queued) { /* goes after the load, behind what it refused */
-        hold(&c->held_new, &c->held_new_tail, q);
+        append(&c->held_new, &c->held_new_tail, q);
         return;
     }
     if (q->call.asking)
@@ -534,25 +525,20 @@ static void send_group(sd_rlink *lk, rl_req **members, int n)
 static void send_all(sd_rlink *lk, rl_req **ready, int n)
 {
     sl_rcall *calls[SL_RS_GROUP_MAX] = {0};
-    size_t lead[SL_RS_GROUP_MAX], size[SL_RS_GROUP_MAX];
+    rl_req *group[SL_RS_GROUP_MAX] = {0};
+    size_t order[SL_RS_GROUP_MAX], size[SL_RS_GROUP_MAX], ng;
     if (n == 0)
         return;
     for (int i = 0; i < n; i++)
         calls[i] = &ready[i]->call;
-    sl_rs_plan_groups(lk->rs, calls, (size_t)n, lead, size);
-    for (int i = 0; i < n; i++) {
-        if (lead[i] != (size_t)i)
-            continue;
-        if (size[i] == 1) {
-            send_req(lk, ready[i]);
-            continue;
-        }
-        rl_req *group[SL_RS_GROUP_MAX];
-        int k = 0;
-        for (int j = i; j < n && k < (int)size[i]; j++)
-            if (lead[j] == (size_t)i)
-                group[k++] = ready[j];
-        send_group(lk, group, k);
+    ng = sl_rs_plan_groups(lk->rs, calls, (size_t)n, order, size);
+    for (size_t g = 0, k = 0; g < ng; k += size[g++]) {
+        for (size_t m = 0; m < size[g]; m++)
+            group[m] = ready[order[k + m]];
+        if (size[g] == 1)
+            send_req(lk, group[0]);
+        else
+            send_group(lk, group, (int)size[g]);
     }
 }
 

@@ -658,7 +658,10 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     return SL_OK;
 }
 
-int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
+/* Requests that can share one call: on one Redis (not a cluster: there a call's keys must
+ * share a slot, and a slot half migrated refuses a call of several keys), takes or peeks
+ * alike in every argument but the key (time, op, cost, limits), neither redirected. */
+static int groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
 {
     size_t ta = a->len - a->tail_off, tb = b->len - b->tail_off;
     return atomic_load_explicit(&rs->topology, memory_order_relaxed) == 1 &&
@@ -667,34 +670,40 @@ int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
            !memcmp(a->cmd + a->tail_off, b->cmd + b->tail_off, ta);
 }
 
-void sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *lead,
-                       size_t *size)
+size_t sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *order,
+                         size_t *size)
 {
+    size_t lead[SL_RS_GROUP_MAX]; /* index of the first member of call i's group */
     for (size_t i = 0; i < n; i++)
         lead[i] = SIZE_MAX;
+    size_t ng = 0, k = 0;
     for (size_t i = 0; i < n; i++) {
         if (lead[i] != SIZE_MAX)
             continue;
         lead[i] = i;
-        size[i] = 1;
+        order[k++] = i;
+        size[ng] = 1;
         /* keys of the requests passed over: they go after this group, so a request for one
          * of them may not join it (it would overtake them) */
         uint64_t passed[SL_RS_GROUP_MAX];
         size_t np = 0;
-        for (size_t j = i + 1; j < n && size[i] < SL_RS_GROUP_MAX && np < SL_RS_GROUP_MAX; j++) {
+        for (size_t j = i + 1; j < n; j++) {
             if (lead[j] != SIZE_MAX)
                 continue;
-            int join = sl_rs_groupable(rs, calls[i], calls[j]);
-            for (size_t k = 0; join && k < np; k++)
-                join = passed[k] != calls[j]->hash;
+            int join = groupable(rs, calls[i], calls[j]);
+            for (size_t q = 0; join && q < np; q++)
+                join = passed[q] != calls[j]->hash;
             if (join) {
                 lead[j] = i;
-                size[i]++;
+                order[k++] = j;
+                size[ng]++;
             } else {
                 passed[np++] = calls[j]->hash;
             }
         }
+        ng++;
     }
+    return ng;
 }
 
 size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap)

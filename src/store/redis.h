@@ -73,22 +73,21 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
 
-/* Requests that can share one FCALL (a group): on one Redis (not a cluster: there a call's
- * keys must share a slot, and a slot half migrated refuses a call of several keys), takes or
- * peeks alike in every argument but the key (time, op, cost, limits), neither redirected.
+/* Requests alike in all but the key can share one FCALL (a group) on one Redis (not a
+ * cluster): takes or peeks with the same time, op, cost and limits, neither redirected.
  * Each key of a group is decided as its own call would be (redis_script.lua, CALL); the
  * group saves Redis the call's own cost per key. */
 #define SL_RS_GROUP_MAX 64
-int sl_rs_groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b);
-/* Plan the groups of calls[0..n) (n >= 1), to be sent in order: lead[i] is the index of the
- * first member of call i's group (i itself for a group's first member, or a call alone),
- * size[lead] its number of members (<= SL_RS_GROUP_MAX). A call joins the group of the first
- * earlier one it is groupable with, unless it would overtake a call for the same key that
- * is not in that group: per key, calls run in their order. */
-void sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *lead,
-                       size_t *size);
-/* Format one FCALL for calls[0..n), 2 <= n <= SL_RS_GROUP_MAX, each groupable with
- * calls[0], into out[0..cap) (n * SL_RS_CMD_MAX bytes always suffice). Its length, or 0 if
+/* Plan the groups of calls[0..n), 1 <= n <= SL_RS_GROUP_MAX, to be sent in order: returns
+ * the number of groups; group g has size[g] members, whose indices follow those of the
+ * groups before it in order[0..n) (in index order; a call alone is a group of 1). A call
+ * joins the group of the first earlier one it can share a call with, unless it would
+ * overtake a call for the same key that is not in that group: per key, calls run in their
+ * order. */
+size_t sl_rs_plan_groups(sl_rstore *rs, sl_rcall *const *calls, size_t n, size_t *order,
+                         size_t *size);
+/* Format one FCALL for calls[0..n), 2 <= n <= SL_RS_GROUP_MAX, a group planned by
+ * sl_rs_plan_groups, into out[0..cap) (n * SL_RS_CMD_MAX bytes always suffice). Its length, or 0 if
  * cap is too small. The reply is an array of n elements, element i the reply to calls[i]
  * for sl_rs_finish; any other reply (an error: "Function not found", MOVED, ...) answers
  * every member as if each had been sent alone. */

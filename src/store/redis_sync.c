@@ -201,60 +201,66 @@ static void fallback(sl_rstore *rs, slot_req *q)
     sl_rs_fallback(rs, &q->call, q->d, q->release_rc);
 }
 
+_Static_assert(CHUNK <= SL_RS_GROUP_MAX, "a round is planned as one set of groups");
+
 /* Send every pending request, read every reply; what must go again stays pending. Requests
- * alike in all but the key go as one call (sl_rs_groupable): lead[i] is the first member of
- * request i's group (i itself for a group's first member and for a request alone). */
+ * alike in all but the key go as one call (sl_rs_plan_groups): group g is pend[order[at[g]
+ * .. at[g] + size[g])]. */
 static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
 {
     int nn = sl_rs_nnodes(rs);
     int64_t now = sl_rs_mono();
     slot_req *again[CHUNK]; /* what must go out again, in order */
-    size_t keep = 0;
-    size_t lead[CHUNK], size[CHUNK];
+    size_t keep = 0, n = *npend;
     sl_rcall *calls[CHUNK];
-    for (size_t i = 0; i < *npend; i++)
+    size_t order[CHUNK], size[CHUNK], at[CHUNK], ng = 0;
+    for (size_t i = 0; i < n; i++)
         calls[i] = &pend[i]->call;
-    sl_rs_plan_groups(rs, calls, *npend, lead, size);
+    if (n)
+        ng = sl_rs_plan_groups(rs, calls, n, order, size);
+    char *gbuf = NULL; /* a group's command */
+    for (size_t g = 0, k = 0; g < ng; k += size[g++]) {
+        at[g] = k;
+        if (size[g] > 1 && !gbuf && !(gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX)))
+            break;
+    }
+    if (!gbuf && ng < n) { /* out of memory for a group's command: each request alone */
+        for (size_t i = 0; i < n; i++)
+            order[i] = at[i] = i, size[i] = 1;
+        ng = n;
+    }
     /* one node at a time for writing: nodes of this round, in first-seen order */
-    int order[CHUNK];
+    int nodes[CHUNK];
     redisContext *conn[CHUNK];
     int nord = 0;
-    for (size_t i = 0; i < *npend; i++) {
-        int nd = pend[i]->call.node, seen = 0;
+    for (size_t g = 0; g < ng; g++) {
+        int nd = calls[order[at[g]]]->node, seen = 0;
         for (int k = 0; k < nord && !seen; k++)
-            seen = order[k] == nd;
+            seen = nodes[k] == nd;
         if (nd >= nn) /* cannot happen: node indices come from the table */
-            fallback(rs, pend[i]);
+            for (size_t m = 0; m < size[g]; m++)
+                fallback(rs, pend[order[at[g] + m]]);
         else if (!seen)
-            order[nord++] = nd;
+            nodes[nord++] = nd;
     }
-    char *gbuf = NULL; /* a group's command */
     for (int k = 0; k < nord; k++) {
-        int nd = order[k];
+        int nd = nodes[k];
         conn[k] = sl_rs_node_usable(rs, nd, now) ? checkout(rs, nd) : NULL;
         if (!conn[k])
             continue;
-        for (size_t i = 0; i < *npend; i++) {
-            sl_rcall *c = &pend[i]->call;
-            if (c->node != nd || lead[i] != i)
+        for (size_t g = 0; g < ng; g++) {
+            sl_rcall *c = calls[order[at[g]]];
+            if (c->node != nd)
                 continue;
-            if (size[i] > 1) {
+            if (size[g] > 1) {
                 sl_rcall *members[SL_RS_GROUP_MAX];
-                size_t m = 0, len = 0;
-                for (size_t j = i; j < *npend && m < size[i]; j++)
-                    if (lead[j] == i)
-                        members[m++] = &pend[j]->call;
-                if (!gbuf)
-                    gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX);
-                if (gbuf && (len = sl_rs_group_cmd(members, (int)m, gbuf,
-                                                  (size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX))) {
-                    redisAppendFormattedCommand(conn[k], gbuf, len);
-                    continue;
-                }
-                for (size_t j = i + 1; j < *npend; j++) /* out of memory: each alone */
-                    if (lead[j] == i)
-                        lead[j] = j, size[j] = 1;
-                size[i] = 1;
+                for (size_t m = 0; m < size[g]; m++)
+                    members[m] = calls[order[at[g] + m]];
+                /* the buffer holds any group (SL_RS_CMD_MAX per member) */
+                size_t len = sl_rs_group_cmd(members, (int)size[g], gbuf,
+                                             (size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX);
+                redisAppendFormattedCommand(conn[k], gbuf, len);
+                continue;
             }
             if (c->asking)
                 redisAppendCommand(conn[k], "ASKING");
@@ -270,13 +276,13 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
     }
     free(gbuf);
     for (int k = 0; k < nord; k++) {
-        int nd = order[k], notloaded = 0;
-        for (size_t i = 0; i < *npend; i++) {
-            slot_req *q = pend[i];
-            if (q->call.node != nd || lead[i] != i)
+        int nd = nodes[k], notloaded = 0;
+        for (size_t g = 0; g < ng; g++) {
+            const sl_rcall *c = calls[order[at[g]]];
+            if (c->node != nd)
                 continue;
             redisReply *r = NULL;
-            if (conn[k] && q->call.asking && size[i] == 1) { /* +OK to ASKING */
+            if (conn[k] && c->asking && size[g] == 1) { /* +OK to ASKING */
                 if (redisGetReply(conn[k], (void **)&r) == REDIS_OK)
                     freeReplyObject(r);
                 r = NULL;
@@ -285,21 +291,18 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
                 conn_failed(rs, nd, conn[k]);
                 conn[k] = NULL;
             }
-            for (size_t j = i, m = 0; j < *npend && m < size[i]; j++) {
-                if (lead[j] != i)
-                    continue;
-                slot_req *mq = pend[j];
-                int st = size[i] > 1 ? sl_rs_finish_member(rs, &mq->call, r, m, size[i], mq->d,
-                                                           mq->release_rc)
-                         : r ? sl_rs_finish(rs, &mq->call, r, mq->d, mq->release_rc)
+            for (size_t m = 0; m < size[g]; m++) {
+                slot_req *q = pend[order[at[g] + m]];
+                int st = size[g] > 1 ? sl_rs_finish_member(rs, &q->call, r, m, size[g], q->d,
+                                                           q->release_rc)
+                         : r ? sl_rs_finish(rs, &q->call, r, q->d, q->release_rc)
                              : SL_RS_FAILED;
-                m++;
                 if (st == SL_RS_NOTLOADED)
                     notloaded = 1;
                 if (st == SL_RS_RESEND || st == SL_RS_NOTLOADED)
-                    again[keep++] = mq;
+                    again[keep++] = q;
                 else if (st == SL_RS_FAILED)
-                    fallback(rs, mq);
+                    fallback(rs, q);
             }
             if (r)
                 freeReplyObject(r);

@@ -260,13 +260,17 @@ class ConfigDurabilityTest(unittest.TestCase):
         self.assertIn("config.json: not a regular file", err)
         os.rmdir(path)
 
-    def test_failed_write_changes_nothing(self):
-        """An injected write failure (ENOSPC): the client gets an error, the running
-        configuration and the file are as they were."""
+    def saved_one_rule(self):
+        """The data dir's config.json after a sluiced saved one rule there: its text."""
         with Sluiced("--data-dir", self.dir) as s:
             rcli(s).execute_command("SL.RULE", "SET", "ACTION", "t", "a", "token_bucket",
                                     "LIMIT", 5, "RATE", 1)
-        before = open(os.path.join(self.dir, "config.json")).read()
+        return open(os.path.join(self.dir, "config.json")).read()
+
+    def test_failed_write_changes_nothing(self):
+        """An injected write failure (ENOSPC): the client gets an error, the running
+        configuration and the file are as they were."""
+        before = self.saved_one_rule()
         env = dict(os.environ, SLUICED_FAIL_CONFIG_WRITES="1")
         with Sluiced("--data-dir", self.dir, env=env) as s:
             r = rcli(s)
@@ -292,10 +296,7 @@ class ConfigDurabilityTest(unittest.TestCase):
         """The directory's fsync failing after the rename (a failing disk; injected): the
         client is told nothing changed, and that is true of the file too: the previous one
         is put back, so a restart does not bring the change back."""
-        with Sluiced("--data-dir", self.dir) as s:
-            rcli(s).execute_command("SL.RULE", "SET", "ACTION", "t", "a", "token_bucket",
-                                    "LIMIT", 5, "RATE", 1)
-        before = open(os.path.join(self.dir, "config.json")).read()
+        before = self.saved_one_rule()
         env = dict(os.environ, SLUICED_FAIL_CONFIG_WRITES="2")
         with Sluiced("--data-dir", self.dir, env=env) as s:
             status, body = hreq(s, "PUT", "/api/config/tenant/t/action/x",

@@ -481,6 +481,23 @@ static void test_fail_open(void **st)
 }
 
 /* Three masters; the limiter is given one of them and learns the rest (CLUSTER SLOTS). */
+/* The node of n[0..3) holding keys of `slot` (-1: none), and how many it holds. */
+static int slot_holder(redis_fixture *n, long long slot, long long *count)
+{
+    int holder = -1;
+    for (int i = 0; i < 3 && holder < 0; i++) {
+        redisContext *c = redis_fixture_connect(&n[i]);
+        redisReply *r = cmd(c, "CLUSTER COUNTKEYSINSLOT %lld", slot);
+        if (r->integer > 0) {
+            holder = i;
+            *count = r->integer;
+        }
+        freeReplyObject(r);
+        redisFree(c);
+    }
+    return holder;
+}
+
 static void test_cluster(void **st)
 {
     (void)st;
@@ -549,19 +566,16 @@ static void test_cluster(void **st)
     redisReply *r = cmd(c0, "CLUSTER KEYSLOT %s", "cl:1:t:1:a:u0");
     long long slot = r->integer;
     freeReplyObject(r);
-    int from = -1;
     char ids[3][64];
     for (int i = 0; i < 3; i++) {
         redisContext *c = redis_fixture_connect(&n[i]);
         r = cmd(c, "CLUSTER MYID");
         snprintf(ids[i], sizeof ids[i], "%s", r->str);
         freeReplyObject(r);
-        r = cmd(c, "CLUSTER COUNTKEYSINSLOT %lld", slot);
-        if (r->integer > 0)
-            from = i;
-        freeReplyObject(r);
         redisFree(c);
     }
+    long long count;
+    int from = slot_holder(n, slot, &count);
     assert_true(from >= 0);
     int to = (from + 1) % 3;
     redisContext *cf = redis_fixture_connect(&n[from]), *ct = redis_fixture_connect(&n[to]);
@@ -600,16 +614,9 @@ static void test_cluster(void **st)
     r = cmd(c0, "CLUSTER KEYSLOT {h}");
     long long hs = r->integer;
     freeReplyObject(r);
-    int hfrom = -1;
-    for (int i = 0; i < 3 && hfrom < 0; i++) {
-        redisContext *c = redis_fixture_connect(&n[i]);
-        r = cmd(c, "CLUSTER COUNTKEYSINSLOT %lld", hs);
-        if (r->integer == 2)
-            hfrom = i;
-        freeReplyObject(r);
-        redisFree(c);
-    }
+    int hfrom = slot_holder(n, hs, &count);
     assert_true(hfrom >= 0);
+    assert_int_equal(count, 2);
     int hto = (hfrom + 1) % 3;
     redisContext *hf = redis_fixture_connect(&n[hfrom]), *ht = redis_fixture_connect(&n[hto]);
     freeReplyObject(cmd(ht, "CLUSTER SETSLOT %lld IMPORTING %s", hs, ids[hfrom]));
