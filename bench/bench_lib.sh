@@ -42,18 +42,54 @@ peer_lua_load() {
     echo "$sha"
 }
 
+# CPU accounting. SERVER_PID[port] (set by the caller for each server it starts): the pid whose
+# CPU time a run on that port is charged to. A run then also reports
+#   server_us  microseconds of that server's CPU (user + system, from /proc) per request
+#   client     the load generator's CPU time / wall time (its own `time`): near 1 means the
+#              load generator, not the server, set the pace of the run
+# (-1 when unknown). On this 2-core machine the client and the server each get one core; with
+# one request in flight per connection both make the same two system calls per request, so
+# the client saturates first and every server it drives shows about the same req/s. The
+# server's CPU per request is then what still tells servers apart.
+declare -A SERVER_PID=()
+proc_cpu_ticks() { # pid -> utime + stime in clock ticks (0 when gone)
+    awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+# run_timed <cmd...>: runs it with stdout to $TMP/run.out, stderr to $TMP/run.err; sets RT_REAL,
+# RT_CPU (the command's own user + system seconds); returns its status.
+run_timed() {
+    local TIMEFORMAT='%R %U %S' t rc=0
+    { time "$@" >"$TMP/run.out" 2>"$TMP/run.err"; } 2>"$TMP/run.time" || rc=$?
+    read -r RT_REAL t RT_CPU <"$TMP/run.time"
+    RT_CPU=$(awk -v a="$t" -v b="$RT_CPU" 'BEGIN {print a + b}')
+    return $rc
+}
+# cpu_fields <pid or ""> <ticks before> <requests>: "server_us client" for the last run_timed.
+cpu_fields() {
+    local su=-1
+    if [ -n "$1" ]; then
+        su=$(awk -v a="$2" -v b="$(proc_cpu_ticks "$1")" -v n="$3" -v hz="$(getconf CLK_TCK)" \
+            'BEGIN {printf "%.2f", (n > 0 ? (b - a) / hz * 1e6 / n : -1)}')
+    fi
+    echo "$su $(awk -v c="$RT_CPU" -v r="$RT_REAL" 'BEGIN {printf "%.2f", (r > 0 ? c / r : -1)}')"
+}
+
 # rb <name> <port> <pipeline> <keyspace> <command...>: one redis-benchmark run, 50
-# connections -> "name rps p50_ms p99_ms redis_us" appended to $OUT. Error replies fail the
-# run. DECISIONS (default 1): decisions per request; rps counts decisions. REDIS_PORT, when
-# set: redis_us = microseconds Redis spent executing scripts (FCALL and EVALSHA, INFO
-# commandstats) per decision of this run, else -1.
+# connections -> "name rps p50_ms p99_ms redis_us server_us client" appended to $OUT. Error
+# replies fail the run. DECISIONS (default 1): decisions per request; rps counts decisions
+# (server_us is per request). REDIS_PORT, when set: redis_us = microseconds Redis spent
+# executing scripts (FCALL and EVALSHA, INFO commandstats) per decision of this run, else -1.
 rb() {
-    local name=$1 port=$2 pipe=$3 keys=$4 csv us=-1 per=${DECISIONS:-1}
+    local name=$1 port=$2 pipe=$3 keys=$4 csv us=-1 per=${DECISIONS:-1} pid c0=0 cpu
     shift 4
+    pid=${SERVER_PID[$port]:-}
     [ -n "${REDIS_PORT:-}" ] && redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
-    csv=$(redis-benchmark -p "$port" -c 50 -n "$N" -r "$keys" -P "$pipe" --csv "$@" 2>"$TMP/rb.err") ||
-        fail "redis-benchmark $name: $(cat "$TMP/rb.err")"
-    grep -q "Error\|ERR\|BUSY" "$TMP/rb.err" && fail "$name: error replies: $(head -3 "$TMP/rb.err")"
+    [ -n "$pid" ] && c0=$(proc_cpu_ticks "$pid")
+    run_timed redis-benchmark -p "$port" -c 50 -n "$N" -r "$keys" -P "$pipe" --csv "$@" ||
+        fail "redis-benchmark $name: $(cat "$TMP/run.err")"
+    cpu=$(cpu_fields "$pid" "$c0" "$N")
+    csv=$(cat "$TMP/run.out")
+    grep -q "Error\|ERR\|BUSY" "$TMP/run.err" && fail "$name: error replies: $(head -3 "$TMP/run.err")"
     if [ -n "${REDIS_PORT:-}" ]; then
         us=$(redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' |
             sed -n 's/^cmdstat_\(fcall\|evalsha\):calls=[0-9]*,usec=\([0-9]*\),.*/\2/p' |
@@ -61,7 +97,7 @@ rb() {
     fi
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
     echo "$csv" | tail -1 | tr -d '"' |
-        awk -F, -v n="$name" -v per="$per" -v us="$us" '{print n, $2 * per, $5, $7, us}' >>"$OUT"
+        awk -F, -v n="$name" -v per="$per" -v us="$us" -v cpu="$cpu" '{print n, $2 * per, $5, $7, us, cpu}' >>"$OUT"
 }
 
 # summarize <pairs> <p99 target ms> <scenario regex for p99 targets>: medians of $OUT as
@@ -72,16 +108,19 @@ function median(arr, n,    i, j, t) {
     for (i = 2; i <= n; i++) { t = arr[i]; for (j = i - 1; j >= 1 && arr[j] > t; j--) arr[j + 1] = arr[j]; arr[j + 1] = t }
     return n % 2 ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
 }
-{ k = ++cnt[$1]; rps[$1, k] = $2; p50[$1, k] = $3; p99[$1, k] = $4; rus[$1, k] = NF >= 5 ? $5 : -1; if (k == 1) order[++no] = $1 }
+{ k = ++cnt[$1]; rps[$1, k] = $2; p50[$1, k] = $3; p99[$1, k] = $4; rus[$1, k] = NF >= 5 ? $5 : -1
+  sus[$1, k] = NF >= 6 ? $6 : -1; cli[$1, k] = NF >= 7 ? $7 : -1; if (k == 1) order[++no] = $1 }
 END {
     for (i = 1; i <= no; i++) {
         s = order[i]; n = cnt[s]
-        for (k = 1; k <= n; k++) { a[k] = rps[s, k]; b[k] = p50[s, k]; c[k] = p99[s, k]; e[k] = rus[s, k] }
-        R[s] = median(a, n); P99[s] = median(c, n)
+        for (k = 1; k <= n; k++) { a[k] = rps[s, k]; b[k] = p50[s, k]; c[k] = p99[s, k]; e[k] = rus[s, k]; f[k] = sus[s, k]; g[k] = cli[s, k] }
+        R[s] = median(a, n); P99[s] = median(c, n); SU[s] = f[1] >= 0 ? median(f, n) : -1; CL[s] = g[1] >= 0 ? median(g, n) : -1
         printf "RESULT name=%s metric=rps value=%.0f\n", s, R[s]
         printf "RESULT name=%s metric=p50_ms value=%.3f\n", s, median(b, n)
         printf "RESULT name=%s metric=p99_ms value=%.3f\n", s, P99[s]
         if (e[1] >= 0) printf "RESULT name=%s metric=redis_us_per_decision value=%.2f\n", s, median(e, n)
+        if (SU[s] >= 0) printf "RESULT name=%s metric=server_cpu_us_per_request value=%.2f\n", s, SU[s]
+        if (CL[s] >= 0) printf "RESULT name=%s metric=client_cpu_share value=%.2f\n", s, CL[s]
     }
     split(pairs, pr, " ")
     for (i = 1; i in pr; i++) {
@@ -89,7 +128,15 @@ END {
         if (!(p[1] in R) || !(p[2] in R) || R[p[2]] == 0) continue
         ratio = R[p[1]] / R[p[2]]
         printf "RESULT name=ratio_%s_vs_%s metric=ratio value=%.3f\n", p[1], p[2], ratio
-        t[++nt] = sprintf("TARGET %s %s: %.2fx %s (>= %s)", ratio >= p[3] ? "MET   " : "MISSED", p[1], ratio, p[2], p[3])
+        note = ""
+        if (SU[p[1]] > 0 && SU[p[2]] > 0) {
+            # how many times less server CPU a request of p[1] needs than one of p[2]
+            cr = SU[p[2]] / SU[p[1]]
+            printf "RESULT name=cpu_ratio_%s_vs_%s metric=ratio value=%.3f\n", p[1], p[2], cr
+            if (CL[p[1]] >= 0.9 && CL[p[2]] >= 0.9)
+                note = sprintf(" [client-bound: the load generator used %.0f%% / %.0f%% of a core; server CPU per request %.2fx less]", CL[p[1]] * 100, CL[p[2]] * 100, cr)
+        }
+        t[++nt] = sprintf("TARGET %s %s: %.2fx %s (>= %s)%s", ratio >= p[3] ? "MET   " : "MISSED", p[1], ratio, p[2], p[3], note)
     }
     for (i = 1; i <= no; i++) if (order[i] ~ p99re) {
         s = order[i]

@@ -12,8 +12,13 @@
 # the load generator needs the other core of this 2-core machine). Every measurement runs
 # ROUNDS times (default 3), alternating sluiced and its peer; medians are printed as
 #   RESULT name=<scenario> metric=<rps|p50_ms|p99_ms> value=<v>
-#   RESULT name=ratio_<a>_vs_<b> metric=ratio value=<v>
-# followed by TARGET lines. Exits non-zero only if something fails to run.
+#   RESULT name=<scenario> metric=server_cpu_us_per_request value=<v>  (the server's own CPU)
+#   RESULT name=<scenario> metric=client_cpu_share value=<v>  (the load generator's; ~1: it,
+#                                                              not the server, set the pace)
+#   RESULT name=ratio_<a>_vs_<b> metric=ratio value=<v>       (req/s)
+#   RESULT name=cpu_ratio_<a>_vs_<b> metric=ratio value=<v>   (b's server CPU per request / a's)
+# followed by TARGET lines (a client-bound comparison says so, with its CPU ratio). Exits
+# non-zero only if something fails to run.
 set -euo pipefail
 
 BUILD=$(cd "${1:?usage: server_bench.sh <build-dir> [--quick]}" && pwd)
@@ -62,6 +67,9 @@ http {
 EOF
 nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" 2>"$TMP/nginx/stderr" & PIDS+=($!)
 wait_port "$SP"; wait_port "$SH"; wait_port "$RP"; wait_port "$NP"
+# whose CPU each port's runs are charged to (nginx: its one worker process)
+SERVER_PID[$SP]=${PIDS[0]}; SERVER_PID[$SH]=${PIDS[0]}; SERVER_PID[$RP]=${PIDS[1]}
+SERVER_PID[$NP]=$(pgrep -P "${PIDS[2]}" | head -1)
 
 # The same generous limit everywhere, so that every request does the same work.
 redis-cli -p "$SP" SL.DEFAULT SET token_bucket LIMIT 1000000000 RATE 1000000000 >/dev/null
@@ -73,22 +81,35 @@ OUT=$TMP/results.txt
 : >"$OUT"
 # wk <name> <port> : one wrk run -> rps p50 p99
 wk() {
-    local name=$1 port=$2 o
-    o=$(wrk -t 1 -c 50 -d "${DUR}s" --latency -s "$TMP/check.lua" "http://127.0.0.1:$port/api/check_and_consume") ||
+    local name=$1 port=$2 o pid c0=0 cpu
+    pid=${SERVER_PID[$port]:-}
+    [ -n "$pid" ] && c0=$(proc_cpu_ticks "$pid")
+    run_timed wrk -t 1 -c 50 -d "${DUR}s" --latency -s "$TMP/check.lua" "http://127.0.0.1:$port/api/check_and_consume" ||
         fail "wrk $name"
+    o=$(cat "$TMP/run.out")
+    cpu=$(cpu_fields "$pid" "$c0" "$(echo "$o" | awk '/ requests in /{print $1}')")
     echo "$o" | grep -q "Non-2xx" && fail "$name: non-2xx answers: $(echo "$o" | grep Non-2xx)"
-    echo "$o" | awk -v n="$name" '
+    echo "$o" | awk -v n="$name" -v cpu="$cpu" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
         /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-        END { print n, rps, p50, p99 }' >>"$OUT"
+        END { print n, rps, p50, p99, -1, cpu }' >>"$OUT"
 }
+# The requests are made once, before the clock starts (wrk's per-request Lua call then only
+# picks the next one): the cheaper the load generator, the more of the run is the server's.
 cat >"$TMP/check.lua" <<'EOF'
-math.randomseed(42)
+local reqs, n, i = {}, 100000, 0
+init = function() -- here, not at load: wrk adds the Host header after loading the script
+    math.randomseed(42)
+    for k = 1, n do
+        local c = "client:" .. math.random(100000)
+        local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
+        reqs[k] = wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
+                                           ["X-Client"] = c, ["X-Action"] = "api"}, body)
+    end
+end
 request = function()
-    local c = "client:" .. math.random(100000)
-    local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
-    return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
-                                    ["X-Client"] = c, ["X-Action"] = "api"}, body)
+    i = i % n + 1
+    return reqs[i]
 end
 EOF
 

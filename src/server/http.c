@@ -130,18 +130,19 @@ static const char *reason(int status)
 }
 
 /* "Date: Mon, 23 Nov 2026 02:40:01 GMT\r\n", formatted once per second per thread. */
-static const char *date_line(void)
+static void date_line(resp_buf *out)
 {
     static _Thread_local time_t t_sec = -1;
     static _Thread_local char t_line[64];
+    static _Thread_local size_t t_len;
     time_t now = time(NULL);
     if (now != t_sec) {
         struct tm tm;
         gmtime_r(&now, &tm);
-        strftime(t_line, sizeof t_line, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+        t_len = strftime(t_line, sizeof t_line, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
         t_sec = now;
     }
-    return t_line;
+    resp_raw(out, t_line, t_len);
 }
 
 void sd_http_reply(resp_buf *out, sd_http_tag tag, sd_endpoint ep, int status,
@@ -153,7 +154,7 @@ void sd_http_reply(resp_buf *out, sd_http_tag tag, sd_endpoint ep, int status,
     resp_raw(out, " ", 1);
     resp_str(out, reason(status));
     resp_raw(out, "\r\n", 2);
-    resp_str(out, date_line());
+    date_line(out);
     resp_str(out, "Content-Type: ");
     resp_str(out, content_type ? content_type : "application/json");
     resp_str(out, "\r\nContent-Length: ");

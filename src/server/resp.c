@@ -205,7 +205,7 @@ static int reserve(resp_buf *b, size_t n)
     return 0;
 }
 
-void resp_raw(resp_buf *b, const char *s, size_t n)
+void resp_raw_slow(resp_buf *b, const char *s, size_t n)
 {
     if (reserve(b, n) == 0) {
         memcpy(b->p + b->len, s, n);
@@ -213,20 +213,29 @@ void resp_raw(resp_buf *b, const char *s, size_t n)
     }
 }
 
-void resp_str(resp_buf *b, const char *s)
-{
-    resp_raw(b, s, strlen(s));
-}
+static const char k_pairs[201] = "00010203040506070809101112131415161718192021222324252627282930"
+                                 "31323334353637383940414243444546474849505152535455565758596061"
+                                 "62636465666768697071727374757677787980818283848586878889909192"
+                                 "93949596979899";
 
-/* "<lead><decimal><tail>" built right to left in `end`'s buffer; returns its start. */
+/* "<lead><decimal><tail>" built right to left in `end`'s buffer; returns its start. Two digits
+ * per division. */
 static char *fmt_dec(char *end, char lead, int64_t v, const char *tail, size_t tl)
 {
     char *p = end - tl;
     memcpy(p, tail, tl);
     uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
-    do
-        *--p = (char)('0' + u % 10);
-    while (u /= 10);
+    while (u >= 100) {
+        p -= 2;
+        memcpy(p, k_pairs + 2 * (u % 100), 2);
+        u /= 100;
+    }
+    if (u >= 10) {
+        p -= 2;
+        memcpy(p, k_pairs + 2 * u, 2);
+    } else {
+        *--p = (char)('0' + u);
+    }
     if (v < 0)
         *--p = '-';
     if (lead)

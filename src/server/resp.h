@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define RESP_MAX_ARGS 256          /* arguments per command */
 #define RESP_MAX_BULK (64 * 1024)  /* bytes per argument */
@@ -53,7 +54,22 @@ typedef struct resp_buf {
 
 void resp_buf_free(resp_buf *b);
 void resp_buf_reset(resp_buf *b); /* len = 0, keeps the memory */
-void resp_raw(resp_buf *b, const char *s, size_t n);
+void resp_raw_slow(resp_buf *b, const char *s, size_t n); /* resp_raw when it must grow */
+/* Append n bytes. Inline: a reply is built from many small pieces (and resp_str of a literal
+ * then needs no strlen). Nothing is appended once oom is set. */
+static inline void resp_raw(resp_buf *b, const char *s, size_t n)
+{
+    if (!b->oom && b->cap - b->len >= n) {
+        memcpy(b->p + b->len, s, n);
+        b->len += n;
+    } else {
+        resp_raw_slow(b, s, n);
+    }
+}
+static inline void resp_str(resp_buf *b, const char *s) /* raw text, no framing */
+{
+    resp_raw(b, s, strlen(s));
+}
 void resp_simple(resp_buf *b, const char *s);          /* +s */
 void resp_error(resp_buf *b, const char *fmt, ...)     /* -fmt (one line, no \r or \n) */
     __attribute__((format(printf, 2, 3)));
@@ -62,7 +78,6 @@ void resp_bulk(resp_buf *b, const char *s, size_t n);  /* $n s */
 void resp_bulk_str(resp_buf *b, const char *s);
 void resp_null(resp_buf *b);                           /* $-1 */
 void resp_array(resp_buf *b, long n);                  /* *n (then n replies) */
-void resp_str(resp_buf *b, const char *s);             /* raw text, no framing */
 void resp_dec(resp_buf *b, int64_t v);                 /* raw decimal, no framing */
 
 /* Argument helpers */
