@@ -57,6 +57,7 @@ typedef struct http_state {
     int header;              /* H_* of the value being read */
     char expect[16];
     size_t expect_len;
+    int hosts;               /* Host header fields seen */
 } http_state;
 
 /* ---- buffers ---- */
@@ -210,6 +211,7 @@ static int on_message_begin(llhttp_t *p)
     st->field_len = 0;
     st->header = H_OTHER;
     st->expect_len = 0;
+    st->hosts = 0;
     return 0;
 }
 
@@ -247,6 +249,7 @@ static int on_header_field_complete(llhttp_t *p)
     st->header = field_is(st, "authorization") ? H_AUTHORIZATION
                  : field_is(st, "expect")      ? H_EXPECT
                                                : H_OTHER;
+    st->hosts += field_is(st, "host");
     st->field_len = 0;
     if (st->header == H_AUTHORIZATION) {
         st->auth_bad |= st->have_auth; /* two Authorization headers: accept neither */
@@ -329,6 +332,12 @@ static int headers_done(sd_conn *c, size_t rest)
     }
     int has_body = (p->flags & F_CHUNKED) || (has_length && p->content_length > 0);
     int http11 = p->http_major > 1 || (p->http_major == 1 && p->http_minor >= 1);
+    /* RFC 9112 3.2: an HTTP/1.1 request without a Host header field, and any request with
+     * more than one, gets a 400 */
+    if (st->hosts > 1 || (http11 && st->hosts == 0)) {
+        fail(c, 400, st->hosts ? "more than one Host header" : "HTTP/1.1 request without a Host header");
+        return -1;
+    }
     if (has_body && rest == 0 && http11 && expects_continue(st)) /* after earlier replies */
         resp_raw(sd_reply_buf(c), "HTTP/1.1 100 Continue\r\n\r\n", 25);
     return 0;

@@ -713,6 +713,32 @@ class Protocol(HttpCase):
             status, _, _ = Reader(s).response()
             self.assertEqual(status, 200)
 
+    def test_host_header_required_once(self):
+        """RFC 9112 3.2: an HTTP/1.1 request without Host, or any request with two, is a 400
+        that closes the connection; HTTP/1.0 may leave Host out."""
+        cases = [(b"GET /api/health HTTP/1.1\r\n\r\n", "without a Host header"),
+                 (b"GET /api/health HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+                  "more than one Host header"),
+                 (b"GET /api/health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                  "more than one Host header")]
+        for raw, why in cases:
+            with connect(self.port) as s:
+                # a good request first: the bad one is answered after it, then the end
+                s.sendall(request("POST", "/api/check_and_consume", check_body("proto", "h", "a")) +
+                          raw + request("GET", "/api/health"))
+                r = Reader(s)
+                self.assertEqual(r.response()[0], 200)
+                status, hdrs, body = r.response()
+                self.assertEqual((status, hdrs.get("connection")), (400, "close"), raw)
+                self.assertIn(why, json.loads(body)["error"])
+                self.assertEqual(s.recv(100), b"", "nothing after the 400")
+        with connect(self.port) as s:  # HTTP/1.0 without Host; an empty Host value (RFC 9110 7.2)
+            s.sendall(b"GET /api/health HTTP/1.0\r\n\r\n")
+            self.assertEqual(Reader(s).response()[0], 200)
+        with connect(self.port) as s:
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost:\r\n\r\n")
+            self.assertEqual(Reader(s).response()[0], 200)
+
     def test_expect_100_continue(self):
         body = json.dumps(check_body("proto", "expect", "a")).encode()
         head = request("POST", "/api/check_and_consume", None,
