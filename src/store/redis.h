@@ -169,6 +169,10 @@ int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono);
 int sl_rs_node_down(sl_rstore *rs, int i);
 int64_t sl_rs_mono(void); /* CLOCK_MONOTONIC ns */
 
+/* Test hook: the next n allocations of a group's command buffer (redis_sync.c) succeed, every
+ * later one fails; n < 0 (the default) turns it off. Process-wide. */
+void sl_rs_fail_group_allocs_after(long n);
+
 void sl_rs_count_reconnect(sl_rstore *rs);
 void sl_rs_count_script_load(sl_rstore *rs);
 void sl_rs_stats(sl_rstore *rs, sl_store_stats *out);

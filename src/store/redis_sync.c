@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/time.h>
 
+#include "inject.h"
 #include "redis.h"
 
 #define POOL_MAX 64
@@ -203,6 +204,13 @@ static void fallback(sl_rstore *rs, slot_req *q)
 
 _Static_assert(CHUNK <= SL_RS_GROUP_MAX, "a round is planned as one set of groups");
 
+static _Atomic long g_group_fail_after = -1;
+
+void sl_rs_fail_group_allocs_after(long n)
+{
+    atomic_store(&g_group_fail_after, n);
+}
+
 /* Send every pending request, read every reply; what must go again stays pending. Requests
  * alike in all but the key go as one call (sl_rs_plan_groups): group g is pend[order[at[g]
  * .. at[g] + size[g])]. */
@@ -221,7 +229,9 @@ static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
     char *gbuf = NULL; /* a group's command */
     for (size_t g = 0, k = 0; g < ng; k += size[g++]) {
         at[g] = k;
-        if (size[g] > 1 && !gbuf && !(gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX)))
+        if (size[g] > 1 && !gbuf &&
+            (sl_inject_fails(&g_group_fail_after) ||
+             !(gbuf = malloc((size_t)SL_RS_GROUP_MAX * SL_RS_CMD_MAX))))
             break;
     }
     if (!gbuf && ng < n) { /* out of memory for a group's command: each request alone */

@@ -255,6 +255,25 @@ static void test_batch_groups(void **st)
     assert_true(ds[2].allowed && ds[2].source == SL_SOURCE_STORE && ds[2].remaining == 1);
     assert_int_equal(sl_take(l, &three[0].key, 1, SL_NOW, &d), SL_OK);
     assert_int_equal(d.remaining, 0); /* the second of 2: the first was counted once */
+
+    /* No memory for a group's command: every request of the round goes alone, decided as
+     * it would be in a group */
+    for (int i = 0; i < N; i++)
+        reqs[i].key = (sl_key)SL_KEY("t", "oom", names[i % KEYS]);
+    freeReplyObject(cmd(c, "CONFIG RESETSTAT"));
+    sl_rs_fail_group_allocs_after(0);
+    assert_int_equal(sl_take_batch(l, reqs, N, SL_NOW, ds), SL_OK);
+    sl_rs_fail_group_allocs_after(-1);
+    int got[KEYS] = {0};
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(ds[i].err, SL_OK);
+        assert_int_equal(ds[i].source, SL_SOURCE_STORE);
+        assert_int_equal(ds[i].allowed, i < 2 * KEYS); /* each key's first two */
+        got[i % KEYS] += ds[i].allowed;
+    }
+    for (int k = 0; k < KEYS; k++)
+        assert_int_equal(got[k], 2);
+    assert_int_equal(fcalls(c), N); /* one call per request */
     redisFree(c);
     sl_close(l);
 }
