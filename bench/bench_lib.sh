@@ -42,9 +42,10 @@ peer_lua_load() {
     echo "$sha"
 }
 
-# CPU accounting. SERVER_PID[port] (set by the caller for each server it starts): the pid whose
-# CPU time a run on that port is charged to. A run then also reports
-#   server_us  microseconds of that server's CPU (user + system, from /proc) per request
+# CPU accounting. SERVER_PID[port] (set by the caller for each server it starts): the pids
+# (space-separated: a server and the store behind it) whose CPU time a run on that port is
+# charged to. A run then also reports
+#   server_us  microseconds of their CPU (user + system, from /proc) per request
 #   client     the load generator's CPU time / wall time (its own `time`): near 1 means the
 #              load generator, not the server, set the pace of the run
 # (-1 when unknown). On this 2-core machine the client and the server each get one core; with
@@ -52,8 +53,12 @@ peer_lua_load() {
 # the client saturates first and every server it drives shows about the same req/s. The
 # server's CPU per request is then what still tells servers apart.
 declare -A SERVER_PID=()
-proc_cpu_ticks() { # pid -> utime + stime in clock ticks (0 when gone)
-    awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo 0
+proc_cpu_ticks() { # pids -> their utime + stime in clock ticks, summed (0 for one gone)
+    local p t=0
+    for p in "$@"; do
+        t=$((t + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
 }
 # run_timed <cmd...>: runs it with stdout to $TMP/run.out, stderr to $TMP/run.err; sets RT_REAL,
 # RT_CPU (the command's own user + system seconds); returns its status.
@@ -64,11 +69,12 @@ run_timed() {
     RT_CPU=$(awk -v a="$t" -v b="$RT_CPU" 'BEGIN {print a + b}')
     return $rc
 }
-# cpu_fields <pid or ""> <ticks before> <requests>: "server_us client" for the last run_timed.
+# cpu_fields <pids or ""> <ticks before> <requests>: "server_us client" for the last run_timed.
 cpu_fields() {
     local su=-1
     if [ -n "$1" ]; then
-        su=$(awk -v a="$2" -v b="$(proc_cpu_ticks "$1")" -v n="$3" -v hz="$(getconf CLK_TCK)" \
+        # shellcheck disable=SC2086 # the pids, one word each
+        su=$(awk -v a="$2" -v b="$(proc_cpu_ticks $1)" -v n="$3" -v hz="$(getconf CLK_TCK)" \
             'BEGIN {printf "%.2f", (n > 0 ? (b - a) / hz * 1e6 / n : -1)}')
     fi
     echo "$su $(awk -v c="$RT_CPU" -v r="$RT_REAL" 'BEGIN {printf "%.2f", (r > 0 ? c / r : -1)}')"
@@ -84,7 +90,8 @@ rb() {
     shift 4
     pid=${SERVER_PID[$port]:-}
     [ -n "${REDIS_PORT:-}" ] && redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
-    [ -n "$pid" ] && c0=$(proc_cpu_ticks "$pid")
+    # shellcheck disable=SC2086
+    [ -n "$pid" ] && c0=$(proc_cpu_ticks $pid)
     run_timed redis-benchmark -p "$port" -c 50 -n "$N" -r "$keys" -P "$pipe" --csv "$@" ||
         fail "redis-benchmark $name: $(cat "$TMP/run.err")"
     cpu=$(cpu_fields "$pid" "$c0" "$N")

@@ -21,8 +21,9 @@
 # redis_ping (Redis answering PING) is the ceiling of this setup: one request per round
 # trip per connection, with the load generator on the same 2 cores. Each run is repeated ROUNDS times (default 3),
 # alternating; medians are printed as RESULT lines, then ratios and TARGET lines
-# (>= 2x the direct script's decisions/s, p99 < 2 ms). Exits non-zero only if something
-# fails to run.
+# (>= 2x the direct script's decisions/s, p99 < 2 ms). Each run also reports the servers' CPU
+# per request (through sluiced: sluiced's and Redis's together; direct: Redis's) and the load
+# generator's CPU share (bench_lib.sh). Exits non-zero only if something fails to run.
 set -euo pipefail
 
 BUILD=$(cd "${1:?usage: redis_bench.sh <build-dir> [--quick]}" && pwd)
@@ -48,6 +49,8 @@ wait_port "$RP"
     --store "redis://127.0.0.1:$RP" 2>"$TMP/sluiced.log" & PIDS+=($!)
 wait_port "$SP"
 redis-cli -p "$SP" SL.ADMISSION SET max_tenant_queue_size 1000000 >/dev/null
+# server CPU per request (bench_lib.sh): through sluiced, sluiced's and Redis's together
+SERVER_PID[$SP]="${PIDS[1]} ${PIDS[0]}"; SERVER_PID[$RP]=${PIDS[0]}
 SHA=$(peer_lua_load "$RP")
 REDIS_PORT=$RP # rb reports Redis's script time per decision of each run (redis_us_per_decision)
 # both sides must agree on what the attack workload decides: 1 allowed, then denied

@@ -83,7 +83,8 @@ OUT=$TMP/results.txt
 wk() {
     local name=$1 port=$2 o pid c0=0 cpu
     pid=${SERVER_PID[$port]:-}
-    [ -n "$pid" ] && c0=$(proc_cpu_ticks "$pid")
+    # shellcheck disable=SC2086
+    [ -n "$pid" ] && c0=$(proc_cpu_ticks $pid)
     run_timed wrk -t 1 -c 50 -d "${DUR}s" --latency -s "$TMP/check.lua" "http://127.0.0.1:$port/api/check_and_consume" ||
         fail "wrk $name"
     o=$(cat "$TMP/run.out")
