@@ -13,6 +13,7 @@
 #include "redis.h"
 
 #define SWEEP_MS 50 /* how often in-flight requests are checked against the timeout */
+#define RL_SLOTS 16384
 
 typedef struct rl_conn rl_conn;
 
@@ -23,6 +24,8 @@ typedef struct rl_req {
     sd_item *it;         /* NULL for a group */
     rl_conn *conn;
     int64_t t0;
+    uint64_t seq;        /* arrival order (cluster: kept per slot across redirections) */
+    int counted;         /* in its slot's in-flight count (cluster) */
     struct rl_req *members; /* a group's, in key order */
     int nmembers;
     sl_rcall call;          /* not used by a group */
@@ -63,6 +66,16 @@ struct sd_rlink {
     int64_t asked_at;   /* sd_mono_ns */
     int closing;
     uv_timer_t sweep;
+    /* Cluster: a key's requests stay in order when its slot moves. All requests in flight
+     * for a slot are on one node (slot_node); a request routed elsewhere meanwhile (the slot
+     * map changed under them) waits in `held`, in arrival order, until they are answered:
+     * those still to be redirected then go first. NULL when not a cluster. */
+    struct rl_slot {
+        uint32_t inflight;
+        int16_t node;
+    } *slots;
+    rl_req *held; /* by seq */
+    uint64_t next_seq;
     char gcmd[SL_RS_GROUP_MAX * SL_RS_CMD_MAX]; /* a group's FCALL, being formatted */
 };
 
@@ -79,6 +92,8 @@ static rl_req *req_new(sd_rlink *lk)
     q->conn = NULL;
     q->members = NULL;
     q->nmembers = 0;
+    q->seq = lk->next_seq++;
+    q->counted = 0;
     return q;
 }
 
@@ -195,6 +210,8 @@ static int poll_attach(redisAsyncContext *ac, uv_loop_t *loop)
 /* ---- connections ------------------------------------------------------------------------- */
 
 static void send_req(sd_rlink *lk, rl_req *q);
+static int uncount(sd_rlink *lk, rl_req *q);
+static void release_held(sd_rlink *lk, uint16_t slot);
 static void discover(sd_rlink *lk);
 static void drop_timed_out(rl_conn *c);
 
@@ -383,12 +400,16 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
         settle_group(lk, c, q, r);
         return;
     }
+    uint16_t slot = q->call.slot;
+    int counted = uncount(lk, q);
     if (!r) { /* the connection failed or was closed */
         fail(lk, q);
-        return;
+    } else {
+        sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
+        settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
     }
-    sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
-    settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
+    if (counted)
+        release_held(lk, slot);
 }
 
 static void on_slots(redisAsyncContext *ac, void *r, void *priv)
@@ -464,6 +485,74 @@ static void in_flight(rl_conn *c, rl_req *q)
     append(&c->head, &c->tail, q);
 }
 
+/* ---- a slot's order (cluster) ------------------------------------------------------------ */
+
+/* Must q wait: requests for its slot in flight on another node, or an earlier request for
+ * its slot waiting? */
+static int must_wait(const sd_rlink *lk, const rl_req *q)
+{
+    if (!lk->slots)
+        return 0;
+    const struct rl_slot *sl = &lk->slots[q->call.slot];
+    if (sl->inflight && sl->node != q->call.node)
+        return 1;
+    for (const rl_req *h = lk->held; h && h->seq < q->seq; h = h->next)
+        if (h->call.slot == q->call.slot)
+            return 1;
+    return 0;
+}
+
+static void hold(sd_rlink *lk, rl_req *q)
+{
+    rl_req **pp = &lk->held;
+    while (*pp && (*pp)->seq < q->seq)
+        pp = &(*pp)->next;
+    q->next = *pp;
+    *pp = q;
+}
+
+/* q's reply has come (or never will): it no longer holds its slot. 1 if it did. */
+static int uncount(sd_rlink *lk, rl_req *q)
+{
+    if (!q->counted)
+        return 0;
+    q->counted = 0;
+    lk->slots[q->call.slot].inflight--;
+    return 1;
+}
+
+/* Send, in arrival order, what waited for `slot` (each may wait again). */
+static void release_held(sd_rlink *lk, uint16_t slot)
+{
+    if (lk->slots[slot].inflight)
+        return;
+    rl_req *mine = NULL, **tail = &mine;
+    for (rl_req **pp = &lk->held; *pp;) {
+        rl_req *h = *pp;
+        if (h->call.slot == slot) {
+            *pp = h->next;
+            h->next = NULL;
+            *tail = h;
+            tail = &h->next;
+        } else {
+            pp = &h->next;
+        }
+    }
+    while (mine) {
+        rl_req *next = mine->next;
+        mine->next = NULL;
+        if (lk->closing) {
+            fail(lk, mine);
+        } else {
+            /* the slot map may have changed again meanwhile (an ASK's target stays) */
+            if (!mine->call.asking)
+                mine->call.node = sl_rs_slot_node(lk->rs, mine->call.slot);
+            send_req(lk, mine);
+        }
+        mine = next;
+    }
+}
+
 static void send_req(sd_rlink *lk, rl_req *q)
 {
     if (!sl_rs_topology_known(lk->rs)) {
@@ -480,6 +569,12 @@ static void send_req(sd_rlink *lk, rl_req *q)
         append(&c->held_new, &c->held_new_tail, q);
         return;
     }
+    if (!lk->slots && sl_rs_is_cluster(lk->rs)) /* out of memory: no order kept */
+        lk->slots = calloc(RL_SLOTS, sizeof *lk->slots);
+    if (must_wait(lk, q)) {
+        hold(lk, q);
+        return;
+    }
     if (q->call.asking)
         redisAsyncCommand(c->ac, NULL, NULL, "ASKING");
     if (redisAsyncFormattedCommand(c->ac, on_reply, q, q->call.cmd, q->call.len) != REDIS_OK) {
@@ -487,6 +582,12 @@ static void send_req(sd_rlink *lk, rl_req *q)
         return;
     }
     in_flight(c, q);
+    if (lk->slots) {
+        struct rl_slot *sl = &lk->slots[q->call.slot];
+        sl->inflight++;
+        sl->node = (int16_t)q->call.node;
+        q->counted = 1;
+    }
 }
 
 /* Send members[0..n) (n >= 2, all groupable with the first) as one FCALL. */
@@ -680,6 +781,12 @@ void sd_rlink_close(sd_rlink *lk)
         }
     }
     fail_waiting(lk);
+    while (lk->held) {
+        rl_req *q = lk->held;
+        lk->held = q->next;
+        q->next = NULL;
+        fail(lk, q);
+    }
 }
 
 void sd_rlink_free(sd_rlink *lk)
@@ -692,5 +799,6 @@ void sd_rlink_free(sd_rlink *lk)
         n = q->next;
         free(q);
     }
+    free(lk->slots);
     free(lk);
 }

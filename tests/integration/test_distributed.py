@@ -785,6 +785,73 @@ class ClusterTest(unittest.TestCase):
                 stop_all(srvs)
 
 
+class ClusterOrderTest(unittest.TestCase):
+    def test_requests_for_a_key_stay_in_order_when_its_slot_moves(self):
+        """A key's slot moves to another master while sluiced still routes it to the old one,
+        whose replies arrive in pieces (a proxy in front of it, announced as its address). One
+        client sends requests for the key 1 ms apart, costs 1 and 2 alternating: those sent to
+        the old master come back MOVED one by one, and those arriving after the first MOVED
+        would go to the new master at once, overtaking the ones still to be redirected. All
+        are decided in the order sent (each remaining is the one before less its cost)."""
+        with RedisCluster(3) as c:
+            a, b = c.nodes[0], c.nodes[1]
+            proxy = SlowReplies(a.port)
+            try:
+                ca, cb = a.client(), b.client()
+                ca.config_set("cluster-announce-bus-port", a.port + 10000)
+                ca.config_set("cluster-announce-port", proxy.port)
+                deadline = time.monotonic() + 20
+                while not any(n[2][1] == proxy.port for n in
+                              cb.execute_command("CLUSTER", "SLOTS")):
+                    self.assertLess(time.monotonic(), deadline, "the new port never spread")
+                    time.sleep(0.05)
+                with Sluiced("--store", "redis://127.0.0.1:%d" % b.port) as s:
+                    cl = redis.Redis(port=s.resp_port)
+                    key = None
+                    for i in range(200):  # a key that lives on the proxied master
+                        cl.execute_command("CL.THROTTLE", "ord%d" % i, 1000000, 1, 1)
+                        if ca.dbsize():
+                            key, name = "ord%d" % i, ca.keys("sl:*")[0]
+                            break
+                    self.assertIsNotNone(key)
+                    ids = [n.client().execute_command("CLUSTER", "MYID").decode()
+                           for n in (a, b)]
+                    slot = ca.execute_command("CLUSTER", "KEYSLOT", name)
+                    cb.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[0])
+                    ca.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[1])
+                    ca.execute_command("MIGRATE", "127.0.0.1", b.port, name, 0, 5000)
+                    for n in c.nodes:
+                        n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[1])
+                    proxy.slow.set()
+                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
+                    sk.settimeout(30)
+                    n, got = 40, bytearray()
+
+                    def read():
+                        while got.count(b"*5\r\n") < n:
+                            d = sk.recv(65536)
+                            if not d:
+                                return
+                            got.extend(d)
+                    reader = threading.Thread(target=read)
+                    reader.start()
+                    costs = [1 + i % 2 for i in range(n)]
+                    for q in costs:
+                        sk.sendall(resp_command("CL.THROTTLE", key, 1000000, 1, 1, q))
+                        time.sleep(0.001)
+                    reader.join(30)
+                    sk.close()
+                    rows = [p.split(b"\r\n") for p in bytes(got).split(b"*5\r\n")[1:]]
+                    self.assertEqual(len(rows), n)
+                    self.assertEqual([int(x[0][1:]) for x in rows], [0] * n)  # all allowed
+                    left = [int(x[2][1:]) for x in rows]
+                    want = [1000000 - sum(costs[:i + 1]) for i in range(n)]
+                    self.assertEqual(left, want)
+                    self.assertGreater(metrics(s)["sluice_redis_redirects_total"], 0)
+            finally:
+                proxy.close()
+
+
 class FailoverTest(unittest.TestCase):
     def test_master_fails_replica_takes_over(self):
         """Three masters with a replica each. A master is killed: its keys are decided by the
