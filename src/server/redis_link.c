@@ -408,7 +408,9 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
         sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
         settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
     }
-    if (counted)
+    /* Not from inside a failing connection's callbacks (they may be reopening it): the
+     * sweep releases those. */
+    if (counted && r)
         release_held(lk, slot);
 }
 
@@ -741,6 +743,15 @@ static void on_sweep(uv_timer_t *t)
         drop_timed_out(lk->asked);
     if (!lk->closing)
         probe_down_nodes(lk, now, limit);
+    /* requests held for a slot whose last request in flight failed with its connection */
+    for (rl_req *h = lk->held; h && !lk->closing;) {
+        if (lk->slots[h->call.slot].inflight) {
+            h = h->next;
+            continue;
+        }
+        release_held(lk, h->call.slot);
+        h = lk->held; /* the list changed: from the start (a slot released is gone from it) */
+    }
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_conn *c = lk->nodes[i] ? &lk->nodes[i]->c : NULL;
         if (c && c->ac && ((c->head && now - c->head->t0 > limit) ||
