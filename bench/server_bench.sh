@@ -6,7 +6,8 @@
 # RESP (redis-benchmark, 100k random keys, 50 connections, with and without -P 16):
 #   sluiced CL.THROTTLE and SL.TAKE   vs   a private redis-server running a token bucket in
 #   Lua through EVALSHA, and plain INCR (the ceiling for a RESP server here).
-# HTTP (wrk, 50 connections, POST /api/check_and_consume with a random client of 100k):
+# HTTP (wrk, 50 connections, POST /api/check_and_consume with a random client of 100k, one
+# request per write and 16 pipelined per write):
 #   sluiced   vs   nginx answering 200/429 from a limit_req zone keyed the same way.
 # Each server under test gets one thread / worker / process (redis-server is single-threaded;
 # the load generator needs the other core of this 2-core machine). Every measurement runs
@@ -79,33 +80,43 @@ SHA=$(peer_lua_load "$RP")
 # ---- measurements ----
 OUT=$TMP/results.txt
 : >"$OUT"
-# wk <name> <port> : one wrk run -> rps p50 p99
+# wk <name> <port> <pipeline>: one wrk run -> rps p50 p99 (each connection sends <pipeline>
+# requests in one write, as redis-benchmark -P does)
 wk() {
-    local name=$1 port=$2 o pid c0=0 cpu
+    local name=$1 port=$2 pipe=$3 o pid c0=0 cpu
     pid=${SERVER_PID[$port]:-}
     # shellcheck disable=SC2086
     [ -n "$pid" ] && c0=$(proc_cpu_ticks $pid)
-    run_timed wrk -t 1 -c 50 -d "${DUR}s" --latency -s "$TMP/check.lua" "http://127.0.0.1:$port/api/check_and_consume" ||
-        fail "wrk $name"
+    run_timed wrk -t 1 -c 50 -d "${DUR}s" --latency -s "$TMP/check.lua" \
+        "http://127.0.0.1:$port/api/check_and_consume" -- "$pipe" || fail "wrk $name"
     o=$(cat "$TMP/run.out")
     cpu=$(cpu_fields "$pid" "$c0" "$(echo "$o" | awk '/ requests in /{print $1}')")
     echo "$o" | grep -q "Non-2xx" && fail "$name: non-2xx answers: $(echo "$o" | grep Non-2xx)"
-    echo "$o" | awk -v n="$name" -v cpu="$cpu" '
+    # wrk's latency percentiles do not count pipelined responses (it prints 0.00us): -1
+    echo "$o" | awk -v n="$name" -v cpu="$cpu" -v pipe="$pipe" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
         /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-        END { print n, rps, p50, p99, -1, cpu }' >>"$OUT"
+        END { if (pipe > 1) p50 = p99 = -1; print n, rps, p50, p99, -1, cpu }' >>"$OUT"
 }
 # The requests are made once, before the clock starts (wrk's per-request Lua call then only
 # picks the next one): the cheaper the load generator, the more of the run is the server's.
 cat >"$TMP/check.lua" <<'EOF'
 local reqs, n, i = {}, 100000, 0
-init = function() -- here, not at load: wrk adds the Host header after loading the script
+init = function(args) -- here, not at load: wrk adds the Host header after loading the script
+    local depth = tonumber(args[1]) or 1
     math.randomseed(42)
     for k = 1, n do
         local c = "client:" .. math.random(100000)
         local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
         reqs[k] = wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
                                            ["X-Client"] = c, ["X-Action"] = "api"}, body)
+    end
+    if depth > 1 then -- `depth` requests per write; wrk counts each response
+        local batches = {}
+        for b = 0, math.floor(n / depth) - 1 do
+            batches[b + 1] = table.concat(reqs, "", b * depth + 1, (b + 1) * depth)
+        end
+        reqs, n = batches, #batches
     end
 end
 request = function()
@@ -122,12 +133,14 @@ for r in $(seq 1 "$ROUNDS"); do
         rb "sluiced_sl_take_P$P" "$SP" "$P" 100000 SL.TAKE bench api client:__rand_int__
         rb "redis_incr_P$P" "$RP" "$P" 100000 INCR incr:__rand_int__
     done
-    wk sluiced_http "$SH"
-    wk nginx_limit_req "$NP"
+    for P in 1 16; do
+        wk "sluiced_http$([ "$P" = 1 ] || echo _P$P)" "$SH" "$P"
+        wk "nginx_limit_req$([ "$P" = 1 ] || echo _P$P)" "$NP" "$P"
+    done
 done
 T1=$(date +%s)
 grep -q "BUSY\|error" "$TMP/sluiced.log" && fail "sluiced logged errors: $(head -3 "$TMP/sluiced.log")"
 
 echo "# sluiced server bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, $ROUNDS rounds," \
      "redis-benchmark -c 50 -r 100000 -n $N, wrk -t 1 -c 50 -d ${DUR}s, $((T1 - T0)) s"
-summarize "sluiced_cl_throttle_P1:redis_lua_P1:3 sluiced_cl_throttle_P16:redis_lua_P16:3 sluiced_cl_throttle_P1:redis_incr_P1:0.9 sluiced_cl_throttle_P16:redis_incr_P16:0.9 sluiced_sl_take_P1:redis_incr_P1:0.9 sluiced_sl_take_P16:redis_incr_P16:0.9 sluiced_http:nginx_limit_req:1" 1 "^sluiced"
+summarize "sluiced_cl_throttle_P1:redis_lua_P1:3 sluiced_cl_throttle_P16:redis_lua_P16:3 sluiced_cl_throttle_P1:redis_incr_P1:0.9 sluiced_cl_throttle_P16:redis_incr_P16:0.9 sluiced_sl_take_P1:redis_incr_P1:0.9 sluiced_sl_take_P16:redis_incr_P16:0.9 sluiced_http:nginx_limit_req:1 sluiced_http_P16:nginx_limit_req_P16:1" 1 "^sluiced"
