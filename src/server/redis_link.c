@@ -23,9 +23,11 @@ typedef struct rl_req {
     struct rl_req *next; /* the connection's in-flight FIFO, a group's members, the free list */
     sd_item *it;         /* NULL for a group */
     rl_conn *conn;
-    int64_t t0;
+    int64_t t0;          /* sd_mono_ns at arrival (the decision's latency) */
+    int64_t sent;        /* sd_mono_ns when last written (its timeout, the node's health) */
     uint64_t seq;        /* arrival order (cluster: kept per slot across redirections) */
-    int counted;         /* in its slot's in-flight count (cluster) */
+    int counted;         /* in its slot's in-flight count (cluster): sent, or parked on a
+                            connection until its FUNCTION LOAD is answered */
     struct rl_req *members; /* a group's, in key order */
     int nmembers;
     sl_rcall call;          /* not used by a group */
@@ -210,8 +212,10 @@ static int poll_attach(redisAsyncContext *ac, uv_loop_t *loop)
 /* ---- connections ------------------------------------------------------------------------- */
 
 static void send_req(sd_rlink *lk, rl_req *q);
+static void count(sd_rlink *lk, rl_req *q, int node);
 static int uncount(sd_rlink *lk, rl_req *q);
 static void release_held(sd_rlink *lk, uint16_t slot);
+static void release_ready(sd_rlink *lk);
 static void discover(sd_rlink *lk);
 static void drop_timed_out(rl_conn *c);
 
@@ -332,11 +336,14 @@ static void on_loaded(redisAsyncContext *ac, void *r, void *priv)
         for (rl_req *q = lists[k], *next; q; q = next) {
             next = q->next;
             q->next = NULL;
+            uncount(c->lk, q);
             if (loaded && !c->lk->closing)
                 send_req(c->lk, q);
             else
                 fail(c->lk, q);
         }
+    if (rep) /* not from inside a failing connection's callbacks: the sweep does those */
+        release_ready(c->lk);
 }
 
 /* Act on what sl_rs_finish said about request q's reply (not a group's). */
@@ -355,10 +362,12 @@ static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, int st)
                 c->load_at = sd_mono_ns();
             }
         }
-        if (c->load_queued)
+        if (c->load_queued) {
             append(&c->held_old, &c->held_old_tail, q);
-        else
+            count(lk, q, c->node); /* parked on this node: its slot's order waits for it */
+        } else {
             send_req(lk, q);
+        }
         break;
     case SL_RS_RESEND:
         send_req(lk, q);
@@ -375,7 +384,7 @@ static void settle_group(sd_rlink *lk, rl_conn *c, rl_req *g, const redisReply *
     rl_req *m = g->members;
     size_t n = (size_t)g->nmembers;
     if (r)
-        sl_rs_node_ok(lk->rs, c->node, g->t0);
+        sl_rs_node_ok(lk->rs, c->node, g->sent);
     recycle(lk, g);
     for (size_t i = 0; m; i++) {
         rl_req *next = m->next;
@@ -405,7 +414,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
     if (!r) { /* the connection failed or was closed */
         fail(lk, q);
     } else {
-        sl_rs_node_ok(lk->rs, c->node, q->t0); /* t0: sd_mono_ns, the same clock */
+        sl_rs_node_ok(lk->rs, c->node, q->sent); /* sd_mono_ns, the same clock */
         settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
     }
     /* Not from inside a failing connection's callbacks (they may be reopening it): the
@@ -484,6 +493,7 @@ static rl_conn *conn_for(sd_rlink *lk, int node)
 static void in_flight(rl_conn *c, rl_req *q)
 {
     q->conn = c;
+    q->sent = sd_mono_ns();
     append(&c->head, &c->tail, q);
 }
 
@@ -511,6 +521,17 @@ static void hold(sd_rlink *lk, rl_req *q)
         pp = &(*pp)->next;
     q->next = *pp;
     *pp = q;
+}
+
+/* q is on its way to `node` (sent, or parked there until a load is answered). */
+static void count(sd_rlink *lk, rl_req *q, int node)
+{
+    if (!lk->slots || q->counted)
+        return;
+    struct rl_slot *sl = &lk->slots[q->call.slot];
+    sl->inflight++;
+    sl->node = (int16_t)node;
+    q->counted = 1;
 }
 
 /* q's reply has come (or never will): it no longer holds its slot. 1 if it did. */
@@ -555,6 +576,19 @@ static void release_held(sd_rlink *lk, uint16_t slot)
     }
 }
 
+/* Send what waits for slots that have nothing in flight any more. */
+static void release_ready(sd_rlink *lk)
+{
+    for (rl_req *h = lk->held; h && !lk->closing;) {
+        if (lk->slots[h->call.slot].inflight) {
+            h = h->next;
+            continue;
+        }
+        release_held(lk, h->call.slot);
+        h = lk->held; /* the list changed: from the start (a slot released is gone from it) */
+    }
+}
+
 static void send_req(sd_rlink *lk, rl_req *q)
 {
     if (!sl_rs_topology_known(lk->rs)) {
@@ -567,14 +601,15 @@ static void send_req(sd_rlink *lk, rl_req *q)
         fail(lk, q);
         return;
     }
-    if (c->load_queued) { /* goes after the load, behind what it refused */
-        append(&c->held_new, &c->held_new_tail, q);
-        return;
-    }
     if (!lk->slots && sl_rs_is_cluster(lk->rs)) /* out of memory: no order kept */
         lk->slots = calloc(RL_SLOTS, sizeof *lk->slots);
     if (must_wait(lk, q)) {
         hold(lk, q);
+        return;
+    }
+    if (c->load_queued) { /* goes after the load, behind what it refused */
+        append(&c->held_new, &c->held_new_tail, q);
+        count(lk, q, c->node);
         return;
     }
     if (q->call.asking)
@@ -584,12 +619,7 @@ static void send_req(sd_rlink *lk, rl_req *q)
         return;
     }
     in_flight(c, q);
-    if (lk->slots) {
-        struct rl_slot *sl = &lk->slots[q->call.slot];
-        sl->inflight++;
-        sl->node = (int16_t)q->call.node;
-        q->counted = 1;
-    }
+    count(lk, q, c->node);
 }
 
 /* Send members[0..n) (n >= 2, all groupable with the first) as one FCALL. */
@@ -744,17 +774,10 @@ static void on_sweep(uv_timer_t *t)
     if (!lk->closing)
         probe_down_nodes(lk, now, limit);
     /* requests held for a slot whose last request in flight failed with its connection */
-    for (rl_req *h = lk->held; h && !lk->closing;) {
-        if (lk->slots[h->call.slot].inflight) {
-            h = h->next;
-            continue;
-        }
-        release_held(lk, h->call.slot);
-        h = lk->held; /* the list changed: from the start (a slot released is gone from it) */
-    }
+    release_ready(lk);
     for (int i = 0; i < SL_RS_MAX_NODES; i++) {
         rl_conn *c = lk->nodes[i] ? &lk->nodes[i]->c : NULL;
-        if (c && c->ac && ((c->head && now - c->head->t0 > limit) ||
+        if (c && c->ac && ((c->head && now - c->head->sent > limit) ||
                            (c->load_queued && now - c->load_at > limit)))
             drop_timed_out(c); /* a load unanswered holds requests: they fail with it */
     }

@@ -785,6 +785,133 @@ class ClusterTest(unittest.TestCase):
                 stop_all(srvs)
 
 
+class Gate:
+    """A TCP proxy in front of a Redis whose replies pass freely until `hold(n)`: from then on
+    it lets n more reply lines through and keeps the rest until `release(n)` (n more lines) or
+    `open()` (everything, and free passage again)."""
+
+    def __init__(self, redis_port):
+        self.redis_port = redis_port
+        self.lock = threading.Lock()
+        self.holding, self.budget, self.buf, self.dst = False, 0, b"", None
+        self.socks = []
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.port = free_port()
+        self.ls.bind(("127.0.0.1", self.port))
+        self.ls.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.ls.accept()
+                b = socket.create_connection(("127.0.0.1", self.redis_port))
+            except OSError:
+                return
+            self.socks += [a, b]
+            threading.Thread(target=self._pipe, args=(a, b, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(b, a, True), daemon=True).start()
+
+    def _flush(self):  # under the lock
+        while self.budget > 0 and b"\r\n" in self.buf:
+            i = self.buf.index(b"\r\n") + 2
+            self.dst.sendall(self.buf[:i])
+            self.buf, self.budget = self.buf[i:], self.budget - 1
+
+    def _pipe(self, src, dst, replies):
+        try:
+            while True:
+                d = src.recv(65536)
+                if not d:
+                    break
+                with self.lock:
+                    if replies and self.holding:
+                        self.dst = dst
+                        self.buf += d
+                        self._flush()
+                        continue
+                dst.sendall(d)
+        except OSError:
+            pass
+
+    def hold(self, n=0):
+        with self.lock:
+            self.holding, self.budget = True, n
+
+    def release(self, n):
+        with self.lock:
+            self.budget += n
+            if self.dst:
+                self._flush()
+
+    def open(self):
+        with self.lock:
+            self.holding = False
+            if self.dst and self.buf:
+                self.dst.sendall(self.buf)
+            self.buf = b""
+
+    def close(self):
+        for x in [self.ls] + self.socks:
+            try:
+                x.close()
+            except OSError:
+                pass
+
+
+def announce(cluster, node, port):
+    """Make `node` of `cluster` announce `port` (a proxy in front of it) as its address, and
+    wait until every node's CLUSTER SLOTS says so."""
+    cl = node.client()
+    cl.config_set("cluster-announce-bus-port", node.port + 10000)
+    cl.config_set("cluster-announce-port", port)
+    deadline = time.monotonic() + 20
+    while not all(any(n[2][1] == port for n in x.client().execute_command("CLUSTER", "SLOTS"))
+                  for x in cluster.nodes):
+        if time.monotonic() > deadline:
+            raise AssertionError("the announced port never spread")
+        time.sleep(0.05)
+
+
+def key_on(srv_client, node, prefix):
+    """A CL.THROTTLE key that lives on `node`: (key, its Redis name). It is made by one request
+    of `CL.THROTTLE key 50000 1 60` (50,000 left, refilling 1 a minute: its TTL outlives the
+    test)."""
+    for i in range(500):
+        k = "%s%d" % (prefix, i)
+        srv_client.execute_command("CL.THROTTLE", k, 50000, 1, 60)
+        names = [n for n in node.client().keys("sl:*") if k.encode() in n]
+        if names:
+            return k, names[0]
+    raise AssertionError("no key of %s landed on the node" % prefix)
+
+
+def move_slot(cluster, src, dst, name):
+    """Move the slot of Redis key `name` from node src to node dst, key and all, without
+    telling any client."""
+    cs, cd = src.client(), dst.client()
+    ids = [n.client().execute_command("CLUSTER", "MYID").decode() for n in (src, dst)]
+    slot = cs.execute_command("CLUSTER", "KEYSLOT", name)
+    cd.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[0])
+    cs.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[1])
+    cs.execute_command("MIGRATE", "127.0.0.1", dst.port, name, 0, 5000)
+    for n in cluster.nodes:
+        n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[1])
+
+
+def throttle_replies(sk, n):
+    """The first n CL.THROTTLE replies read from socket sk: [(limited, remaining)]."""
+    got = bytearray()
+    while got.count(b"*5\r\n") < n:
+        d = sk.recv(65536)
+        if not d:
+            break
+        got.extend(d)
+    rows = [p.split(b"\r\n") for p in bytes(got).split(b"*5\r\n")[1:]]
+    return [(int(x[0][1:]), int(x[2][1:])) for x in rows]
+
+
 class ClusterOrderTest(unittest.TestCase):
     def test_requests_for_a_key_stay_in_order_when_its_slot_moves(self):
         """A key's slot moves to another master while sluiced still routes it to the old one,
@@ -797,59 +924,106 @@ class ClusterOrderTest(unittest.TestCase):
             a, b = c.nodes[0], c.nodes[1]
             proxy = SlowReplies(a.port)
             try:
-                ca, cb = a.client(), b.client()
-                ca.config_set("cluster-announce-bus-port", a.port + 10000)
-                ca.config_set("cluster-announce-port", proxy.port)
-                deadline = time.monotonic() + 20
-                while not any(n[2][1] == proxy.port for n in
-                              cb.execute_command("CLUSTER", "SLOTS")):
-                    self.assertLess(time.monotonic(), deadline, "the new port never spread")
-                    time.sleep(0.05)
+                announce(c, a, proxy.port)
                 with Sluiced("--store", "redis://127.0.0.1:%d" % b.port) as s:
-                    cl = redis.Redis(port=s.resp_port)
-                    key = None
-                    for i in range(200):  # a key that lives on the proxied master
-                        cl.execute_command("CL.THROTTLE", "ord%d" % i, 1000000, 1, 1)
-                        if ca.dbsize():
-                            key, name = "ord%d" % i, ca.keys("sl:*")[0]
-                            break
-                    self.assertIsNotNone(key)
-                    ids = [n.client().execute_command("CLUSTER", "MYID").decode()
-                           for n in (a, b)]
-                    slot = ca.execute_command("CLUSTER", "KEYSLOT", name)
-                    cb.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[0])
-                    ca.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[1])
-                    ca.execute_command("MIGRATE", "127.0.0.1", b.port, name, 0, 5000)
-                    for n in c.nodes:
-                        n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[1])
+                    key, name = key_on(redis.Redis(port=s.resp_port), a, "ord")
+                    move_slot(c, a, b, name)
                     proxy.slow.set()
                     sk = socket.create_connection(("127.0.0.1", s.resp_port))
                     sk.settimeout(30)
-                    n, got = 40, bytearray()
-
-                    def read():
-                        while got.count(b"*5\r\n") < n:
-                            d = sk.recv(65536)
-                            if not d:
-                                return
-                            got.extend(d)
-                    reader = threading.Thread(target=read)
+                    n, rows = 40, []
+                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, n)))
                     reader.start()
                     costs = [1 + i % 2 for i in range(n)]
                     for q in costs:
-                        sk.sendall(resp_command("CL.THROTTLE", key, 1000000, 1, 1, q))
+                        sk.sendall(resp_command("CL.THROTTLE", key, 50000, 1, 60, q))
                         time.sleep(0.001)
                     reader.join(30)
                     sk.close()
-                    rows = [p.split(b"\r\n") for p in bytes(got).split(b"*5\r\n")[1:]]
                     self.assertEqual(len(rows), n)
-                    self.assertEqual([int(x[0][1:]) for x in rows], [0] * n)  # all allowed
-                    left = [int(x[2][1:]) for x in rows]
-                    want = [1000000 - sum(costs[:i + 1]) for i in range(n)]
-                    self.assertEqual(left, want)
+                    self.assertEqual([x[0] for x in rows], [0] * n)  # all allowed
+                    want = [50000 - sum(costs[:i + 1]) for i in range(n)]
+                    self.assertEqual([x[1] for x in rows], want)
                     self.assertGreater(metrics(s)["sluice_redis_redirects_total"], 0)
             finally:
                 proxy.close()
+
+    def test_order_kept_when_the_new_master_reloads_the_library(self):
+        """The slot moves to a master that has lost sluice's function library. R_a and R0 go
+        to the old master (held at a proxy); a request for another key of the new master gets
+        "Function not found", so its connection waits for FUNCTION LOAD (held at the new
+        master's proxy); R_a comes back MOVED, then R1 arrives, then R0 comes back MOVED. R1
+        must not be decided before R0, though both end up waiting for the load."""
+        with RedisCluster(3) as c:
+            a, b = c.nodes[0], c.nodes[1]
+            pa, pb = Gate(a.port), Gate(b.port)
+            try:
+                announce(c, a, pa.port)
+                announce(c, b, pb.port)
+                with Sluiced("--store", "redis://127.0.0.1:%d" % c.nodes[2].port,
+                             "--redis-timeout", "20000", threads=1) as s:
+                    cl = redis.Redis(port=s.resp_port)
+                    k, name = key_on(cl, a, "ka")
+                    k2, _ = key_on(cl, b, "kb")
+                    move_slot(c, a, b, name)
+                    b.client().execute_command("FUNCTION", "FLUSH")
+                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
+                    sk.settimeout(30)
+                    rows = []
+                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, 4)))
+                    reader.start()
+                    pa.hold()
+                    sk.sendall(resp_command("CL.THROTTLE", k, 50000, 1, 60, 1) +    # R_a
+                               resp_command("CL.THROTTLE", k, 50000, 1, 60, 2))     # R0
+                    time.sleep(0.3)
+                    pb.hold(1)  # "Function not found" passes, the load's reply waits
+                    sk.sendall(resp_command("CL.THROTTLE", k2, 50000, 1, 60, 1))   # R_x
+                    time.sleep(0.3)
+                    pa.release(1)  # R_a: MOVED
+                    time.sleep(0.3)
+                    sk.sendall(resp_command("CL.THROTTLE", k, 50000, 1, 60, 4))     # R1
+                    time.sleep(0.3)
+                    pa.open()  # R0: MOVED
+                    time.sleep(0.3)
+                    pb.open()
+                    reader.join(30)
+                    sk.close()
+                    # replies in request order: R_a, R0, R_x, R1; R1 after R0
+                    self.assertEqual([x[0] for x in rows], [0, 0, 0, 0], s.log())
+                    self.assertEqual([rows[0][1], rows[1][1], rows[3][1]],
+                                     [49999, 49997, 49993])
+            finally:
+                pa.close()
+                pb.close()
+
+    def test_a_request_held_for_a_hung_master_does_not_time_out_the_new_one(self):
+        """The old master answers the first of two requests for a moved key (MOVED) and then
+        hangs. The first waits behind the second, still on the hung master, until that one
+        times out (the fail mode decides it); then the first goes to the new master and is
+        decided there: the time it waited is not counted against the new master, which
+        stays up."""
+        with RedisCluster(3) as c:
+            a, b = c.nodes[0], c.nodes[1]
+            pa = Gate(a.port)
+            try:
+                announce(c, a, pa.port)
+                with Sluiced("--store", "redis://127.0.0.1:%d" % b.port, threads=1) as s:
+                    key, name = key_on(redis.Redis(port=s.resp_port), a, "hung")
+                    move_slot(c, a, b, name)
+                    pa.hold(1)  # the first reply passes, then nothing
+                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
+                    sk.settimeout(30)
+                    sk.sendall(resp_command("CL.THROTTLE", key, 50000, 1, 60, 1) +
+                               resp_command("CL.THROTTLE", key, 50000, 1, 60, 1))
+                    rows = throttle_replies(sk, 2)
+                    sk.close()
+                    self.assertEqual(len(rows), 2, s.log())
+                    self.assertEqual(rows[0], (0, 49999), s.log())  # decided by Redis
+                    self.assertEqual(rows[1][0], 1)  # the fail mode (closed)
+                    m = metrics(s)
+                    self.assertEqual(m['sluice_redis_decisions_total{source="fail_closed"}'], 1)
+            finally:
+                pa.close()
 
 
 class FailoverTest(unittest.TestCase):
