@@ -75,8 +75,10 @@ struct sd_rlink {
     struct rl_slot {
         uint32_t inflight;
         int16_t node;
+        uint32_t nheld;  /* requests of this slot in `held` */
+        uint64_t oldest; /* the smallest seq among them (when nheld) */
     } *slots;
-    rl_req *held; /* by seq */
+    rl_req *held, *held_tail; /* by seq: fresh arrivals append; only resends search */
     uint64_t next_seq;
     char gcmd[SL_RS_GROUP_MAX * SL_RS_CMD_MAX]; /* a group's FCALL, being formatted */
 };
@@ -508,16 +510,21 @@ static int must_wait(const sd_rlink *lk, const rl_req *q)
     const struct rl_slot *sl = &lk->slots[q->call.slot];
     if (sl->inflight && sl->node != q->call.node)
         return 1;
-    for (const rl_req *h = lk->held; h && h->seq < q->seq; h = h->next)
-        if (h->call.slot == q->call.slot)
-            return 1;
-    return 0;
+    return sl->nheld && sl->oldest < q->seq;
 }
 
 static void hold(sd_rlink *lk, rl_req *q)
 {
-    rl_req **pp = &lk->held;
-    while (*pp && (*pp)->seq < q->seq)
+    struct rl_slot *sl = &lk->slots[q->call.slot];
+    if (!sl->nheld++ || q->seq < sl->oldest)
+        sl->oldest = q->seq;
+    q->next = NULL;
+    if (!lk->held || lk->held_tail->seq < q->seq) { /* a fresh arrival: the newest */
+        append(&lk->held, &lk->held_tail, q);
+        return;
+    }
+    rl_req **pp = &lk->held; /* a resend: before the later arrivals */
+    while ((*pp)->seq < q->seq)
         pp = &(*pp)->next;
     q->next = *pp;
     *pp = q;
@@ -547,9 +554,11 @@ static int uncount(sd_rlink *lk, rl_req *q)
 /* Send, in arrival order, what waited for `slot` (each may wait again). */
 static void release_held(sd_rlink *lk, uint16_t slot)
 {
-    if (lk->slots[slot].inflight)
+    struct rl_slot *sl = &lk->slots[slot];
+    if (sl->inflight || !sl->nheld)
         return;
-    rl_req *mine = NULL, **tail = &mine;
+    sl->nheld = 0;
+    rl_req *mine = NULL, **tail = &mine, *last = NULL;
     for (rl_req **pp = &lk->held; *pp;) {
         rl_req *h = *pp;
         if (h->call.slot == slot) {
@@ -558,9 +567,11 @@ static void release_held(sd_rlink *lk, uint16_t slot)
             *tail = h;
             tail = &h->next;
         } else {
+            last = h;
             pp = &h->next;
         }
     }
+    lk->held_tail = last;
     while (mine) {
         rl_req *next = mine->next;
         mine->next = NULL;
@@ -819,8 +830,10 @@ void sd_rlink_close(sd_rlink *lk)
         rl_req *q = lk->held;
         lk->held = q->next;
         q->next = NULL;
+        lk->slots[q->call.slot].nheld--;
         fail(lk, q);
     }
+    lk->held_tail = NULL;
 }
 
 void sd_rlink_free(sd_rlink *lk)
