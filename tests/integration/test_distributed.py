@@ -89,13 +89,11 @@ def stop_all(servers):
         assert code == 0, (code, s.log())
 
 
-class SlowReplies:
-    """A TCP proxy in front of a Redis that, while `slow` is set, hands Redis's replies on 20
-    bytes at a time, 2 ms apart: replies then arrive in pieces, as from a busy Redis far away,
-    and the client reads a few at a time."""
+class Proxy:
+    """A TCP proxy on loopback in front of a Redis; a subclass's `_carry(data, dst, replies)`
+    passes on what one direction read (`replies`: Redis's direction)."""
 
     def __init__(self, redis_port):
-        self.slow = threading.Event()
         self.redis_port = redis_port
         self.socks = []
         self.ls = socket.socket()
@@ -122,11 +120,7 @@ class SlowReplies:
                 d = src.recv(65536)
                 if not d:
                     break
-                step = 20 if replies and self.slow.is_set() else len(d)
-                for i in range(0, len(d), step):
-                    dst.sendall(d[i:i + step])
-                    if step < len(d):
-                        time.sleep(0.002)
+                self._carry(d, dst, replies)
         except OSError:
             pass
         for x in (src, dst):
@@ -141,6 +135,23 @@ class SlowReplies:
                 x.close()
             except OSError:
                 pass
+
+
+class SlowReplies(Proxy):
+    """While `slow` is set, Redis's replies are handed on 20 bytes at a time, 2 ms apart:
+    replies then arrive in pieces, as from a busy Redis far away, and the client reads a few
+    at a time."""
+
+    def __init__(self, redis_port):
+        self.slow = threading.Event()
+        super().__init__(redis_port)
+
+    def _carry(self, d, dst, replies):
+        step = 20 if replies and self.slow.is_set() else len(d)
+        for i in range(0, len(d), step):
+            dst.sendall(d[i:i + step])
+            if step < len(d):
+                time.sleep(0.002)
 
 
 def resp_command(*args):
@@ -785,33 +796,15 @@ class ClusterTest(unittest.TestCase):
                 stop_all(srvs)
 
 
-class Gate:
-    """A TCP proxy in front of a Redis whose replies pass freely until `hold(n)`: from then on
-    it lets n more reply lines through and keeps the rest until `release(n)` (n more lines) or
-    `open()` (everything, and free passage again)."""
+class Gate(Proxy):
+    """Redis's replies pass freely until `hold(n)`: from then on n more reply lines pass and
+    the rest wait until `release(n)` (n more lines) or `open()` (everything, and free passage
+    again)."""
 
     def __init__(self, redis_port):
-        self.redis_port = redis_port
         self.lock = threading.Lock()
         self.holding, self.budget, self.buf, self.dst = False, 0, b"", None
-        self.socks = []
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.port = free_port()
-        self.ls.bind(("127.0.0.1", self.port))
-        self.ls.listen(8)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                a, _ = self.ls.accept()
-                b = socket.create_connection(("127.0.0.1", self.redis_port))
-            except OSError:
-                return
-            self.socks += [a, b]
-            threading.Thread(target=self._pipe, args=(a, b, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(b, a, True), daemon=True).start()
+        super().__init__(redis_port)
 
     def _flush(self):  # under the lock
         while self.budget > 0 and b"\r\n" in self.buf:
@@ -819,21 +812,14 @@ class Gate:
             self.dst.sendall(self.buf[:i])
             self.buf, self.budget = self.buf[i:], self.budget - 1
 
-    def _pipe(self, src, dst, replies):
-        try:
-            while True:
-                d = src.recv(65536)
-                if not d:
-                    break
-                with self.lock:
-                    if replies and self.holding:
-                        self.dst = dst
-                        self.buf += d
-                        self._flush()
-                        continue
-                dst.sendall(d)
-        except OSError:
-            pass
+    def _carry(self, d, dst, replies):
+        with self.lock:
+            if replies and self.holding:
+                self.dst = dst
+                self.buf += d
+                self._flush()
+                return
+        dst.sendall(d)
 
     def hold(self, n=0):
         with self.lock:
@@ -851,13 +837,6 @@ class Gate:
             if self.dst and self.buf:
                 self.dst.sendall(self.buf)
             self.buf = b""
-
-    def close(self):
-        for x in [self.ls] + self.socks:
-            try:
-                x.close()
-            except OSError:
-                pass
 
 
 def announce(cluster, node, port):
