@@ -50,7 +50,7 @@ typedef struct sd_item {
     sl_policy pol;             /* req.inline_policy points here when set */
     sl_decision d;
     resp_buf lit;              /* SD_ITEM_LITERAL: the reply bytes */
-    size_t keylen;
+    size_t keylen, keycap;     /* key bytes used, and room for (admission.c reuses items) */
     char key[];                /* tenant, action, client bytes (req.key points in here) */
 } sd_item;
 

@@ -311,24 +311,6 @@ void resp_array(resp_buf *b, long n)
 
 /* ---- arguments ---- */
 
-int resp_arg_is(const resp_arg *a, const char *word)
-{
-    size_t n = strlen(word);
-    if (a->len != n)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = a->p[i];
-        if (c >= 'a' && c <= 'z')
-            c = (char)(c - 'a' + 'A');
-        char w = word[i];
-        if (w >= 'a' && w <= 'z')
-            w = (char)(w - 'a' + 'A');
-        if (c != w)
-            return 0;
-    }
-    return 1;
-}
-
 int resp_arg_int(const resp_arg *a, int64_t *out)
 {
     long long v;

@@ -81,7 +81,24 @@ void resp_array(resp_buf *b, long n);                  /* *n (then n replies) */
 void resp_dec(resp_buf *b, int64_t v);                 /* raw decimal, no framing */
 
 /* Argument helpers */
-int resp_arg_is(const resp_arg *a, const char *word); /* ASCII case-insensitive equality */
+/* ASCII case-insensitive equality. Inline: every command is looked up with a chain of these,
+ * and a literal word's length is then known at compile time (most compares end there). */
+static inline int resp_arg_is(const resp_arg *a, const char *word)
+{
+    size_t n = strlen(word);
+    if (a->len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = a->p[i], w = word[i];
+        if (c >= 'a' && c <= 'z')
+            c = (char)(c - 'a' + 'A');
+        if (w >= 'a' && w <= 'z')
+            w = (char)(w - 'a' + 'A');
+        if (c != w)
+            return 0;
+    }
+    return 1;
+}
 /* Parse a whole argument as a decimal integer (optional '-'); 0 on success. */
 int resp_arg_int(const resp_arg *a, int64_t *out);
 /* Parse a whole argument as a finite decimal number; 0 on success. */
