@@ -172,7 +172,9 @@ class SharedRedisTest(unittest.TestCase):
         with RedisServer() as r:
             proxy = SlowReplies(r.port)
             try:
-                with Sluiced("--store", "redis://127.0.0.1:%d" % proxy.port) as s:
+                # one worker: the requests go on the connection the warm-up opened (a new
+                # connection loads the library before its first request)
+                with Sluiced("--store", "redis://127.0.0.1:%d" % proxy.port, threads=1) as s:
                     c = redis.Redis(port=s.resp_port)
                     c.execute_command("CL.THROTTLE", "warm", 1, 1, 3600)
                     r.client().execute_command("FUNCTION", "FLUSH")
@@ -205,6 +207,41 @@ class SharedRedisTest(unittest.TestCase):
                     self.assertGreaterEqual(m["sluice_redis_script_loads_total"], 1)
             finally:
                 proxy.close()
+
+    def test_a_new_connection_loads_the_library_first(self):
+        """Redis loses sluice's function library and sluiced's connection. On the new one,
+        the first request for a key reaches Redis (held at a proxy); another client loads the
+        library; the second request for the key follows. Had the first been refused ("Function
+        not found"), the second would be decided before it: a connection loads the library
+        before any request, so both are decided in order."""
+        with RedisServer() as r:
+            gate = Gate(r.port)
+            try:
+                with Sluiced("--store", "redis://127.0.0.1:%d" % gate.port, threads=1) as s:
+                    cl = redis.Redis(port=s.resp_port)
+                    cl.execute_command("CL.THROTTLE", "nl", 50000, 1, 60)  # 50000 left
+                    rc = r.client()
+                    payload = rc.execute_command("FUNCTION", "DUMP")
+                    rc.execute_command("FUNCTION", "FLUSH")
+                    rc.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                    time.sleep(0.5)  # sluiced notices, and its back-off (50 ms) is over
+                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
+                    sk.settimeout(30)
+                    rows = []
+                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, 2)))
+                    reader.start()
+                    gate.hold()
+                    sk.sendall(resp_command("CL.THROTTLE", "nl", 50000, 1, 60, 1))
+                    time.sleep(0.3)
+                    r.client().execute_command("FUNCTION", "RESTORE", payload, "REPLACE")
+                    sk.sendall(resp_command("CL.THROTTLE", "nl", 50000, 1, 60, 2))
+                    time.sleep(0.3)
+                    gate.open()
+                    reader.join(30)
+                    sk.close()
+                    self.assertEqual(rows, [(0, 49999), (0, 49997)], s.log())
+            finally:
+                gate.close()
 
     def test_three_servers_share_one_limit(self):
         """Three sluiced on one Redis: per key, exactly the limit is admitted in total (never
