@@ -53,6 +53,7 @@ struct sl_limiter {
     size_t nfree, free_cap;
     _Atomic size_t gc_at;                   /* collect when the directory holds this many */
     _Atomic uint64_t gc_runs, gc_freed;     /* for tests and stats */
+    _Atomic uint64_t gc_started, gc_done;   /* collections begun / ended (inline_intern) */
     pthread_mutex_t gc;                     /* one collection at a time */
     _Atomic(sl_rules *) rules;
     pthread_mutex_t cfg; /* serialises rule, tier and default changes */
@@ -269,6 +270,7 @@ static void policy_gc(sl_limiter *l, int cfg_held)
         pthread_mutex_unlock(&l->gc);
         return; /* a rule change is running: a later new policy collects */
     }
+    atomic_fetch_add(&l->gc_started, 1); /* before anything is condemned (inline_intern) */
     gc_ctx g = {.l = l};
     pthread_mutex_lock(&l->ids);
     g.n = l->npolicies;
@@ -323,9 +325,43 @@ static void policy_gc(sl_limiter *l, int cfg_held)
     atomic_store_explicit(&l->gc_at, at > SL_GC_MIN ? at : SL_GC_MIN, memory_order_relaxed);
     free(g.pol);
     free(g.mark);
+    atomic_fetch_add(&l->gc_done, 1);
     if (!cfg_held)
         pthread_mutex_unlock(&l->cfg);
     pthread_mutex_unlock(&l->gc);
+}
+
+/* The inline policy this thread interned last, for the next request that brings the same
+ * bytes (a server's clients mostly repeat theirs: CL.THROTTLE's arguments, the HTTP check's
+ * max_requests). Interning compiles, hashes and looks up ~170 bytes: about a tenth of a
+ * pipelined CL.THROTTLE. Only a collection frees a policy. The entry is filled only when no
+ * collection began or ran while the policy was interned, and is used only while none has
+ * begun since (gc_started unchanged): a collection that begins after that check retires
+ * through EBR, after the caller's read section. A condemned policy is not used from here
+ * (the caller interns it again, as for any condemned policy). */
+static _Thread_local struct {
+    uint64_t serial, gen;
+    const sl_cpolicy *cp;
+    sl_policy in;
+} t_inline;
+
+static int inline_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **out)
+{
+    uint64_t gen = atomic_load(&l->gc_started);
+    if (t_inline.cp && t_inline.serial == l->serial && t_inline.gen == gen &&
+        memcmp(&t_inline.in, p, sizeof *p) == 0 &&
+        !atomic_load_explicit(&t_inline.cp->condemned, memory_order_acquire)) {
+        *out = t_inline.cp;
+        return SL_OK;
+    }
+    int rc = policy_intern(l, p, out, 0);
+    if (rc == SL_OK && atomic_load(&l->gc_started) == gen && atomic_load(&l->gc_done) == gen) {
+        t_inline.serial = l->serial;
+        t_inline.gen = gen;
+        t_inline.cp = *out;
+        memcpy(&t_inline.in, p, sizeof *p);
+    }
+    return rc;
 }
 
 int sl_policy_validate(const sl_policy *p)
@@ -767,7 +803,7 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
     int rc;
     sl_shard *s = sl_table_shard(l->table, p->hash);
     for (;;) {
-        if (inline_policy && (rc = policy_intern(l, inline_policy, &inl, 0)) != SL_OK)
+        if (inline_policy && (rc = inline_intern(l, inline_policy, &inl)) != SL_OK)
             return rc;
         const sl_rules *rules = atomic_load_explicit(&l->rules, memory_order_acquire);
         cp = resolve(rules, p, inl);
@@ -885,7 +921,7 @@ int sl_limiter_resolve(sl_limiter *l, const sl_key *k, const sl_policy *inl, cha
     if (sl_ebr_enter(l->ebr) != 0)
         return SL_ENOMEM;
     const sl_cpolicy *in = NULL;
-    if (inl && (rc = policy_intern(l, inl, &in, 0)) != SL_OK) {
+    if (inl && (rc = inline_intern(l, inl, &in)) != SL_OK) {
         sl_ebr_leave(l->ebr);
         return rc;
     }
