@@ -335,10 +335,11 @@ static void policy_gc(sl_limiter *l, int cfg_held)
  * bytes (a server's clients mostly repeat theirs: CL.THROTTLE's arguments, the HTTP check's
  * max_requests). Interning compiles, hashes and looks up ~170 bytes: about a tenth of a
  * pipelined CL.THROTTLE. Only a collection frees a policy. The entry is filled only when no
- * collection began or ran while the policy was interned, and is used only while none has
- * begun since (gc_started unchanged): a collection that begins after that check retires
- * through EBR, after the caller's read section. A condemned policy is not used from here
- * (the caller interns it again, as for any condemned policy). */
+ * collection was running when the lookup began (gc_done == gc_started then) and none began
+ * until it ended, and is used only while none has begun since (gc_started unchanged): a
+ * collection that begins after that check retires through EBR, after the caller's read
+ * section. A condemned policy is not used from here (the caller interns it again, as for
+ * any condemned policy). */
 static _Thread_local struct {
     uint64_t serial, gen;
     const sl_cpolicy *cp;
@@ -347,7 +348,7 @@ static _Thread_local struct {
 
 static int inline_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **out)
 {
-    uint64_t gen = atomic_load(&l->gc_started);
+    uint64_t gen = atomic_load(&l->gc_started), done = atomic_load(&l->gc_done);
     if (t_inline.cp && t_inline.serial == l->serial && t_inline.gen == gen &&
         memcmp(&t_inline.in, p, sizeof *p) == 0 &&
         !atomic_load_explicit(&t_inline.cp->condemned, memory_order_acquire)) {
@@ -355,7 +356,10 @@ static int inline_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **o
         return SL_OK;
     }
     int rc = policy_intern(l, p, out, 0);
-    if (rc == SL_OK && atomic_load(&l->gc_started) == gen && atomic_load(&l->gc_done) == gen) {
+    /* done == gen: no collection was running when the lookup began (one that was could
+     * still have removed, after the lookup, the policy it found); gc_started unchanged: none
+     * began since */
+    if (rc == SL_OK && done == gen && atomic_load(&l->gc_started) == gen) {
         t_inline.serial = l->serial;
         t_inline.gen = gen;
         t_inline.cp = *out;
