@@ -225,11 +225,7 @@ class SharedRedisTest(unittest.TestCase):
                     rc.execute_command("FUNCTION", "FLUSH")
                     rc.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
                     time.sleep(0.5)  # sluiced notices, and its back-off (50 ms) is over
-                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
-                    sk.settimeout(30)
-                    rows = []
-                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, 2)))
-                    reader.start()
+                    sk, rows, reader = replies_reader(s.resp_port, 2)
                     gate.hold()
                     sk.sendall(resp_command("CL.THROTTLE", "nl", 50000, 1, 60, 1))
                     time.sleep(0.3)
@@ -928,6 +924,17 @@ def throttle_replies(sk, n):
     return [(int(x[0][1:]), int(x[2][1:])) for x in rows]
 
 
+def replies_reader(port, n):
+    """A connection to sluiced's RESP port and a thread reading its first n CL.THROTTLE
+    replies into a list: (socket, that list, the thread)."""
+    sk = socket.create_connection(("127.0.0.1", port))
+    sk.settimeout(30)
+    rows = []
+    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, n)))
+    reader.start()
+    return sk, rows, reader
+
+
 class ClusterOrderTest(unittest.TestCase):
     def test_requests_for_a_key_stay_in_order_when_its_slot_moves(self):
         """A key's slot moves to another master while sluiced still routes it to the old one,
@@ -945,11 +952,8 @@ class ClusterOrderTest(unittest.TestCase):
                     key, name = key_on(redis.Redis(port=s.resp_port), a, "ord")
                     move_slot(c, a, b, name)
                     proxy.slow.set()
-                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
-                    sk.settimeout(30)
-                    n, rows = 40, []
-                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, n)))
-                    reader.start()
+                    n = 40
+                    sk, rows, reader = replies_reader(s.resp_port, n)
                     costs = [1 + i % 2 for i in range(n)]
                     for q in costs:
                         sk.sendall(resp_command("CL.THROTTLE", key, 50000, 1, 60, q))
@@ -983,11 +987,7 @@ class ClusterOrderTest(unittest.TestCase):
                     k2, _ = key_on(cl, b, "kb")
                     move_slot(c, a, b, name)
                     b.client().execute_command("FUNCTION", "FLUSH")
-                    sk = socket.create_connection(("127.0.0.1", s.resp_port))
-                    sk.settimeout(30)
-                    rows = []
-                    reader = threading.Thread(target=lambda: rows.extend(throttle_replies(sk, 4)))
-                    reader.start()
+                    sk, rows, reader = replies_reader(s.resp_port, 4)
                     pa.hold()
                     sk.sendall(resp_command("CL.THROTTLE", k, 50000, 1, 60, 1) +    # R_a
                                resp_command("CL.THROTTLE", k, 50000, 1, 60, 2))     # R0
