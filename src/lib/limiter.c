@@ -338,8 +338,7 @@ static void policy_gc(sl_limiter *l, int cfg_held)
  * collection was running when the lookup began (gc_done == gc_started then) and none began
  * until it ended, and is used only while none has begun since (gc_started unchanged): a
  * collection that begins after that check retires through EBR, after the caller's read
- * section. A condemned policy is not used from here (the caller interns it again, as for
- * any condemned policy). */
+ * section. A policy found here is not condemned: condemning comes after gc_started moves. */
 static _Thread_local struct {
     uint64_t serial, gen;
     const sl_cpolicy *cp;
@@ -350,8 +349,7 @@ static int inline_intern(sl_limiter *l, const sl_policy *p, const sl_cpolicy **o
 {
     uint64_t gen = atomic_load(&l->gc_started), done = atomic_load(&l->gc_done);
     if (t_inline.cp && t_inline.serial == l->serial && t_inline.gen == gen &&
-        memcmp(&t_inline.in, p, sizeof *p) == 0 &&
-        !atomic_load_explicit(&t_inline.cp->condemned, memory_order_acquire)) {
+        memcmp(&t_inline.in, p, sizeof *p) == 0) {
         *out = t_inline.cp;
         return SL_OK;
     }

@@ -335,7 +335,8 @@ static int headers_done(sd_conn *c, size_t rest)
     /* RFC 9112 3.2: an HTTP/1.1 request without a Host header field, and any request with
      * more than one, gets a 400 */
     if (st->hosts > 1 || (http11 && st->hosts == 0)) {
-        fail(c, 400, st->hosts ? "more than one Host header" : "HTTP/1.1 request without a Host header");
+        fail(c, 400, "%s",
+             st->hosts ? "more than one Host header" : "HTTP/1.1 request without a Host header");
         return -1;
     }
     if (has_body && rest == 0 && http11 && expects_continue(st)) /* after earlier replies */

@@ -260,13 +260,6 @@ static void on_setup(redisAsyncContext *ac, void *r, void *priv)
     }
 }
 
-/* The library load every connection starts with: its outcome changes nothing (a node that
- * refuses it refuses the requests after it, which then go the usual way). */
-static void on_first_load(redisAsyncContext *ac, void *r, void *priv)
-{
-    (void)ac, (void)r, (void)priv;
-}
-
 static int conn_open(sd_rlink *lk, rl_conn *c)
 {
     const sl_rnode *a = sl_rs_node(lk->rs, c->node);
@@ -298,10 +291,12 @@ static int conn_open(sd_rlink *lk, rl_conn *c)
         redisAsyncCommand(ac, on_setup, NULL, "SELECT %u", o->db);
     /* Before any request, so that a node without the library (restarted, or new to the
      * cluster) does not refuse the first ones: had another client loaded it between two
-     * requests of a key, the second would be decided and the first, refused, after it. */
+     * requests of a key, the second would be decided and the first, refused, after it. Its
+     * reply changes nothing (a node that refuses it refuses the requests after it, which then
+     * go the usual way). */
     size_t len;
     const char *script = sl_rs_script(&len);
-    redisAsyncCommand(ac, on_first_load, NULL, "FUNCTION LOAD REPLACE %b", script, len);
+    redisAsyncCommand(ac, NULL, NULL, "FUNCTION LOAD REPLACE %b", script, len);
     sl_rs_count_reconnect(lk->rs);
     return 0;
 }
