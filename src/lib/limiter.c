@@ -333,8 +333,8 @@ static void policy_gc(sl_limiter *l, int cfg_held)
 
 /* The inline policy this thread interned last, for the next request that brings the same
  * bytes (a server's clients mostly repeat theirs: CL.THROTTLE's arguments, the HTTP check's
- * max_requests). Interning compiles, hashes and looks up ~170 bytes: about a tenth of a
- * pipelined CL.THROTTLE. Only a collection frees a policy. The entry is filled only when no
+ * max_requests). Interning compiles, hashes and looks up ~170 bytes: about a seventh of a
+ * pipelined CL.THROTTLE's instructions (bench/callgrind_server.sh). Only a collection frees a policy. The entry is filled only when no
  * collection was running when the lookup began (gc_done == gc_started then) and none began
  * until it ended, and is used only while none has begun since (gc_started unchanged): a
  * collection that begins after that check retires through EBR, after the caller's read

@@ -154,7 +154,7 @@ sd_sched *sd_sched_new(sd_admission *a, sl_limiter *lim)
 
 /* An item for a key of up to ITEM_KEY bytes is kept for reuse (at most ITEM_SPARE per
  * worker): a pipeline's items come and go in bursts, which glibc's malloc serves from its
- * slow paths (~900 instructions per request under callgrind, a sixth of a CL.THROTTLE). */
+ * slow paths (~900 of a pipelined CL.THROTTLE's ~6,200 instructions, bench/callgrind_server.sh). */
 #define ITEM_KEY 192
 #define ITEM_SPARE 4096
 
