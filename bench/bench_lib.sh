@@ -154,3 +154,63 @@ END {
     for (i = 1; i <= nt; i++) print t[i]
 }' "$OUT"
 }
+
+# nginx_conf <dir> <port> [extra main-context line]: the nginx peer of the HTTP benches, in
+# <dir>/nginx.conf: one worker answering POST /api/check_and_consume 200 from a limit_req zone
+# keyed by X-Tenant, X-Client and X-Action, as generous as sluiced's bench limit.
+nginx_conf() {
+    mkdir -p "$1/logs"
+    cat >"$1/nginx.conf" <<EOF
+worker_processes 1;
+${3:-}
+daemon off;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $1/body;
+    limit_req_zone \$http_x_tenant:\$http_x_client:\$http_x_action zone=rl:64m rate=1000000r/s;
+    limit_req_status 429;
+    server {
+        listen 127.0.0.1:$2;
+        location = /api/check_and_consume {
+            limit_req zone=rl burst=1000000 nodelay;
+            default_type application/json;
+            return 200 '{"allowed": true, "status": "processed"}';
+        }
+    }
+}
+EOF
+}
+
+# check_lua <file>: wrk's script for POST /api/check_and_consume, a random client of 100k. The
+# requests are made once, before the clock starts (wrk's per-request Lua call then only picks
+# the next one): the cheaper the load generator, the more of the run is the server's. Its one
+# argument (wrk ... -- N) sends N requests per write.
+check_lua() {
+    cat >"$1" <<'EOF'
+local reqs, n, i = {}, 100000, 0
+init = function(args) -- here, not at load: wrk adds the Host header after loading the script
+    local depth = tonumber(args[1]) or 1
+    math.randomseed(42)
+    for k = 1, n do
+        local c = "client:" .. math.random(100000)
+        local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
+        reqs[k] = wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
+                                           ["X-Client"] = c, ["X-Action"] = "api"}, body)
+    end
+    if depth > 1 then -- `depth` requests per write; wrk counts each response
+        local batches = {}
+        for b = 0, math.floor(n / depth) - 1 do
+            batches[b + 1] = table.concat(reqs, "", b * depth + 1, (b + 1) * depth)
+        end
+        reqs, n = batches, #batches
+    end
+end
+request = function()
+    i = i % n + 1
+    return reqs[i]
+end
+EOF
+}

@@ -34,22 +34,7 @@ cg_report() {
         awk -v n="$3" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; printf "#   %6d %s\n", c / n, $0}'
 }
 
-cat >"$TMP/check.lua" <<'EOF'
-local reqs, n, i = {}, 100000, 0
-init = function()
-    math.randomseed(42)
-    for k = 1, n do
-        local c = "client:" .. math.random(100000)
-        local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
-        reqs[k] = wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
-                                           ["X-Client"] = c, ["X-Action"] = "api"}, body)
-    end
-end
-request = function()
-    i = i % n + 1
-    return reqs[i]
-end
-EOF
+check_lua "$TMP/check.lua"
 
 # sluiced_under_callgrind <out file> <resp port> <http port>: started, configured; sets VPID
 sluiced_under_callgrind() {
@@ -76,29 +61,7 @@ redis-benchmark -q -p "$RP" -c 50 -n 200000 -r 100000 -P 16 CL.THROTTLE key:__ra
 stop_wait "$VPID"
 cg_report cl_throttle_P16 "$TMP/resp.cg" 200000
 
-mkdir -p "$TMP/nginx/logs"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    limit_req_zone \$http_x_tenant:\$http_x_client:\$http_x_action zone=rl:64m rate=1000000r/s;
-    limit_req_status 429;
-    server {
-        listen 127.0.0.1:$NP;
-        location = /api/check_and_consume {
-            limit_req zone=rl burst=1000000 nodelay;
-            default_type application/json;
-            return 200 '{"allowed": true, "status": "processed"}';
-        }
-    }
-}
-EOF
+nginx_conf "$TMP/nginx" "$NP" "master_process off;"
 valgrind --tool=callgrind --callgrind-out-file="$TMP/nginx.cg" nginx -p "$TMP/nginx" \
     -c "$TMP/nginx/nginx.conf" 2>"$TMP/vg-nginx.log" & VPID=$!
 PIDS+=("$VPID")

@@ -44,28 +44,7 @@ read -r SP SH RP NP < <(free_ports 4)
     --log-level warn 2>"$TMP/sluiced.log" & PIDS+=($!)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
     --logfile "$TMP/redis.log" & PIDS+=($!)
-mkdir -p "$TMP/nginx/logs"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    limit_req_zone \$http_x_tenant:\$http_x_client:\$http_x_action zone=rl:64m rate=1000000r/s;
-    limit_req_status 429;
-    server {
-        listen 127.0.0.1:$NP;
-        location = /api/check_and_consume {
-            limit_req zone=rl burst=1000000 nodelay;
-            default_type application/json;
-            return 200 '{"allowed": true, "status": "processed"}';
-        }
-    }
-}
-EOF
+nginx_conf "$TMP/nginx" "$NP"
 nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" 2>"$TMP/nginx/stderr" & PIDS+=($!)
 wait_port "$SP"; wait_port "$SH"; wait_port "$RP"; wait_port "$NP"
 # whose CPU each port's runs are charged to (nginx: its one worker process)
@@ -98,32 +77,7 @@ wk() {
         /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
         END { if (pipe > 1) p50 = p99 = -1; print n, rps, p50, p99, -1, cpu }' >>"$OUT"
 }
-# The requests are made once, before the clock starts (wrk's per-request Lua call then only
-# picks the next one): the cheaper the load generator, the more of the run is the server's.
-cat >"$TMP/check.lua" <<'EOF'
-local reqs, n, i = {}, 100000, 0
-init = function(args) -- here, not at load: wrk adds the Host header after loading the script
-    local depth = tonumber(args[1]) or 1
-    math.randomseed(42)
-    for k = 1, n do
-        local c = "client:" .. math.random(100000)
-        local body = '{"tenant_id": "bench", "client_id": "' .. c .. '", "action_type": "api"}'
-        reqs[k] = wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-Tenant"] = "bench",
-                                           ["X-Client"] = c, ["X-Action"] = "api"}, body)
-    end
-    if depth > 1 then -- `depth` requests per write; wrk counts each response
-        local batches = {}
-        for b = 0, math.floor(n / depth) - 1 do
-            batches[b + 1] = table.concat(reqs, "", b * depth + 1, (b + 1) * depth)
-        end
-        reqs, n = batches, #batches
-    end
-end
-request = function()
-    i = i % n + 1
-    return reqs[i]
-end
-EOF
+check_lua "$TMP/check.lua"
 
 T0=$(date +%s)
 for r in $(seq 1 "$ROUNDS"); do
