@@ -210,6 +210,7 @@ static char *get_value(const char *key, size_t *len) /* NULL when the key does n
     redisReply *r = redisCommand(rc, "GET %s", key);
     assert_non_null(r);
     char *v = NULL;
+    *len = 0;
     if (r->type == REDIS_REPLY_STRING) {
         v = malloc(r->len + 1);
         memcpy(v, r->str, r->len);
