@@ -28,6 +28,9 @@
  *  - The caller owns every buffer it passes in; libsluice copies what it keeps.
  *  - Thread safety: every function taking an sl_limiter may be called from any number of
  *    threads at once, except sl_close (call it once, after all other calls have returned).
+ *  - fork: a child may keep using a limiter opened before the fork only if no other thread
+ *    was inside a libsluice call at that moment (its locks and read sections would stay
+ *    held in the child).
  */
 #ifndef SLUICE_H
 #define SLUICE_H

@@ -11,15 +11,20 @@
  * writer's scan never races with a free. Retire lists belong to a domain (one per limiter).
  *
  * Asymmetric fences. The reader's store must be ordered before its reads of shared memory:
- * a seq_cst store (a locked instruction on x86, ~12 ns, 15% of a hot-key decision). Where
- * the kernel has membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux >= 4.14), readers
+ * a full fence (a locked instruction on x86, ~12 ns, 15% of a hot-key decision). Where
+ * the kernel has membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux >= 4.16), readers
  * store with a plain (relaxed) store and only a compiler barrier, and the rare writer that
  * is about to free something calls membarrier before it scans the records: every thread of
  * the process then executes a full barrier at some point X. If X came after a reader's
  * store, the scan sees the store; if before, the reader's reads after X see the unlink, so
  * it cannot reach the object. (The user-space RCU "memb" flavour rests on the same
  * argument.) A reader whose epoch load saw the writer's bump reads after the unlink anyway:
- * that load is an acquire. Without membarrier, or when it fails, readers store seq_cst.
+ * that load is an acquire. Without membarrier, readers store and fence. If the kernel starts
+ * refusing the barrier later (a seccomp filter installed after the first limiter was opened;
+ * ENOMEM), nothing is freed while it does: memory is kept, never freed early.
+ *
+ * fork: a child may go on using a domain only if no other thread of the parent was inside a
+ * read section or a retire at the fork (the same holds for every lock in the library).
  */
 #include "ebr.h"
 
@@ -32,7 +37,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define EBR_COLLECT_MIN 16 /* retired blocks before a retire scans the list */
+/* Retired blocks before a retire scans the list (and, with membarrier, may fence every
+ * thread: ~1-16 us here, possibly under the caller's lock). */
+#define EBR_COLLECT_MIN 64
 
 typedef struct rec {
     _Atomic uint64_t active; /* 0 = not reading, else the epoch seen at entry */
@@ -41,6 +48,7 @@ typedef struct rec {
     struct rec *next;        /* immutable once published */
     char pad[64 - 2 * sizeof(uint64_t) - sizeof(void *)];
 } rec;
+_Static_assert(sizeof(rec) == 64, "a record is one cache line");
 
 static _Atomic uint64_t g_epoch = 1;
 static int g_asym; /* readers store relaxed, writers call membarrier; set in ebr_init */
@@ -69,9 +77,16 @@ static void thread_gone(void *arg)
     rec *r = arg;
     atomic_store(&r->active, 0);
     atomic_store(&r->in_use, 0);
+    /* Another thread may take the record over now: a later destructor of this thread that
+     * reads must register again, not share it. */
+    t_rec = NULL;
 }
 
+#ifdef __NR_membarrier
 static long membarrier(int cmd) { return syscall(__NR_membarrier, cmd, 0, 0); }
+#else
+static long membarrier(int cmd) { (void)cmd; return -1; } /* readers fence */
+#endif
 
 static void init_once(void)
 {
@@ -150,7 +165,10 @@ int sl_ebr_enter(sl_ebr *d)
             atomic_store_explicit(&r->active, e, memory_order_relaxed);
             atomic_signal_fence(memory_order_seq_cst); /* membarrier makes it a fence */
         } else {
-            atomic_store(&r->active, e);
+            /* A seq_cst store alone does not order later acquire loads (C11; AArch64's
+             * ldapr): a fence does. */
+            atomic_store_explicit(&r->active, e, memory_order_relaxed);
+            atomic_thread_fence(memory_order_seq_cst);
         }
     }
     return 0;
@@ -186,6 +204,7 @@ static int any_before(const sl_ebr *d, uint64_t epoch)
 
 static size_t collect_locked(sl_ebr *d)
 {
+    atomic_thread_fence(memory_order_seq_cst); /* pairs with the readers' fence (no membarrier) */
     uint64_t oldest = oldest_reader();
     if (g_asym) {
         /* Without the barrier a reader's store may not show yet: the scan may only say what
