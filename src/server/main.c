@@ -63,6 +63,7 @@ void sd_settings_init(sd_settings *s)
     strcpy(s->fail_mode, "closed");
     s->redis_timeout_ms = 1000;
     s->near_cache = 1;
+    s->metrics_tenants = 1;
 }
 
 static const char k_usage[] =
@@ -89,6 +90,8 @@ static const char k_usage[] =
     "  --redis-timeout MS      Redis connect and reply timeout (default 1000)\n"
     "  --near-cache 0|1        deny keys known to be over their limit without asking Redis\n"
     "                          until their retry time (default 1)\n"
+    "  --metrics-tenants 0|1   /metrics: decisions and evictions per tenant (1, default) or\n"
+    "                          totals only (0: one series each, however many tenants)\n"
     "  --log-level LEVEL       error, warn, info (default) or debug\n"
     "  --help, --version\n";
 
@@ -128,6 +131,7 @@ static const opt k_opts[] = {
     {"--fail-mode", "fail_mode", 's', OFF(fail_mode), 0, 0, sizeof(((sd_settings *)0)->fail_mode)},
     {"--redis-timeout", "redis_timeout_ms", 'i', OFF(redis_timeout_ms), 1, 600000, 0},
     {"--near-cache", "near_cache", 'i', OFF(near_cache), 0, 1, 0},
+    {"--metrics-tenants", "metrics_tenants", 'i', OFF(metrics_tenants), 0, 1, 0},
 };
 #define NOPTS (sizeof k_opts / sizeof k_opts[0])
 

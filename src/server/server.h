@@ -36,6 +36,7 @@ typedef struct sd_settings {
     char fail_mode[16];      /* "closed" (default) or "open" */
     int redis_timeout_ms;
     int near_cache;          /* 1 (default) or 0 */
+    int metrics_tenants;     /* 1 (default): /metrics has a series per tenant; 0: totals */
 } sd_settings;
 
 void sd_settings_init(sd_settings *s);

@@ -14,7 +14,7 @@ import time
 import unittest
 import urllib.parse
 
-from harness import Sluiced
+from harness import Sluiced, run_sluiced
 
 TIMEOUT = 10.0
 HOUR = 3600
@@ -983,6 +983,37 @@ class Metrics(HttpCase):
         p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                            timeout=TIMEOUT)
         self.assertEqual(p.returncode, 0, (p.stdout + p.stderr).decode())
+
+
+class MetricsTotals(HttpCase):
+    """--metrics-tenants 0: one series per result however many tenants (Prometheus keeps a
+    series per label value; a public API's tenants can be too many to scrape)."""
+
+    server_args = ("--metrics-tenants", "0")
+
+    def test_totals_without_tenant_labels(self):
+        self.ok("PUT", "/api/config/tenant/t0/action/a", bucket(1))
+        for i in range(40):
+            self.check(f"t{i}", "c", "a")
+        self.check("t0", "c", "a")  # t0's bucket of 1 is empty: denied
+        text = self.call("GET", "/metrics")[2].decode()
+        self.assertNotIn("tenant=", text)
+        self.assertIn('sluice_decisions_total{result="allowed"} 40\n', text)
+        self.assertIn('sluice_decisions_total{result="denied"} 1\n', text)
+        self.assertIn("\nsluice_keys_evicted_total 0\n", text)
+        self.assertIn("# TYPE sluice_decisions_total counter\n", text)
+        promtool = shutil.which("promtool")
+        if promtool:
+            p = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                               capture_output=True, timeout=TIMEOUT)
+            self.assertEqual(p.returncode, 0, (p.stdout + p.stderr).decode())
+
+    def test_bad_value_is_refused(self):
+        for v in ("2", "-1", "yes", ""):
+            code, out, err = run_sluiced("--metrics-tenants", v, "--http-port", "0",
+                                         "--resp-port", "0")
+            self.assertEqual(code, 2, err)
+            self.assertIn("--metrics-tenants", err)
 
 
 if __name__ == "__main__":
