@@ -22,12 +22,11 @@ ROUNDS=${4:-7}
 shift $(($# < 4 ? $# : 4))
 [ -x "$A" ] && [ -x "$B" ] || { echo "ab_lib.sh: lib_bench missing in a build" >&2; exit 2; }
 
+TMP=$(mktemp -d /tmp/sluice-ab.XXXXXX)
+. "$(dirname "$0")/bench_lib.sh" # median_of; removes TMP on exit
+ERR=$TMP/stderr
 # metric <output> <metric>: the value of `name=<S> metric=<metric>`
 metric() { awk -v n="name=$S" -v m="metric=$2" '$2 == n && $3 == m {sub("value=", "", $4); print $4}' <<<"$1"; }
-median() { sort -g | awk '{v[NR] = $1} END {printf "%.10g\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-
-ERR=$(mktemp /tmp/sluice-ab.XXXXXX)
-trap 'rm -f "$ERR"' EXIT
 # run <lib_bench> <args>: its stdout; its stderr (progress lines) only if it fails
 run() { "$@" 2>"$ERR" || { cat "$ERR" >&2; exit 1; }; }
 
@@ -42,9 +41,9 @@ for i in $(seq "$ROUNDS"); do
     awk -v a="$x" -v b="$y" 'BEGIN {exit !(b > a)}' && faster=$((faster + 1))
     echo "round $i: A $x/s p99 ${pa[-1]} ns | B $y/s p99 ${pb[-1]} ns | B/A ${ratio[-1]}"
 done
-echo "RESULT name=ab_$S metric=decisions_per_s_A value=$(printf '%s\n' "${da[@]}" | median)"
-echo "RESULT name=ab_$S metric=decisions_per_s_B value=$(printf '%s\n' "${db[@]}" | median)"
-echo "RESULT name=ab_$S metric=p99_ns_A value=$(printf '%s\n' "${pa[@]}" | median)"
-echo "RESULT name=ab_$S metric=p99_ns_B value=$(printf '%s\n' "${pb[@]}" | median)"
-echo "RESULT name=ab_$S metric=ratio_B_over_A value=$(printf '%s\n' "${ratio[@]}" | median)"
+echo "RESULT name=ab_$S metric=decisions_per_s_A value=$(printf '%s\n' "${da[@]}" | median_of)"
+echo "RESULT name=ab_$S metric=decisions_per_s_B value=$(printf '%s\n' "${db[@]}" | median_of)"
+echo "RESULT name=ab_$S metric=p99_ns_A value=$(printf '%s\n' "${pa[@]}" | median_of)"
+echo "RESULT name=ab_$S metric=p99_ns_B value=$(printf '%s\n' "${pb[@]}" | median_of)"
+echo "RESULT name=ab_$S metric=ratio_B_over_A value=$(printf '%s\n' "${ratio[@]}" | median_of)"
 echo "RESULT name=ab_$S metric=rounds_B_faster value=$faster"

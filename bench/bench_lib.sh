@@ -17,6 +17,8 @@ free_ports() {
     PYTHONPATH="$(dirname "${BASH_SOURCE[0]}")/../tests/integration" python3 -c \
         'import sys, harness; print(*(harness.free_port() for _ in range(int(sys.argv[1]))))' "$1"
 }
+# The median of the numbers on stdin, one per line.
+median_of() { sort -g | awk '{v[NR] = $1} END {printf "%.10g\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; fail "port $1 never opened"; }
 
 # A token bucket as people write it in Lua: HMGET, refill, decide, HMSET, PEXPIRE.

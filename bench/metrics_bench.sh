@@ -24,8 +24,6 @@ done
 TENANTS=65536 SCRAPES=5
 [ "$QUICK" = --quick ] && TENANTS=1000 SCRAPES=2
 
-median() { sort -g | awk '{v[NR] = $1} END {printf "%.10g\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-
 declare -A FIRST
 for mode in 1 0; do
     read -r RP HP < <(free_ports 2)
@@ -51,9 +49,9 @@ for mode in 1 0; do
     done
     kill "$SPID"
     wait "$SPID" || fail "sluiced exited badly (see $TMP/sluiced.$mode.log)"
-    FIRST[$mode]=$(printf '%s\n' "${ft[@]}" | median)
+    FIRST[$mode]=$(printf '%s\n' "${ft[@]}" | median_of)
     echo "RESULT name=metrics_tenants_$mode metric=first_byte_ms value=${FIRST[$mode]}"
-    echo "RESULT name=metrics_tenants_$mode metric=bytes value=$(printf '%s\n' "${sz[@]}" | median)"
+    echo "RESULT name=metrics_tenants_$mode metric=bytes value=$(printf '%s\n' "${sz[@]}" | median_of)"
 done
 awk -v a="${FIRST[1]}" -v b="${FIRST[0]}" \
     'BEGIN {printf "RESULT name=metrics_totals_vs_tenants metric=ratio value=%.2f\n", (b > 0 ? a / b : 0)}'
