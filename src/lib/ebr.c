@@ -161,15 +161,14 @@ int sl_ebr_enter(sl_ebr *d)
         return -1;
     if (r->nest++ == 0) {
         uint64_t e = atomic_load_explicit(&g_epoch, memory_order_acquire);
-        if (g_asym) {
-            atomic_store_explicit(&r->active, e, memory_order_relaxed);
-            atomic_signal_fence(memory_order_seq_cst); /* membarrier makes it a fence */
-        } else {
-            /* A seq_cst store alone does not order later acquire loads (C11; AArch64's
-             * ldapr): a fence does. */
-            atomic_store_explicit(&r->active, e, memory_order_relaxed);
+        atomic_store_explicit(&r->active, e, memory_order_relaxed);
+        /* Order the store before this section's reads: membarrier makes the compiler
+         * barrier a fence; without it, a fence (a seq_cst store alone would not order later
+         * acquire loads: C11, AArch64's ldapr). */
+        if (g_asym)
+            atomic_signal_fence(memory_order_seq_cst);
+        else
             atomic_thread_fence(memory_order_seq_cst);
-        }
     }
     return 0;
 }
@@ -194,6 +193,19 @@ static uint64_t oldest_reader(void)
     return min;
 }
 
+/* A full barrier in every thread of the process; 0, or -1 when the kernel refuses. */
+static int fence_all(void)
+{
+    if (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0)
+        return 0;
+    /* refused (EPERM) in a forked child on kernels that do not carry the registration over
+     * fork: register this address space and try again */
+    return membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0 &&
+                   membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0
+               ? 0
+               : -1;
+}
+
 static int any_before(const sl_ebr *d, uint64_t epoch)
 {
     for (const retired *x = d->head; x; x = x->next)
@@ -211,11 +223,7 @@ static size_t collect_locked(sl_ebr *d)
          * cannot be freed. When something might be, fence every thread and scan again. */
         if (!any_before(d, oldest))
             return d->count;
-        if (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0 &&
-            /* refused (EPERM) in a forked child on kernels that do not carry the
-             * registration over fork: register this address space and try again */
-            (membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) != 0 ||
-             membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0))
+        if (fence_all() != 0)
             return d->count; /* cannot trust the scan: free later */
         oldest = oldest_reader();
     }

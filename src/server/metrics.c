@@ -120,8 +120,7 @@ typedef struct tenant_lines {
 static int tenant_cb(void *ctx, const char *tenant, size_t len, const sl_stats *s)
 {
     tenant_lines *t = ctx;
-    /* three lines per tenant, up to 65,536 tenants: appends, not printf (a scrape of 65,536
-     * tenants took ~220 ms of the worker's loop with printf) */
+    /* three lines per tenant, up to 65,536 tenants: appends, not printf */
     static const char *const results[] = {"\",result=\"allowed\"} ", "\",result=\"denied\"} "};
     const uint64_t counts[] = {s->allowed, s->denied};
     for (int i = 0; i < 2; i++) {
