@@ -64,11 +64,11 @@ int main(int argc, char **argv)
     double *holds = malloc(cap * sizeof *holds);
     unsigned shards = sl_limiter_nshards(l);
     for (unsigned i = 0; i < shards; i++) {
-        uint32_t pos, stamp;
+        sl_slice c;
         int st = SL_SLICE_MORE, rc;
         for (int first = 1; st == SL_SLICE_MORE; first = 0) {
             double t0 = now_ns();
-            st = sl_limiter_visit_slice(l, i, &pos, &stamp, first, 32, copy, NULL, &rc);
+            st = sl_limiter_visit_slice(l, i, &c, first, 32, copy, NULL, &rc);
             if (n < cap)
                 holds[n++] = now_ns() - t0;
         }

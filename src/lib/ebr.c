@@ -40,6 +40,7 @@
 /* Retired blocks before a retire scans the list (and, with membarrier, may fence every
  * thread: ~1-16 us here, possibly under the caller's lock). */
 #define EBR_COLLECT_MIN 64
+#define EBR_COLLECT_MIN_BYTES ((size_t)1 << 20)
 
 typedef struct rec {
     _Atomic uint64_t active; /* 0 = not reading, else the epoch seen at entry */
@@ -62,6 +63,7 @@ typedef struct retired {
     void *p;
     void (*fn)(void *);
     uint64_t epoch;
+    size_t bytes;
     struct retired *next;
 } retired;
 
@@ -70,6 +72,8 @@ struct sl_ebr {
     retired *head;
     size_t count;
     size_t collect_at; /* retire collects when count reaches this: amortised O(1) per retire */
+    size_t bytes;      /* sizes given to sl_ebr_retire_sized, of what is waiting */
+    size_t bytes_at;   /* ... and when bytes reach this */
 };
 
 static void thread_gone(void *arg)
@@ -233,8 +237,9 @@ static size_t collect_locked(sl_ebr *d)
         if (x->epoch < oldest) {
             *pp = x->next;
             x->fn(x->p);
-            free(x);
             d->count--;
+            d->bytes -= x->bytes;
+            free(x);
         } else {
             pp = &x->next;
         }
@@ -244,6 +249,11 @@ static size_t collect_locked(sl_ebr *d)
 
 void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *))
 {
+    sl_ebr_retire_sized(d, p, fn, 0);
+}
+
+void sl_ebr_retire_sized(sl_ebr *d, void *p, void (*fn)(void *), size_t bytes)
+{
     retired *x = malloc(sizeof *x);
     uint64_t e = atomic_fetch_add(&g_epoch, 1);
     if (!x)
@@ -251,15 +261,19 @@ void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *))
     x->p = p;
     x->fn = fn;
     x->epoch = e;
+    x->bytes = bytes;
     pthread_mutex_lock(&d->lock);
     x->next = d->head;
     d->head = x;
     d->count++;
+    d->bytes += bytes;
     /* A scan is O(count): scanning on every retire made a burst of n retires inside a read
-     * section (nothing freeable) cost O(n^2). Scan when the list has doubled instead. */
-    if (d->count >= d->collect_at) {
+     * section (nothing freeable) cost O(n^2). Scan when the list (or its bytes) has doubled
+     * instead. */
+    if (d->count >= d->collect_at || d->bytes >= d->bytes_at) {
         size_t left = collect_locked(d);
         d->collect_at = left * 2 > EBR_COLLECT_MIN ? left * 2 : EBR_COLLECT_MIN;
+        d->bytes_at = d->bytes * 2 > EBR_COLLECT_MIN_BYTES ? d->bytes * 2 : EBR_COLLECT_MIN_BYTES;
     }
     pthread_mutex_unlock(&d->lock);
 }

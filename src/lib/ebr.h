@@ -26,6 +26,10 @@ void sl_ebr_leave(sl_ebr *d);
 /* Free `p` with `fn(p)` once no reader can hold it. `p` must already be unreachable for new
  * readers. May free older retired objects on the way. Never blocks on readers. */
 void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *));
+/* The same for an object of `bytes` bytes: besides every doubling of the list, a retire also
+ * frees what it can once the bytes waiting have doubled (and are at least 1 MiB), so that a
+ * few large objects (a table's blocks) do not wait for 64 retires. */
+void sl_ebr_retire_sized(sl_ebr *d, void *p, void (*fn)(void *), size_t bytes);
 
 /* Free what can be freed now; returns the number still waiting. */
 size_t sl_ebr_collect(sl_ebr *d);

@@ -473,10 +473,10 @@ static void hook_drop(void *ctx, sl_entry *e, int why)
     }
 }
 
-static void hook_retire(void *ctx, void *p, void (*fn)(void *))
+static void hook_retire(void *ctx, void *p, void (*fn)(void *), size_t bytes)
 {
     sl_limiter *l = ctx;
-    sl_ebr_retire(l->ebr, p, fn);
+    sl_ebr_retire_sized(l->ebr, p, fn, bytes);
 }
 
 /* ---- open / close ------------------------------------------------------------------------ */
@@ -896,9 +896,9 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     prepare(key, &p);
     if (p.err != SL_OK)
         return p.err;
-    /* A key not in cache costs two dependent misses: its index slot, then its entry. Start
-     * the first, read the clock meanwhile, then start the second and resolve the policy
-     * (in decide) while it is on its way. */
+    /* A key not in cache costs a miss on its entry (its control byte, read first, is usually
+     * cached). Start bringing the control byte, read the clock meanwhile, then start the
+     * entry and resolve the policy (in decide) while it is on its way. */
     sl_table_prefetch(l->table, p.hash);
     if (now == SL_NOW && (rc = resolve_now(l, &now)) != SL_OK)
         return rc;
@@ -989,9 +989,9 @@ int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d)
     return one(l, key, 1, now, 0, d);
 }
 
-#define BATCH_AHEAD 8       /* requests prepared (hashed, slot prefetched) ahead */
-#define BATCH_ENTRY_AHEAD 4 /* requests whose entry is prefetched ahead (their slot has had
-                               BATCH_AHEAD - BATCH_ENTRY_AHEAD decisions' time to arrive) */
+#define BATCH_AHEAD 8       /* requests prepared (hashed, control byte prefetched) ahead */
+#define BATCH_ENTRY_AHEAD 4 /* requests whose entry is prefetched ahead (their control byte
+                               has had BATCH_AHEAD - BATCH_ENTRY_AHEAD decisions' time) */
 
 static void prepare_ahead(sl_limiter *l, const sl_key *k, prep *p)
 {
@@ -1553,11 +1553,17 @@ static int visit_one(void *c, sl_entry *e)
     return v->fn(v->ctx, k, klen, &cp->src, entry_state(e), cp->state_size);
 }
 
-int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_t *stamp,
-                           int first, uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc)
+int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, sl_slice *c, int first,
+                           uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc)
 {
     visit_ctx v = {l, fn, ctx};
-    return sl_table_visit_slice(l->table, shard, pos, stamp, first, max, visit_one, &v, fnrc);
+    return sl_table_visit_slice(l->table, shard, c, first, max, visit_one, &v, fnrc);
+}
+
+void sl_limiter_reserve(sl_limiter *l, uint64_t keys)
+{
+    if (!l->redis)
+        sl_table_reserve(l->table, keys > SIZE_MAX ? SIZE_MAX : (size_t)keys);
 }
 
 /* Lease ids stay unique: the next one issued is above every id restored. */

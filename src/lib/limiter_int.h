@@ -17,8 +17,11 @@ unsigned sl_limiter_nshards(sl_limiter *l);
 /* Visit one shard's keys a slice at a time under that shard's lock (memory.h's
  * sl_table_visit_slice: SL_SLICE_MORE until SL_SLICE_DONE or SL_SLICE_REPEATS; fn must be
  * quick, must not call into the limiter, and returns 0, > 0 or < 0 as described there). */
-int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, uint32_t *pos, uint32_t *stamp,
-                           int first, uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc);
+struct sl_slice;
+int sl_limiter_visit_slice(sl_limiter *l, unsigned shard, struct sl_slice *c, int first,
+                           uint32_t max, sl_key_visit_fn fn, void *ctx, int *fnrc);
+/* Make room for `keys` more keys (sl_table_reserve) before restoring them. */
+void sl_limiter_reserve(sl_limiter *l, uint64_t keys);
 /* Give key (encoded) policy p and exactly this state, replacing what it had (the state is
  * checked with sl_algo_state_valid: SL_ESNAPSHOT if it does not fit the policy). Lease ids
  * issued afterwards are above every lease id in the state. */

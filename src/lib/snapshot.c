@@ -196,12 +196,13 @@ static int copy_key(void *ctx, const char *key, size_t klen, const sl_policy *p,
 }
 
 /* Copy one shard a slice at a time (SLICE_KEYS keys or SLICE_BYTES, one lock hold each) and
- * write each slice out before taking the lock again. The shard is scanned from its last entry
- * down, which a concurrent removal cannot make skip an entry (memory.h). A slice that stopped
- * because a record did not fit is followed by a larger buffer, allocated outside the lock. */
+ * write each slice out before taking the lock again. The shard is scanned by home position,
+ * which concurrent removals and inserts cannot make skip an entry (memory.h). A slice that
+ * stopped because a record did not fit is followed by a larger buffer, allocated outside the
+ * lock. */
 static int copy_shard(sl_limiter *l, unsigned i, writer *w)
 {
-    uint32_t pos, stamp;
+    sl_slice c;
     int fnrc;
     for (int first = 1;; first = 0) {
         if (w->need > w->scap) {
@@ -213,7 +214,7 @@ static int copy_shard(sl_limiter *l, unsigned i, writer *w)
             w->scap = w->need;
         }
         w->slen = w->need = 0;
-        int st = sl_limiter_visit_slice(l, i, &pos, &stamp, first, SLICE_KEYS, copy_key, w,
+        int st = sl_limiter_visit_slice(l, i, &c, first, SLICE_KEYS, copy_key, w,
                                         &fnrc);
         if (fnrc)
             return fnrc;
@@ -506,8 +507,10 @@ int sl_snapshot_read(sl_limiter *l, int fd)
     rc = verify(p, n);
     if (rc == SL_OK)
         rc = records(l, p, n, 0, &keys); /* every record checked before any is applied */
-    if (rc == SL_OK)
+    if (rc == SL_OK) {
+        sl_limiter_reserve(l, keys); /* records come in hash order: see sl_table_reserve */
         rc = records(l, p, n, 1, &keys);
+    }
     if (rc == SL_OK) {
         sl_snapshot_info info = {keys, n, (int64_t)get(p + 16, 8), mono_ns() - t0};
         sl_limiter_snapshot_note(l, SL_SNAPSHOT_READ, &info);

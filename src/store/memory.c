@@ -1,40 +1,44 @@
 /*
  * memory.c — the in-process store (see memory.h).
  *
- * Layout of one shard:
+ * Layout of one shard: one block (sl_block), replaced whole when the shard grows or shrinks:
  *
- *   index   sl_index: its mask, then uint32 slots[mask + 1]: 0 = empty, else
- *           tag << 24 | (entry number + 1), where the tag is hash bits 32..39 (the shard takes
- *           the top bits, the slot the low bits, so the tag is independent of both). Linear
- *           probing, load <= 7/8, backward-shift deletion: there are no tombstones, so a miss
- *           stops at the first empty slot.
- *   entries chunks of SL_CHUNK_ENTRIES sl_entry, numbered densely 0..count-1, reached through
- *           an sl_chunkvec (its capacity, then the chunk pointers; NULL beyond nchunks).
- *           Removal moves the last entry into the hole (its slot is found again by
- *           re-hashing its key), so growth never copies entries and a shard holds at most one
- *           spare chunk.
+ *   header  S (positions 0..S-1) and H (home positions 0..H-1, H = S - S/16)
+ *   ctl     S control bytes, padded to a cache line: 0 = empty, else the key's tag (hash
+ *           bits 32..39, 0 read as 1)
+ *   entry   S sl_entry of 48 bytes: position p's entry is live iff ctl[p] != 0
  *
- * Nothing is allocated except when a new key is inserted (and, rarely, when a shard's index
- * shrinks after mass removal). All memory an insert may need is obtained before anything
- * changes, so an allocation failure leaves the table exactly as it was.
+ * A key's home is the low 32 bits of its hash scaled to [0, S) by a multiply-shift (the shard
+ * takes the top bits, the tag bits 32..39: all three are independent). Linear probing,
+ * wrapping at the end. Entries <= 15/16 of S, and always one empty position; a shard grows by 1/8, so it is between 5/6 and 15/16 full once past a few hundred
+ * keys: 52-59 bytes per key. Lookups
+ * compare control bytes (1 byte per position: at a million keys 1.1 MB in all, which stays in
+ * cache) and touch an entry only when its tag matches, so a key not in cache costs one miss:
+ * its entry. (The layout before 2026-12-07 kept 32-bit index slots over densely numbered
+ * entries: two dependent misses.) Each entry keeps its distance from home (`dist`, saturating
+ * at 0xFFFF = "re-hash the key"), so that backward-shift deletion (a miss stops at the first
+ * empty position) decides moves without re-hashing. Entries move when one is deleted (the
+ * rest of its run shifts towards home) and when the block is replaced (every entry is
+ * re-hashed into the new one); a key's home only changes with the block, and then in the
+ * order of its hash, which is what sliced visits rely on.
  *
- * Lockless readers. sl_table_prefetch reads the index pointer and s->mask (relaxed atomics)
- * and only forms an address. sl_table_prefetch_entry goes further: it loads the index
- * pointer (acquire), the mask from that allocation's header, slots of the home cache line,
- * the chunk-vector pointer (acquire), its capacity from its header and one chunk pointer,
- * and prefetches the entry (never dereferencing it). So that this is safe and data-race
+ * Nothing is allocated except when a new key is inserted (a new block when the shard must
+ * grow, a heap copy of a long key) and, rarely, when a shard shrinks after mass removal. All
+ * memory an insert may need is obtained before anything changes, so an allocation failure
+ * leaves the table exactly as it was. An empty shard points at its table's shared empty block
+ * (S = 0), never written or freed before the table.
+ *
+ * Lockless readers. sl_table_prefetch reads the block pointer and s->homes (relaxed atomics)
+ * and only forms an address. sl_table_prefetch_entry loads the block pointer (acquire), takes
+ * S and H from that block's header, reads control bytes from the key's home on and prefetches
+ * the entry whose tag matches (never dereferencing it). So that this is safe and data-race
  * free:
- *   - a reader bounds every read by the header of the array it loaded, never by shard
- *     fields that may belong to another array;
- *   - index and chunk vectors are filled before they are published with a release store,
- *     and never resized in place (no realloc: alloc, copy, publish, retire);
- *   - every store to a slot of a published index or an element of a published chunk
- *     vector is a relaxed atomic store (a plain mov on x86); the locked paths keep plain
- *     loads, since every writer holds the lock too;
- *   - replaced indexes and chunk vectors and freed chunks go to hooks.retire, which frees
- *     them once no reader can still hold them (EBR in the limiter); a freed chunk's vector
- *     element is set to NULL first. A sweep retires the chunks it frees in one shard as one
- *     list (sl_grave), so that mass reclaim costs one retire per shard, not per chunk.
+ *   - a reader bounds every read by the header of the block it loaded;
+ *   - a block is filled before it is published with a release store and never resized in
+ *     place; a replaced block goes to hooks.retire, which frees it once no reader can still
+ *     hold it (EBR in the limiter);
+ *   - every store to a control byte of a published block is a relaxed atomic store (a plain
+ *     mov on x86); the locked paths keep plain loads, since every writer holds the lock too.
  * Every other field is plain and protected by the shard lock, except `count`, which
  * sl_table_count sums without locks.
  */
@@ -47,6 +51,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "bytes.h"
 #include "inject.h"
@@ -56,55 +61,48 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#define SL_CHUNK_SHIFT 6u /* 64 entries = 3 KiB per chunk */
-#define SL_CHUNK_ENTRIES (1u << SL_CHUNK_SHIFT)
-#define SL_CHUNK_MASK (SL_CHUNK_ENTRIES - 1u)
-#define SL_CHUNK_BYTES (SL_CHUNK_ENTRIES * sizeof(sl_entry))
-#define SL_MIN_SLOTS 8u            /* smallest index: 8 slots = 32 bytes */
-#define SL_MAX_LOAD(cap) ((cap) - (cap) / 8u) /* most entries an index of cap slots holds */
-#define SL_MAX_ENTRIES 0xFFFFFFu   /* entries per shard: entry number + 1 must fit 24 bits */
+#define SL_MIN_SLOTS 8u            /* smallest block that holds entries */
+#define SL_MAX_ENTRIES 0xFFFFFFu   /* entries per shard (keeps S well inside 32 bits) */
 #define SL_MAX_SHARDS 65536u       /* shard bits (top 16) must not reach the tag (32..39) */
 #define SL_SPIN_BEFORE_YIELD 100u  /* failed spins before a waiter gives up its time slice */
 #define SL_SWEEP_BATCH 256u        /* entries examined per lock hold in sl_table_sweep */
 #define SL_HOUSEKEEP_PER_INSERT 2u /* entries examined for reclaim per new key */
-
-#define SL_TAG(h) ((uint32_t)((h) >> 32) & 0xFFu)
-#define SL_SLOT(tag, n) ((tag) << 24 | ((n) + 1u))
-#define SL_SLOT_ENTRY(v) (((v) & 0xFFFFFFu) - 1u)
+#define SL_RECLAIM_SKIP 64u        /* empty positions a per-insert reclaim step skips at most */
+#define SL_PREFETCH_SCAN 64u       /* control bytes sl_table_prefetch_entry reads at most */
+#define SL_DIST_UNKNOWN 0xFFFFu    /* dist too large to store: re-hash the key */
+#define SL_MMAP_BYTES (4u << 10)   /* blocks this large are mapped: freeing one returns it... */
+#define SL_MMAP_SHARDS 16384u      /* ...in tables of at most this many shards (one mapping
+                                      each: the kernel allows a process ~65,000) */
 
 _Static_assert(sizeof(sl_entry) == 48, "sl_entry must stay 48 bytes");
 
-/* One allocation: the mask in front of the slots, so that a lockless reader bounds its probe
- * by the mask of the very array it loaded. Never resized; replaced whole and retired. */
-typedef struct sl_index {
-    uint32_t mask;   /* slots - 1; set before publication, never changed */
-    uint32_t slot[]; /* 0 = empty, else tag << 24 | (entry number + 1) */
-} sl_index;
+/* One allocation per shard, replaced whole (never resized in place) and retired. */
+typedef struct sl_block {
+    uint32_t slots;        /* S; set before publication, never changed */
+    uint32_t mapped;       /* allocated with mmap (else aligned_alloc) */
+    uint32_t unused[14];   /* the control bytes start on their own cache line */
+    uint8_t ctl[];         /* S + 1 (padded to 64): 0 = empty, else the tag; then entries */
+} sl_block;
 
-/* Likewise the chunk-pointer array with its capacity in front. */
-typedef struct sl_chunkvec {
-    uint32_t cap;       /* elements; set before publication, never changed */
-    sl_entry *chunk[];  /* nchunks in use, NULL beyond */
-} sl_chunkvec;
+_Static_assert(offsetof(sl_block, ctl) == 64, "control bytes start a cache line");
 
-/* Two cache lines: what the lockless prefetches read (changed only by a resize or a new chunk
- * vector) apart from what every decision writes (the lock) and inserts update. Sharing one
+/* Two cache lines: what the lockless prefetches read (changed only when the block is
+ * replaced) apart from what every decision writes (the lock) and inserts update. Sharing one
  * line made each thread's prefetch of a shard stall on the line the other core had just
  * written by taking the lock (2 threads, random keys: both touch every shard). */
 struct sl_shard {
     /* read-mostly */
-    alignas(64) _Atomic uint32_t mask; /* idx->mask, for the locked paths and sl_table_prefetch */
-    uint32_t share;               /* most entries this shard may hold */
-    _Atomic(sl_index *) idx;
-    _Atomic(sl_chunkvec *) cv;    /* NULL until the first chunk */
+    alignas(64) _Atomic(sl_block *) blk;
+    _Atomic uint32_t slots;   /* blk->slots, for the locked paths and sl_table_prefetch */
+    uint32_t share;           /* most entries this shard may hold */
     sl_table *t;
     /* written under the lock */
     alignas(64) atomic_uint lock;
-    _Atomic uint32_t count;       /* entries 0..count-1 are live */
-    uint32_t nchunks;
-    uint32_t hand;            /* CLOCK hand (entry number) */
-    uint32_t sweep;           /* reclaim cursor (entry number) */
-    uint32_t removals;        /* bumped by every removal (entries move): sliced visits */
+    _Atomic uint32_t count;   /* live entries */
+    uint32_t hand;            /* CLOCK hand (position) */
+    uint32_t sweep;           /* reclaim cursor (position) */
+    uint32_t mods;            /* bumped by every insert, removal and new block */
+    uint32_t gen;             /* bumped when the block is replaced */
     size_t keybytes;          /* bytes of heap key copies */
 };
 
@@ -118,6 +116,7 @@ struct sl_table {
     size_t capacity; /* enforced max_keys (0 = unbounded) */
     sl_table_hooks hooks;
     uint64_t (*hashfn)(const void *key, size_t len); /* NULL = XXH3 (tests may replace) */
+    sl_block *empty;                                 /* S = 0: every shard's first block */
     _Atomic size_t sweep_next;                       /* next shard for sl_table_sweep */
 };
 
@@ -145,46 +144,8 @@ static void *t_calloc(size_t n, size_t size)
     return alloc_denied() ? NULL : calloc(n, size);
 }
 
-/* Free memory a lockless reader may still be looking at (an index, a chunk vector or a
- * chunk that is no longer reachable for new readers): through hooks.retire when set. */
-static void retire_with(const sl_table *t, void *p, void (*fn)(void *))
-{
-    if (t->hooks.retire)
-        t->hooks.retire(t->hooks.ctx, p, fn);
-    else
-        fn(p);
-}
 
-static void retire(const sl_table *t, void *p)
-{
-    retire_with(t, p, free);
-}
-
-/* Chunks freed by a sweep, linked through their first word (no reader ever reads chunk
- * memory, only prefetches it) and retired as one block: a sweep may free thousands of chunks
- * while its caller is itself inside a read section, and retiring each on its own would make
- * every retire walk an ever longer list of blocks that cannot be freed yet. */
-typedef struct sl_grave {
-    void *head;
-} sl_grave;
-
-static void free_chunk_list(void *p)
-{
-    while (p) {
-        void *next = *(void **)p;
-        free(p);
-        p = next;
-    }
-}
-
-static void grave_flush(const sl_table *t, sl_grave *g)
-{
-    if (g->head)
-        retire_with(t, g->head, free_chunk_list);
-    g->head = NULL;
-}
-
-/* A store into a published index or chunk vector: a lockless reader may load it. */
+/* A store into a published block's control bytes: a lockless reader may load them. */
 #define SL_STORE_SHARED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 
 /* ---- lock ---- */
@@ -223,7 +184,7 @@ void sl_shard_unlock(sl_shard *s)
     atomic_store_explicit(&s->lock, 0, memory_order_release);
 }
 
-/* ---- helpers (all *_locked: shard lock held) ---- */
+/* ---- blocks and positions ---- */
 
 uint64_t sl_table_hash(const void *key, size_t len)
 {
@@ -240,31 +201,128 @@ static inline void set_count(sl_shard *s, uint32_t n)
     atomic_store_explicit(&s->count, n, memory_order_relaxed);
 }
 
+/* Bytes in front of the entries: header, then S + 1 control bytes rounded up to a line. */
+static inline size_t entries_offset(uint32_t slots)
+{
+    return offsetof(sl_block, ctl) + (((size_t)slots + 64u) & ~(size_t)63u);
+}
+
+static inline size_t block_bytes(uint32_t slots)
+{
+    return entries_offset(slots) + (size_t)slots * sizeof(sl_entry);
+}
+
+static inline sl_entry *entries_of(sl_block *b, uint32_t slots)
+{
+    return (sl_entry *)((char *)b + entries_offset(slots));
+}
+
+/* Most entries a block of S positions holds: 15/16 of them, and always one empty position
+ * (it ends every probe run). */
+static inline uint32_t max_load(uint32_t slots)
+{
+    return slots ? slots - slots / 16u - 1u : 0u;
+}
+
+/* The next size up: doubling while small, then by 1/8 (a multiple of 8), so that a shard
+ * stays between 5/6 and 15/16 full. */
+static inline uint32_t grow_size(uint32_t slots)
+{
+    if (slots < 64u)
+        return slots ? 2u * slots : SL_MIN_SLOTS;
+    return (slots + slots / 8u + 7u) & ~7u;
+}
+
+/* The home position: the low 32 bits of the hash scaled to [0, S) (multiply-shift). */
+static inline uint32_t home_of(uint64_t h, uint32_t slots)
+{
+    return (uint32_t)(((uint64_t)(uint32_t)h * slots) >> 32);
+}
+
+static inline uint8_t tag_of(uint64_t h)
+{
+    uint8_t t = (uint8_t)(h >> 32);
+    return (uint8_t)(t | (t == 0)); /* 0 marks an empty position */
+}
+
+static inline uint32_t next_pos(uint32_t p, uint32_t slots)
+{
+    return p + 1u == slots ? 0u : p + 1u;
+}
+
+static inline uint32_t distance(uint32_t home, uint32_t p, uint32_t slots)
+{
+    return p >= home ? p - home : p + slots - home;
+}
+
+static inline void set_dist(sl_entry *e, uint32_t d)
+{
+    e->dist = (uint16_t)(d < SL_DIST_UNKNOWN ? d : SL_DIST_UNKNOWN);
+}
+
 /* Locked paths: the lock orders them after every writer, so relaxed loads (plain movs)
- * suffice, and the mask comes from the shard line rather than the index header. */
-static inline uint32_t *index_of(const sl_shard *s, uint32_t *mask)
+ * suffice, and S comes from the shard line rather than the block header. */
+typedef struct view {
+    sl_block *b;
+    uint8_t *ctl;
+    sl_entry *e;
+    uint32_t slots;
+} view;
+
+static inline view view_of(const sl_shard *s)
 {
-    *mask = atomic_load_explicit(&s->mask, memory_order_relaxed);
-    return atomic_load_explicit(&s->idx, memory_order_relaxed)->slot;
+    view v;
+    v.b = atomic_load_explicit(&s->blk, memory_order_relaxed);
+    v.slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+    v.ctl = v.b->ctl;
+    v.e = entries_of(v.b, v.slots);
+    return v;
 }
 
-static inline sl_chunkvec *chunks_of(const sl_shard *s)
+/* A block of `slots` positions, all empty, or NULL. Blocks of a page or more are mapped
+ * (zeroed, and populated now rather than faulted in a page at a time under the shard lock)
+ * when `map`: a shard grows by 1/8 at a time, and the heap keeps the holes its old blocks
+ * leave (at a million keys, 8 bytes per key more than the table holds). */
+static sl_block *block_new(uint32_t slots, bool map)
 {
-    return atomic_load_explicit(&s->cv, memory_order_relaxed);
+    size_t bytes = block_bytes(slots);
+    sl_block *b;
+    if (alloc_denied())
+        return NULL;
+    map = map && bytes >= SL_MMAP_BYTES;
+    if (map) {
+        b = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+                 -1, 0);
+        if (b == MAP_FAILED)
+            return NULL;
+    } else if ((b = aligned_alloc(64, bytes))) {
+        memset(b, 0, entries_offset(slots));
+    } else {
+        return NULL;
+    }
+    b->slots = slots;
+    b->mapped = map;
+    return b;
 }
 
-static inline sl_entry *entry_at(const sl_shard *s, uint32_t n)
+/* Frees a block; reads only its header. */
+static void block_free(void *p)
 {
-    return &chunks_of(s)->chunk[n >> SL_CHUNK_SHIFT][n & SL_CHUNK_MASK];
+    const sl_block *b = p;
+    if (b->mapped)
+        munmap(p, block_bytes(b->slots));
+    else
+        free(p);
 }
 
-/* A zeroed index of cap slots (a power of two), or NULL. */
-static sl_index *index_new(uint32_t cap)
+/* Free a replaced block, which a lockless reader may still be looking at: through
+ * hooks.retire when set. */
+static void retire(const sl_table *t, sl_block *b)
 {
-    sl_index *ix = t_calloc(1, sizeof(sl_index) + (size_t)cap * sizeof(uint32_t));
-    if (ix)
-        ix->mask = cap - 1;
-    return ix;
+    if (t->hooks.retire)
+        t->hooks.retire(t->hooks.ctx, b, block_free, block_bytes(b->slots));
+    else
+        block_free(b);
 }
 
 static inline uint64_t rehash(const sl_table *t, const sl_entry *e)
@@ -282,146 +340,112 @@ static inline bool key_equal(const sl_entry *e, const void *key, size_t len)
            memcmp(e->key.ext.ptr, key, len) == 0;
 }
 
-/* The slot holding entry n, whose key hashes to h. It must exist. */
-static uint32_t slot_of_locked(const uint32_t *idx, uint32_t mask, uint64_t h, uint32_t n)
+/* Distance of the entry at p from its home. */
+static inline uint32_t dist_at(const sl_table *t, const view *v, uint32_t p)
 {
-    uint32_t want = SL_SLOT(SL_TAG(h), n);
-    uint32_t p = (uint32_t)h & mask;
-    for (uint32_t i = 0; i <= mask; i++, p = (p + 1) & mask)
-        if (idx[p] == want)
-            return p;
-    abort(); /* the index lost an entry: memory corruption */
+    const sl_entry *e = &v->e[p];
+    if (e->dist != SL_DIST_UNKNOWN)
+        return e->dist;
+    return distance(home_of(rehash(t, e), v->slots), p, v->slots);
 }
 
-static inline uint32_t first_empty(const uint32_t *idx, uint32_t mask, uint64_t h)
+/* The first empty position from p on. */
+static inline uint32_t first_free(const uint8_t *ctl, uint32_t slots, uint32_t p)
 {
-    uint32_t p = (uint32_t)h & mask;
-    while (idx[p])
-        p = (p + 1) & mask;
+    while (ctl[p])
+        p = next_pos(p, slots);
     return p;
 }
 
-/* Fill a fresh zeroed index from the entries, publish it, retire the old one. The new index
- * is private until the release store, so it is filled with plain stores. */
-static void index_fill_locked(sl_shard *s, sl_index *ni)
+/* Move every entry of the current block into nb (fresh, private: plain stores), publish it,
+ * retire the old one. Old positions are read in order and multiply-shift homes keep that
+ * order, so both blocks are walked almost sequentially. Cursors keep their relative place. */
+static void block_fill_locked(sl_shard *s, sl_block *nb)
 {
-    uint32_t n = count_of(s), newmask = ni->mask;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t h = rehash(s->t, entry_at(s, i));
-        ni->slot[first_empty(ni->slot, newmask, h)] = SL_SLOT(SL_TAG(h), i);
+    view o = view_of(s);
+    uint32_t ns = nb->slots;
+    sl_entry *ne = entries_of(nb, ns);
+    for (uint32_t p = 0; p < o.slots; p++) {
+        if (!(o.ctl[p]))
+            continue;
+        uint32_t home = home_of(rehash(s->t, &o.e[p]), ns), q = first_free(nb->ctl, ns, home);
+        nb->ctl[q] = o.ctl[p];
+        ne[q] = o.e[p];
+        set_dist(&ne[q], distance(home, q, ns));
     }
-    sl_index *old = atomic_load_explicit(&s->idx, memory_order_relaxed);
-    /* sl_table_prefetch may pair the old pointer with the new mask (or the reverse): it only
+    /* sl_table_prefetch may pair the old pointer with the new size (or the reverse): it only
      * forms an address for a prefetch, which cannot fault. sl_table_prefetch_entry takes the
-     * mask from the index it loaded. */
-    atomic_store_explicit(&s->idx, ni, memory_order_release);
-    atomic_store_explicit(&s->mask, newmask, memory_order_relaxed);
-    retire(s->t, old);
+     * size from the block it loaded. */
+    atomic_store_explicit(&s->blk, nb, memory_order_release);
+    atomic_store_explicit(&s->slots, ns, memory_order_relaxed);
+    s->hand = o.slots ? (uint32_t)((uint64_t)s->hand * ns / o.slots) : 0;
+    s->sweep = o.slots ? (uint32_t)((uint64_t)s->sweep * ns / o.slots) : 0;
+    s->gen++;
+    s->mods++;
+    if (o.b != s->t->empty)
+        retire(s->t, o.b);
 }
 
-/* After mass removal: halve the index (or more) once its load falls below 1/8, so that a
- * flood that went away does not pin its index. Failure to allocate just keeps the old one. */
-static void index_shrink_locked(sl_shard *s)
+/* After mass removal: shrink the block once its load falls below 1/8, so that a flood that
+ * went away does not pin its memory. Failure to allocate just keeps the old one. */
+static void shrink_locked(sl_shard *s)
 {
-    uint32_t mask;
-    (void)index_of(s, &mask);
-    uint32_t cap = mask + 1, n = count_of(s);
-    if (cap <= SL_MIN_SLOTS || n >= cap / 8)
+    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), n = count_of(s);
+    if (slots <= SL_MIN_SLOTS || n >= slots / 8u)
         return;
-    uint32_t ncap = SL_MIN_SLOTS;
-    while (ncap < 2 * n)
-        ncap *= 2;
-    sl_index *ni = index_new(ncap);
-    if (ni)
-        index_fill_locked(s, ni);
+    uint32_t ns = (2u * n + 7u) & ~7u;
+    sl_block *nb = block_new(ns < SL_MIN_SLOTS ? SL_MIN_SLOTS : ns, s->t->nshards <= SL_MMAP_SHARDS);
+    if (nb)
+        block_fill_locked(s, nb);
 }
 
-/* Backward-shift deletion: empty slot `hole`, then pull later members of its probe run back
- * so that every key stays reachable from its home without tombstones. Deciding whether a key
- * may move needs its home, i.e. its hash, i.e. its entry: the entries of the run are
- * prefetched first so that their cache misses overlap instead of adding up. */
-static void index_delete_locked(sl_shard *s, uint32_t *idx, uint32_t mask, uint32_t hole)
+/* Delete the entry at p: free its key copy, then backward-shift deletion: later members of
+ * its probe run move towards their home into the hole, so that every key stays reachable
+ * from its home without tombstones. (Entries keep their home: sliced visits go by home.) */
+static void delete_at_locked(sl_shard *s, uint32_t p)
 {
-    for (uint32_t j = (hole + 1) & mask, k = 0; idx[j] && k < 16; j = (j + 1) & mask, k++)
-        __builtin_prefetch(entry_at(s, SL_SLOT_ENTRY(idx[j])));
-    uint32_t i = hole, j = hole;
-    for (;;) {
-        j = (j + 1) & mask;
-        uint32_t v = idx[j];
-        if (!v)
-            break;
-        uint32_t home = (uint32_t)rehash(s->t, entry_at(s, SL_SLOT_ENTRY(v))) & mask;
-        /* The key at j may move to i when i lies on its probe path home..j. */
-        if (((j - home) & mask) >= ((j - i) & mask)) {
-            SL_STORE_SHARED(&idx[i], v);
-            i = j;
-        }
-    }
-    SL_STORE_SHARED(&idx[i], 0);
-}
-
-/* Remove entry n whose index slot is p: free its key copy, delete the slot, move the last
- * entry into the hole. A trailing chunk is freed when a second one falls empty: keeping one
- * spare means a count oscillating around a chunk boundary does not malloc/free each time.
- * The chunk is retired at once, or put in `grave` (when not NULL) for the caller to retire. */
-static void remove_at_locked(sl_shard *s, uint32_t n, uint32_t p, sl_grave *grave)
-{
-    uint32_t mask;
-    uint32_t *idx = index_of(s, &mask);
-    uint32_t last = count_of(s) - 1;
-    __builtin_prefetch(entry_at(s, last)); /* needed after the shift: overlap its miss */
-    sl_entry *e = entry_at(s, n);
+    view v = view_of(s);
+    sl_entry *e = &v.e[p];
     if (e->flags & SL_ENTRY_LONGKEY) {
         s->keybytes -= e->key.ext.len;
         free(e->key.ext.ptr);
     }
-    index_delete_locked(s, idx, mask, p);
-    s->removals++;
-    if (n != last) {
-        sl_entry *l = entry_at(s, last);
-        uint32_t q = slot_of_locked(idx, mask, rehash(s->t, l), last);
-        SL_STORE_SHARED(&idx[q], (idx[q] & 0xFF000000u) | (n + 1u));
-        *e = *l;
-    }
-    set_count(s, last);
-    uint32_t used = (last + SL_CHUNK_MASK) >> SL_CHUNK_SHIFT;
-    if (s->nchunks > used + 1) {
-        sl_chunkvec *cv = chunks_of(s);
-        sl_entry *c = cv->chunk[--s->nchunks];
-        SL_STORE_SHARED(&cv->chunk[s->nchunks], NULL); /* unlink, then retire */
-        if (grave) {
-            *(void **)c = grave->head;
-            grave->head = c;
-        } else {
-            retire(s->t, c);
+    uint32_t i = p;
+    for (uint32_t j = next_pos(p, v.slots); v.ctl[j]; j = next_pos(j, v.slots)) {
+        uint32_t d = dist_at(s->t, &v, j), gap = distance(i, j, v.slots);
+        /* The key at j may move to i when i lies on its probe path home..j. */
+        if (d >= gap) {
+            v.e[i] = v.e[j];
+            set_dist(&v.e[i], d - gap);
+            SL_STORE_SHARED(&v.ctl[i], v.ctl[j]);
+            i = j;
         }
     }
-    if (s->hand >= last)
-        s->hand = 0;
-    if (s->sweep >= last)
-        s->sweep = 0;
+    SL_STORE_SHARED(&v.ctl[i], (uint8_t)0);
+    set_count(s, count_of(s) - 1);
+    s->mods++;
 }
 
-static void remove_entry_locked(sl_shard *s, uint32_t n, sl_grave *grave)
-{
-    uint32_t mask;
-    uint32_t *idx = index_of(s, &mask);
-    remove_at_locked(s, n, slot_of_locked(idx, mask, rehash(s->t, entry_at(s, n)), n), grave);
-}
-
-/* Examine the entry at the sweep cursor; reclaim it if it is idle and full. Returns 1 when
- * reclaimed (the cursor then stays: the entry moved into the hole is examined next). */
-static int reclaim_one_locked(sl_shard *s, int64_t now, sl_grave *grave)
+/* Examine the entry at the sweep cursor (skipping at most SL_RECLAIM_SKIP empty positions);
+ * reclaim it if it is idle and full. Returns 1 when reclaimed (the cursor then stays: the
+ * entry moved into the hole is examined next). */
+static int reclaim_one_locked(sl_shard *s, int64_t now)
 {
     const sl_table_hooks *hk = &s->t->hooks;
-    uint32_t c = s->sweep;
-    if (c >= count_of(s))
-        c = 0;
-    sl_entry *e = entry_at(s, c);
+    view v = view_of(s);
+    uint32_t c = s->sweep < v.slots ? s->sweep : 0;
+    for (unsigned k = 0; !(v.ctl[c]); k++) {
+        c = next_pos(c, v.slots);
+        if (k == SL_RECLAIM_SKIP) {
+            s->sweep = c;
+            return 0;
+        }
+    }
+    sl_entry *e = &v.e[c];
     if (hk->full_at(hk->ctx, e) <= now) {
         if (hk->drop)
             hk->drop(hk->ctx, e, 0);
-        remove_entry_locked(s, c, grave);
+        delete_at_locked(s, c);
         s->sweep = c;
         return 1;
     }
@@ -430,25 +454,26 @@ static int reclaim_one_locked(sl_shard *s, int64_t now, sl_grave *grave)
 }
 
 /* CLOCK: advance the hand, clearing reference bits, and evict the first entry without one.
- * The hand then moves past the hole, so the entry just moved there (the newest) gets a full
- * revolution before it is considered. Needs count >= 1. */
+ * Needs count >= 1. */
 static void evict_one_locked(sl_shard *s)
 {
     const sl_table_hooks *hk = &s->t->hooks;
-    uint32_t n = count_of(s), h = s->hand;
+    view v = view_of(s);
+    uint32_t h = s->hand;
     sl_entry *e;
-    for (;;) {
-        if (h >= n)
+    for (;; h++) {
+        if (h >= v.slots)
             h = 0;
-        e = entry_at(s, h);
+        if (!(v.ctl[h]))
+            continue;
+        e = &v.e[h];
         if (!(e->flags & SL_ENTRY_REF))
             break;
         e->flags &= (uint8_t)~SL_ENTRY_REF;
-        h++;
     }
     if (hk->drop)
         hk->drop(hk->ctx, e, 1);
-    remove_entry_locked(s, h, NULL);
+    delete_at_locked(s, h);
     s->hand = h + 1;
 }
 
@@ -475,9 +500,11 @@ sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *h
     t->shift = bits ? 64 - bits : 63; /* with one shard smask = 0 picks it */
     t->smask = shards - 1;
     atomic_init(&t->sweep_next, 0);
+    if (!(t->empty = block_new(0, false)))
+        goto fail_table;
     t->shards = alloc_denied() ? NULL : aligned_alloc(64, shards * sizeof(sl_shard));
     if (!t->shards)
-        goto fail_table;
+        goto fail_empty;
     memset(t->shards, 0, shards * sizeof(sl_shard));
     /* Shares add up to max_keys exactly: the first max_keys % shards shards take one more. */
     size_t base = max_keys / shards, extra = max_keys % shards;
@@ -487,16 +514,11 @@ sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *h
             cap = (size_t)SL_MAX_ENTRIES * shards;
         t->capacity = cap;
     }
-    unsigned i;
-    for (i = 0; i < shards; i++) {
+    for (unsigned i = 0; i < shards; i++) {
         sl_shard *s = &t->shards[i];
-        sl_index *idx = index_new(SL_MIN_SLOTS);
-        if (!idx)
-            goto fail_shards;
         atomic_init(&s->lock, 0);
-        atomic_init(&s->idx, idx);
-        atomic_init(&s->mask, SL_MIN_SLOTS - 1);
-        atomic_init(&s->cv, NULL);
+        atomic_init(&s->blk, t->empty);
+        atomic_init(&s->slots, 0);
         atomic_init(&s->count, 0);
         s->t = t;
         size_t share = max_keys ? base + (i < extra) : SL_MAX_ENTRIES;
@@ -504,10 +526,8 @@ sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *h
     }
     return t;
 
-fail_shards:
-    while (i-- > 0)
-        free(atomic_load(&t->shards[i].idx));
-    free(t->shards);
+fail_empty:
+    block_free(t->empty);
 fail_table:
     free(t);
     return NULL;
@@ -519,21 +539,21 @@ void sl_table_free(sl_table *t)
         return;
     for (unsigned i = 0; i < t->nshards; i++) {
         sl_shard *s = &t->shards[i];
-        uint32_t n = count_of(s);
-        for (uint32_t j = 0; j < n; j++) {
-            sl_entry *e = entry_at(s, j);
+        view v = view_of(s);
+        for (uint32_t p = 0; p < v.slots; p++) {
+            if (!(v.ctl[p]))
+                continue;
+            sl_entry *e = &v.e[p];
             if (t->hooks.drop)
                 t->hooks.drop(t->hooks.ctx, e, 2);
             if (e->flags & SL_ENTRY_LONGKEY)
                 free(e->key.ext.ptr);
         }
         /* No lockless reader may be left (see memory.h): free directly, not through retire. */
-        sl_chunkvec *cv = chunks_of(s);
-        for (uint32_t j = 0; j < s->nchunks; j++)
-            free(cv->chunk[j]);
-        free(cv);
-        free(atomic_load(&s->idx));
+        if (v.b != t->empty)
+            block_free(v.b);
     }
+    block_free(t->empty);
     free(t->shards);
     free(t);
 }
@@ -552,68 +572,64 @@ void sl_table_prefetch(sl_table *t, uint64_t hash)
 {
     sl_shard *s = &t->shards[hash >> t->shift & t->smask];
     __builtin_prefetch(&s->lock, 1, 3);
-    uintptr_t idx = (uintptr_t)atomic_load_explicit(&s->idx, memory_order_relaxed);
-    uint32_t mask = atomic_load_explicit(&s->mask, memory_order_relaxed);
-    /* Integer arithmetic: the pair (idx, mask) may be torn by a concurrent resize, and the
+    uintptr_t b = (uintptr_t)atomic_load_explicit(&s->blk, memory_order_relaxed);
+    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+    /* Integer arithmetic: the pair (b, slots) may be torn by a concurrent resize, and the
      * address is only ever prefetched, never dereferenced. */
-    __builtin_prefetch((const void *)(idx + offsetof(sl_index, slot) +
-                                      (uintptr_t)(hash & mask) * sizeof(uint32_t)),
-                       0, 3);
+    __builtin_prefetch((const void *)(b + offsetof(sl_block, ctl) + home_of(hash, slots)), 0, 3);
 }
 
 /* Lockless, inside the caller's retire read section (memory.h). Every bound comes from the
- * header of the array just loaded; the values read may be stale (a slot of an index already
- * replaced, an entry number already moved), which costs at most a useless prefetch. */
+ * header of the block just loaded; the control bytes read may be stale (a key just moved or
+ * removed), which costs at most a useless prefetch. */
 void sl_table_prefetch_entry(sl_table *t, uint64_t hash)
 {
     sl_shard *s = &t->shards[hash >> t->shift & t->smask];
-    const sl_index *ix = atomic_load_explicit(&s->idx, memory_order_acquire);
-    uint32_t mask = ix->mask, tag = SL_TAG(hash), v;
-    const uint32_t *p = &ix->slot[(uint32_t)hash & mask], *end = &ix->slot[mask] + 1;
-    /* The home slot, then the rest of its cache line (already fetched by sl_table_prefetch)
-     * while the probe run goes on; the first tag match wins. */
-    for (;;) {
-        v = __atomic_load_n(p, __ATOMIC_RELAXED);
-        if (!v)
+    sl_block *b = atomic_load_explicit(&s->blk, memory_order_acquire);
+    uint32_t slots = b->slots;
+    if (!slots)
+        return;
+    uint32_t p = home_of(hash, slots);
+    uint8_t tag = tag_of(hash);
+    for (unsigned k = 0;; k++) {
+        uint8_t c = __atomic_load_n(&b->ctl[p], __ATOMIC_RELAXED);
+        if (!c || k == SL_PREFETCH_SCAN)
             return;
-        if (v >> 24 == tag)
+        if (c == tag)
             break;
-        if (++p == end || ((uintptr_t)p & 63u) == 0)
-            return;
+        p = next_pos(p, slots);
     }
-    uint32_t n = SL_SLOT_ENTRY(v), c = n >> SL_CHUNK_SHIFT;
-    const sl_chunkvec *cv = atomic_load_explicit(&s->cv, memory_order_acquire);
-    if (!cv || c >= cv->cap)
-        return;
-    const sl_entry *chunk = __atomic_load_n(&cv->chunk[c], __ATOMIC_RELAXED);
-    if (!chunk)
-        return;
     /* 48-byte entries straddle cache lines: fetch both ends (for writing: the decision
      * updates the state). */
-    const char *e = (const char *)&chunk[n & SL_CHUNK_MASK];
+    const char *e = (const char *)&entries_of(b, slots)[p];
     __builtin_prefetch(e, 1, 3);
     __builtin_prefetch(e + sizeof(sl_entry) - 1, 1, 3);
 }
 
+/* Position of the key's entry, or UINT32_MAX. */
+static inline uint32_t find_pos_locked(const view *v, uint64_t hash, const void *key, size_t len)
+{
+    uint8_t tag = tag_of(hash);
+    /* At most 15/16 full: an empty position ends every probe run. */
+    for (uint32_t p = home_of(hash, v->slots);; p = next_pos(p, v->slots)) {
+        uint8_t c = v->ctl[p];
+        if (!c)
+            return UINT32_MAX;
+        if (c == tag && key_equal(&v->e[p], key, len))
+            return p;
+    }
+}
+
 sl_entry *sl_shard_find_locked(sl_shard *s, uint64_t hash, const void *key, size_t len)
 {
-    uint32_t mask;
-    const uint32_t *idx = index_of(s, &mask);
-    uint32_t tag = SL_TAG(hash);
-    /* The load factor stays <= 7/8, so an empty slot ends every probe run. */
-    for (uint32_t p = (uint32_t)hash & mask;; p = (p + 1) & mask) {
-        uint32_t v = idx[p];
-        if (!v)
-            return NULL;
-        if (v >> 24 == tag) {
-            sl_entry *e = entry_at(s, SL_SLOT_ENTRY(v));
-            if (key_equal(e, key, len)) {
-                if (!(e->flags & SL_ENTRY_REF))
-                    e->flags |= SL_ENTRY_REF;
-                return e;
-            }
-        }
-    }
+    view v = view_of(s);
+    uint32_t p = find_pos_locked(&v, hash, key, len);
+    if (p == UINT32_MAX)
+        return NULL;
+    sl_entry *e = &v.e[p];
+    if (!(e->flags & SL_ENTRY_REF))
+        e->flags |= SL_ENTRY_REF;
+    return e;
 }
 
 sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, size_t len,
@@ -630,55 +646,29 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
      * removes, so after it everything needed is already there. */
     uint32_t n = count_of(s);
     uint32_t need = n < s->share ? n + 1 : s->share;
-    uint32_t mask;
-    (void)index_of(s, &mask);
-    uint32_t ncap = mask + 1;
-    while (need > SL_MAX_LOAD(ncap))
-        ncap *= 2;
-    sl_chunkvec *cv = chunks_of(s);
-    uint32_t chunk_cap = cv ? cv->cap : 0;
-    bool new_chunk = need > s->nchunks * SL_CHUNK_ENTRIES;
-    bool new_array = new_chunk && s->nchunks == chunk_cap;
-
+    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), ns = slots;
+    while (need > max_load(ns))
+        ns = grow_size(ns);
     char *kcopy = NULL;
-    sl_entry *chunk = NULL;
-    sl_index *ni = NULL;
-    sl_chunkvec *ncv = NULL;
+    sl_block *nb = NULL;
     if (len > SL_ENTRY_INLINE_KEY && !(kcopy = t_malloc(len)))
         goto fail;
-    if (new_chunk && !(chunk = t_malloc(SL_CHUNK_BYTES)))
+    if (ns != slots && !(nb = block_new(ns, s->t->nshards <= SL_MMAP_SHARDS)))
         goto fail;
-    if (ncap != mask + 1 && !(ni = index_new(ncap)))
-        goto fail;
-    if (new_array) { /* a copy, not realloc: readers may be in the old one */
-        uint32_t cap = chunk_cap ? chunk_cap * 2 : 4;
-        if (!(ncv = t_malloc(sizeof(sl_chunkvec) + (size_t)cap * sizeof(sl_entry *))))
-            goto fail;
-        ncv->cap = cap;
-        for (uint32_t i = 0; i < cap; i++)
-            ncv->chunk[i] = i < s->nchunks ? cv->chunk[i] : NULL;
-    }
     /* Everything is in hand: from here on nothing fails. */
-    if (ncv) {
-        ncv->chunk[s->nchunks++] = chunk; /* still private: a plain store */
-        atomic_store_explicit(&s->cv, ncv, memory_order_release);
-        if (cv)
-            retire(s->t, cv);
-    } else if (chunk) {
-        SL_STORE_SHARED(&cv->chunk[s->nchunks++], chunk);
-    }
-    if (ni)
-        index_fill_locked(s, ni);
+    if (nb)
+        block_fill_locked(s, nb);
 
     /* Bounded housekeeping: reclaim idle full keys at the cursor, then make room. */
     if (s->t->hooks.full_at && now != SL_TABLE_NO_RECLAIM)
         for (unsigned i = 0; i < SL_HOUSEKEEP_PER_INSERT && count_of(s) > 0; i++)
-            reclaim_one_locked(s, now, NULL);
+            reclaim_one_locked(s, now);
     if (count_of(s) >= s->share)
         evict_one_locked(s);
 
-    n = count_of(s);
-    e = entry_at(s, n);
+    view v = view_of(s);
+    uint32_t home = home_of(hash, v.slots), p = first_free(v.ctl, v.slots, home);
+    e = &v.e[p];
     memset(e, 0, sizeof *e);
     if (kcopy) {
         memcpy(kcopy, key, len);
@@ -691,38 +681,25 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
             memcpy(e->key.inl, key, len);
         e->klen = (uint8_t)len;
     }
-    uint32_t *idx = index_of(s, &mask);
-    SL_STORE_SHARED(&idx[first_empty(idx, mask, hash)], SL_SLOT(SL_TAG(hash), n));
-    set_count(s, n + 1);
+    set_dist(e, distance(home, p, v.slots));
+    SL_STORE_SHARED(&v.ctl[p], tag_of(hash));
+    set_count(s, count_of(s) + 1);
+    s->mods++;
     *created = 1;
     return e;
 
 fail: /* nothing was published: free directly */
-    free(ncv);
-    free(ni);
-    free(chunk);
     free(kcopy);
     return NULL;
 }
 
 void sl_shard_remove_locked(sl_shard *s, sl_entry *e)
 {
-    size_t len;
-    const char *k = sl_entry_key(e, &len);
-    uint64_t h = s->t->hashfn ? s->t->hashfn(k, len) : XXH3_64bits(k, len);
-    uint32_t mask;
-    const uint32_t *idx = index_of(s, &mask);
-    uint32_t tag = SL_TAG(h);
-    for (uint32_t p = (uint32_t)h & mask;; p = (p + 1) & mask) {
-        uint32_t v = idx[p];
-        if (!v)
-            abort(); /* not an entry of this shard */
-        if (v >> 24 == tag && entry_at(s, SL_SLOT_ENTRY(v)) == e) {
-            remove_at_locked(s, SL_SLOT_ENTRY(v), p, NULL);
-            index_shrink_locked(s);
-            return;
-        }
-    }
+    view v = view_of(s);
+    if (e < v.e || e >= v.e + v.slots || !(v.ctl[e - v.e]))
+        abort(); /* not an entry of this shard */
+    delete_at_locked(s, (uint32_t)(e - v.e));
+    shrink_locked(s);
 }
 
 size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
@@ -736,25 +713,34 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
         if (count_of(s) == 0)
             continue;
         sl_shard_lock(s);
-        sl_grave grave = {NULL};
-        size_t todo = count_of(s);
-        if (todo <= budget)
-            s->sweep = 0; /* a whole pass from 0 examines every entry exactly once */
-        else
-            todo = budget;
-        budget -= todo;
-        while (todo > 0) {
-            size_t batch = todo < SL_SWEEP_BATCH ? todo : SL_SWEEP_BATCH;
-            for (size_t k = 0; k < batch && count_of(s) > 0; k++)
-                reclaimed += (size_t)reclaim_one_locked(s, now, &grave);
-            todo -= batch;
-            if (todo > 0) { /* let waiters in between batches */
+        /* A whole pass from position 0 up examines every entry (a removal at the cursor only
+         * moves entries not yet examined down to it); otherwise `budget` entries from the
+         * cursor on. */
+        bool whole = count_of(s) <= budget;
+        if (whole)
+            s->sweep = 0;
+        for (unsigned batch = 0; budget > 0 && count_of(s) > 0;) {
+            view v = view_of(s);
+            uint32_t c = s->sweep;
+            if (c >= v.slots) {
+                if (whole)
+                    break;
+                c = 0;
+            }
+            if (!(v.ctl[c])) {
+                s->sweep = c + 1;
+                continue;
+            }
+            s->sweep = c;
+            reclaimed += (size_t)reclaim_one_locked(s, now);
+            budget--;
+            if (++batch == SL_SWEEP_BATCH) { /* let waiters in between batches */
+                batch = 0;
                 sl_shard_unlock(s);
                 sl_shard_lock(s);
             }
         }
-        index_shrink_locked(s);
-        grave_flush(t, &grave);
+        shrink_locked(s);
         sl_shard_unlock(s);
     }
     return reclaimed;
@@ -771,31 +757,76 @@ int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entr
     sl_shard *s = &t->shards[i];
     int rc = 0;
     sl_shard_lock(s);
-    uint32_t n = count_of(s);
-    for (uint32_t j = 0; j < n && !rc; j++)
-        rc = fn(ctx, entry_at(s, j));
+    view v = view_of(s);
+    for (uint32_t p = 0; p < v.slots && !rc; p++)
+        if ((v.ctl[p]))
+            rc = fn(ctx, &v.e[p]);
     sl_shard_unlock(s);
     return rc;
 }
 
-int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp, int first,
-                         uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc)
+/* Home of the entry at p (from its stored distance, or its hash when that saturated). */
+static inline uint32_t home_at(const sl_table *t, const view *v, uint32_t p)
+{
+    uint32_t d = dist_at(t, v, p);
+    return p >= d ? p - d : p + v->slots - d;
+}
+
+int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32_t max,
+                         int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc)
 {
     sl_shard *s = &t->shards[i];
     int rc = 0;
     sl_shard_lock(s);
-    uint32_t n = count_of(s);
+    view v = view_of(s);
     if (first) {
-        *pos = n;
-        *stamp = s->removals;
-    } else if (*pos > n) {
-        *pos = n; /* removals shrank the shard: entries past its end are gone or moved down */
+        *c = (sl_slice){.home = v.slots, .slots = v.slots, .gen = s->gen, .resume = UINT32_MAX};
+    } else if (c->gen != s->gen) {
+        /* A new block: homes below c->home held the hashes below h (the low 32 bits); in the
+         * new block those have homes up to that of h - 1, which may also hold keys visited
+         * already. */
+        uint64_t h = c->slots ? (((uint64_t)c->home << 32) + c->slots - 1) / c->slots : 0;
+        c->home = h ? home_of(h - 1, v.slots) + 1 : 0;
+        c->slots = v.slots;
+        c->gen = s->gen;
+        c->resume = UINT32_MAX;
+        c->repeats = 1;
+    } else if (c->resume != UINT32_MAX && c->mods != s->mods) {
+        c->resume = UINT32_MAX; /* the shard changed: this range again from its start */
+        c->repeats = 1;
     }
-    uint32_t lo = *pos > max ? *pos - max : 0;
-    while (*pos > lo && (rc = fn(ctx, entry_at(s, *pos - 1))) == 0)
-        --*pos;
-    int st = *pos > 0 || rc < 0 ? SL_SLICE_MORE
-             : *stamp != s->removals ? SL_SLICE_REPEATS : SL_SLICE_DONE;
+    /* One range of `max` homes [lo, c->home) per slice (fewer keys than that on average: the
+     * block is at most 15/16 full): their keys lie from position lo on, up to the first empty
+     * position at or after c->home - 1 (wrapping at the end). */
+    if (c->home > 0) {
+        if (c->resume == UINT32_MAX) {
+            uint32_t k = max < 1 ? 1 : max;
+            c->lo = c->home > k ? c->home - k : 0;
+            c->resume = c->lo;
+        }
+        uint32_t p = c->resume, last = c->home - 1;
+        /* (at most once round the block: a run may wrap back to lo) */
+        for (uint32_t step = distance(c->lo, p, v.slots); step < v.slots; step++) {
+            if (!v.ctl[p]) {
+                if (step >= last - c->lo)
+                    break; /* range done */
+            } else {
+                uint32_t h = home_at(t, &v, p);
+                if (h >= c->lo && h <= last && (rc = fn(ctx, &v.e[p])) != 0)
+                    break;
+            }
+            p = next_pos(p, v.slots);
+        }
+        if (rc != 0) { /* go on from p next time (this entry first), if nothing changes */
+            c->resume = p;
+            c->mods = s->mods;
+        } else {
+            c->home = c->lo;
+            c->resume = UINT32_MAX;
+        }
+    }
+    int st = c->home > 0 || rc < 0 ? SL_SLICE_MORE
+             : c->repeats ? SL_SLICE_REPEATS : SL_SLICE_DONE;
     sl_shard_unlock(s);
     *fnrc = rc < 0 ? rc : 0;
     return st;
@@ -809,6 +840,25 @@ int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx)
     return rc;
 }
 
+void sl_table_reserve(sl_table *t, size_t keys)
+{
+    size_t each = keys / t->nshards + keys / t->nshards / 16 + 16;
+    for (unsigned i = 0; i < t->nshards; i++) {
+        sl_shard *s = &t->shards[i];
+        sl_shard_lock(s);
+        size_t want = count_of(s) + each;
+        if (want > s->share)
+            want = s->share;
+        uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), ns = slots;
+        while (want > max_load(ns))
+            ns = grow_size(ns);
+        sl_block *nb = ns != slots ? block_new(ns, t->nshards <= SL_MMAP_SHARDS) : NULL;
+        if (nb)
+            block_fill_locked(s, nb);
+        sl_shard_unlock(s);
+    }
+}
+
 size_t sl_table_count(sl_table *t)
 {
     size_t n = 0;
@@ -819,16 +869,12 @@ size_t sl_table_count(sl_table *t)
 
 size_t sl_table_bytes(sl_table *t)
 {
-    size_t b = sizeof *t + t->nshards * sizeof(sl_shard);
+    size_t b = sizeof *t + t->nshards * sizeof(sl_shard) + block_bytes(0);
     for (unsigned i = 0; i < t->nshards; i++) {
         sl_shard *s = &t->shards[i];
-        uint32_t mask;
         sl_shard_lock(s);
-        (void)index_of(s, &mask);
-        sl_chunkvec *cv = chunks_of(s);
-        b += sizeof(sl_index) + ((size_t)mask + 1) * sizeof(uint32_t) +
-             (cv ? sizeof(sl_chunkvec) + (size_t)cv->cap * sizeof(sl_entry *) : 0) +
-             (size_t)s->nchunks * SL_CHUNK_BYTES + s->keybytes;
+        uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+        b += (slots ? block_bytes(slots) : 0) + s->keybytes;
         sl_shard_unlock(s);
     }
     return b;
@@ -847,50 +893,38 @@ int sl_table_check(sl_table *t)
     for (unsigned i = 0; i < t->nshards && !rc; i++) {
         sl_shard *s = &t->shards[i];
         sl_shard_lock(s);
-        uint32_t mask;
-        const uint32_t *idx = index_of(s, &mask);
-        const sl_chunkvec *cv = chunks_of(s);
-        uint32_t n = count_of(s), cap = mask + 1, used = 0;
+        view v = view_of(s);
+        uint32_t n = count_of(s), used = 0;
         size_t keybytes = 0;
-        if (cap < SL_MIN_SLOTS || (cap & mask) || n > SL_MAX_LOAD(cap))
-            rc = 1; /* index size or load */
+        if ((v.slots == 0) != (v.b == t->empty) || (v.slots && v.slots < SL_MIN_SLOTS) ||
+            n > max_load(v.slots))
+            rc = 1; /* block size or load */
         else if (n > s->share)
             rc = 2; /* over the share */
-        else if (s->nchunks * SL_CHUNK_ENTRIES < n ||
-                 s->nchunks > ((n + SL_CHUNK_MASK) >> SL_CHUNK_SHIFT) + 1 ||
-                 s->nchunks > (cv ? cv->cap : 0))
-            rc = 3; /* chunk accounting */
-        else if (atomic_load_explicit(&s->idx, memory_order_relaxed)->mask != mask)
-            rc = 11; /* the index header disagrees with the shard */
-        for (uint32_t j = 0; cv && j < cv->cap && !rc; j++)
-            if ((cv->chunk[j] != NULL) != (j < s->nchunks))
-                rc = 12; /* a chunk in use missing, or a stale pointer beyond nchunks */
-        for (uint32_t p = 0; p < cap && !rc; p++) {
-            uint32_t v = idx[p];
-            if (!v)
+        else if (v.ctl[v.slots] != 0)
+            rc = 3; /* the padding after the last position is not empty */
+        else if (v.b->slots != v.slots)
+            rc = 11; /* the block header disagrees with the shard */
+        for (uint32_t p = 0; p < v.slots && !rc; p++) {
+            if (!(v.ctl[p]))
                 continue;
             used++;
-            uint32_t en = SL_SLOT_ENTRY(v);
-            if (en >= n) {
-                rc = 4; /* slot names a dead entry */
-                break;
-            }
-            sl_entry *e = entry_at(s, en);
+            sl_entry *e = &v.e[p];
             uint64_t h = rehash(t, e);
-            if (SL_TAG(h) != v >> 24 || (h >> t->shift & t->smask) != i) {
+            uint32_t home = home_of(h, v.slots), d = distance(home, p, v.slots);
+            if (tag_of(h) != v.ctl[p] || (h >> t->shift & t->smask) != i) {
                 rc = 5; /* wrong tag or wrong shard */
                 break;
             }
-            for (uint32_t q = (uint32_t)h & mask; q != p; q = (q + 1) & mask)
-                if (!idx[q]) {
+            if (e->dist != (d < SL_DIST_UNKNOWN ? d : SL_DIST_UNKNOWN)) {
+                rc = 4; /* stored distance from home is wrong */
+                break;
+            }
+            for (uint32_t q = home; q != p; q = next_pos(q, v.slots))
+                if (!v.ctl[q]) {
                     rc = 6; /* unreachable from its home */
                     break;
                 }
-        }
-        if (!rc && used != n)
-            rc = 7; /* slots and entries disagree (duplicate or missing) */
-        for (uint32_t j = 0; j < n && !rc; j++) {
-            sl_entry *e = entry_at(s, j);
             size_t len;
             const char *k = sl_entry_key(e, &len);
             if (e->flags & SL_ENTRY_LONGKEY) {
@@ -901,10 +935,12 @@ int sl_table_check(sl_table *t)
                 rc = 8;
             }
             uint8_t flags = e->flags; /* find sets the CLOCK bit: leave it as it was */
-            if (!rc && sl_shard_find_locked(s, rehash(t, e), k, len) != e)
+            if (!rc && sl_shard_find_locked(s, h, k, len) != e)
                 rc = 9; /* find does not return the entry */
             e->flags = flags;
         }
+        if (!rc && used != n)
+            rc = 7; /* positions and count disagree */
         if (!rc && keybytes != s->keybytes)
             rc = 10;
         sl_shard_unlock(s);

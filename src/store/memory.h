@@ -2,9 +2,10 @@
  * memory.h — the in-process store: a sharded concurrent hash table of keys -> state.
  *
  * Shards: a power of two, picked by the top bits of the key's 64-bit hash, each with its own
- * lock (held only around one lookup + one algorithm step). Inside a shard: an open-addressing
- * index of 32-bit slots (8 bits of hash tag, 24 bits entry number) over a dense array of
- * 48-byte entries, so probing stays inside one or two cache lines and entries pack tightly.
+ * lock (held only around one lookup + one algorithm step). Inside a shard: one block of
+ * open-addressing positions, a control byte each (8 bits of hash tag) followed by the 48-byte
+ * entries themselves, so a lookup compares control bytes (small enough to stay in cache) and
+ * then touches one entry: one cache miss for a key not in cache.
  *
  * Housekeeping is bounded on the decision path: each insert looks at most at a couple of
  * entries to reclaim idle full keys (hooks.full_at(e) <= now) and, when the shard is at its
@@ -14,15 +15,15 @@
  * is held, and only until the next upsert or remove on that shard (either may move entries).
  *
  * Two functions read without the lock. sl_table_prefetch only forms the address of the
- * key's index slot. sl_table_prefetch_entry reads the index and the chunk-pointer array (it
+ * key's control byte. sl_table_prefetch_entry reads the block's header and control bytes (it
  * never dereferences an entry), so the memory it reads must outlive it: the table hands every
- * such block it replaces or frees (old index and chunk-pointer arrays, freed entry chunks)
- * to hooks.retire, which frees it once no reader can still hold it (the limiter retires
- * through its epoch-based reclamation, and callers of sl_table_prefetch_entry are inside
- * sl_ebr_enter/leave). The lockless reads are C11 atomics, so ThreadSanitizer checks them.
+ * block it replaces to hooks.retire, which frees it once no reader can still hold it (the
+ * limiter retires through its epoch-based reclamation, and callers of
+ * sl_table_prefetch_entry are inside sl_ebr_enter/leave). The lockless reads are C11
+ * atomics, so ThreadSanitizer checks them.
  *
  * Every `hash` argument must be sl_table_hash(key, len): the table re-hashes stored keys when
- * it resizes its index or removes an entry.
+ * it replaces a block (and when an entry's stored distance from home has saturated).
  */
 #ifndef SL_MEMORY_H
 #define SL_MEMORY_H
@@ -43,7 +44,7 @@ typedef struct sl_entry {
     uint32_t policy;   /* id of the compiled policy the state was written under; 0 = none */
     uint8_t flags;     /* SL_ENTRY_* */
     uint8_t klen;      /* inline key length when !SL_ENTRY_LONGKEY */
-    uint16_t spare;
+    uint16_t dist;     /* the table's: distance from the key's home position */
     union {
         char inl[SL_ENTRY_INLINE_KEY];
         struct {
@@ -61,14 +62,13 @@ typedef struct sl_table_hooks {
      * full), 1 evicted by max_keys, 2 table being freed. Called with the shard lock held. */
     void (*drop)(void *ctx, sl_entry *e, int why);
     /* Call fn(p) once no thread can be inside a lockless read (sl_table_prefetch_entry) that
-     * might have seen p; e.g. sl_ebr_retire(ebr, p, fn). p is already unreachable for new
-     * readers; its memory is fn's (fn may read it: a sweep retires the chunks it frees as one
-     * list). The table retires every block such a reader may touch (replaced index and
-     * chunk-pointer arrays, freed entry chunks) and nothing else; sl_table_free frees
-     * directly. Called with the shard lock held: must not call back into the table.
+     * might have seen p; e.g. sl_ebr_retire_sized(ebr, p, fn, bytes). p (`bytes` long) is
+     * already unreachable for new readers; its memory is fn's. The table retires every block
+     * such a reader may touch (a shard's replaced block) and nothing else; sl_table_free
+     * frees directly. Called with the shard lock held: must not call back into the table.
      * NULL: such blocks are freed at once, and sl_table_prefetch_entry must then not be
      * used (it could read freed memory whenever another thread changes the shard). */
-    void (*retire)(void *ctx, void *p, void (*fn)(void *));
+    void (*retire)(void *ctx, void *p, void (*fn)(void *), size_t bytes);
 } sl_table_hooks;
 
 typedef struct sl_table sl_table;
@@ -116,15 +116,15 @@ static inline const char *sl_entry_key(const sl_entry *e, size_t *len)
     return e->key.inl;
 }
 
-/* Start bringing the key's index slot (and shard) into cache. Needs no lock and no read
+/* Start bringing the key's control byte (and shard) into cache. Needs no lock and no read
  * section; safe while other threads resize (it only computes an address). */
 void sl_table_prefetch(sl_table *t, uint64_t hash);
 
-/* Second stage, some time after sl_table_prefetch(t, hash): read the key's home slot (and
- * the following slots of the same 64-byte cache line while they are non-empty) for a slot
- * whose tag matches, and start bringing that entry into cache. Answers nothing, changes
- * nothing, never dereferences an entry; the slot it finds may be stale or belong to another
- * key with the same tag, which costs at most a useless prefetch. Needs no lock, but must be
+/* Second stage, some time after sl_table_prefetch(t, hash): read control bytes from the
+ * key's home position on (at most 64, while they are non-empty) for one whose tag matches,
+ * and start bringing that entry into cache. Answers nothing, changes nothing, never
+ * dereferences an entry; the position it finds may be stale or belong to another key with
+ * the same tag, which costs at most a useless prefetch. Needs no lock, but must be
  * called inside the read section that hooks.retire honours (sl_ebr_enter/leave for
  * sl_ebr_retire), and only on a table with a retire hook. */
 void sl_table_prefetch_entry(sl_table *t, uint64_t hash);
@@ -140,18 +140,36 @@ int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx);
 int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entry *e),
                            void *ctx);
 unsigned sl_table_nshards(const sl_table *t);
-/* Visit shard i a slice at a time, at most `max` entries per lock hold, from the last entry
- * down (first: start at the shard's end and record its removal count in *stamp). A removal
- * moves the last entry into the hole; scanning downwards, an entry not yet visited can only
- * move further down, so none is ever missed (pos is clamped to the count at each slice), while
- * an entry already visited can move below pos and be visited again. The last slice returns
- * SL_SLICE_REPEATS instead of SL_SLICE_DONE when removals happened since the first (so some
- * entry may have been visited twice). Entries inserted after the first slice may or may not
- * be visited. fn returns 0 (visited: go on), > 0 (not visited: end this slice; the entry
- * comes first in the next one) or < 0 (stop; *fnrc holds it, and the shard is not done). */
+/* Visit shard i a slice at a time, the keys of `max` home positions per lock hold (fewer than
+ * max on average: a shard is at most 15/16 full; first: start afresh in *c). The visit goes
+ * down the shard by home position. A key keeps its home until the shard gets a new block, and
+ * moves only towards it, so removals and inserts between slices make no key visited twice or
+ * missed. A new block (the shard grew or shrank) re-maps the cursor by hash: no key is
+ * missed, some may be visited again. The last slice returns SL_SLICE_REPEATS instead of
+ * SL_SLICE_DONE when that may have happened (or when fn ended a slice and the shard changed
+ * before the next, so its range is visited again). Entries inserted after the first slice
+ * may or may not be visited. fn returns 0 (visited: go on), > 0 (not visited: end this
+ * slice; the entry comes first in the next one) or < 0 (stop; *fnrc holds it, and the shard
+ * is not done). */
 enum { SL_SLICE_DONE = 0, SL_SLICE_MORE = 1, SL_SLICE_REPEATS = 2 };
-int sl_table_visit_slice(sl_table *t, unsigned i, uint32_t *pos, uint32_t *stamp, int first,
-                         uint32_t max, int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc);
+typedef struct sl_slice { /* the cursor: the table's, opaque to callers */
+    uint32_t home;    /* homes below this one are still to visit... */
+    uint32_t slots;   /* ...in a block of this many positions */
+    uint32_t gen;     /* the shard's block generation at the last slice */
+    uint32_t lo;      /* the range being visited: homes [lo, home) */
+    uint32_t resume;  /* where fn ended the last slice in that range (UINT32_MAX: none) */
+    uint32_t mods;    /* the shard's change count then */
+    uint32_t repeats; /* some entry may have been visited twice */
+} sl_slice;
+int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32_t max,
+                         int (*fn)(void *ctx, sl_entry *e), void *ctx, int *fnrc);
+
+/* Make room for `keys` more keys spread evenly over the shards (6% more per shard, and 16,
+ * for the unevenness of hashing), so that inserting them does not grow a block: keys that
+ * come in hash order (a snapshot's) would otherwise crowd the homes of a block sized for
+ * fewer, in long probe runs. Never beyond a shard's share of max_keys. A block that cannot
+ * be allocated is left as it was (the inserts then grow it, or fail, as usual). */
+void sl_table_reserve(sl_table *t, size_t keys);
 
 size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
 size_t sl_table_bytes(sl_table *t);       /* bytes of memory the table holds (locks each shard) */
@@ -159,12 +177,12 @@ size_t sl_table_capacity(sl_table *t);    /* the enforced bound (0 = unbounded) 
 
 /* ---- test hooks ---- */
 
-/* Replace the hash the table uses when it re-hashes stored keys (index resize, removal).
+/* Replace the hash the table uses when it re-hashes stored keys (block replaced, removal).
  * Callers must then pass hashes from the same function. Set before the first insert. Lets
  * tests force tag, home-slot and full 64-bit collisions. */
 void sl_table_set_hash_fn(sl_table *t, uint64_t (*fn)(const void *key, size_t len));
-/* Verify every invariant of every shard (index load and reachability, tags, shard choice,
- * entry numbering, chunk and key-byte accounting). 0 when all hold, else a code > 0 naming
+/* Verify every invariant of every shard (block size and load, reachability from home,
+ * tags, shard choice, stored distances, count and key-byte accounting). 0 when all hold, else a code > 0 naming
  * the first broken one. Locks each shard in turn; leaves CLOCK bits as they were. */
 int sl_table_check(sl_table *t);
 /* Process-wide allocation failure injection for this module: after `n` more successful

@@ -89,10 +89,10 @@ static void collect_keys(sl_limiter *l, keys *k)
 {
     k->n = 0;
     for (unsigned s = 0; s < sl_limiter_nshards(l) && k->n < MAX_KEYS; s++) {
-        uint32_t pos, stamp;
+        sl_slice c;
         int fnrc = 0;
         for (int first = 1;; first = 0)
-            if (sl_limiter_visit_slice(l, s, &pos, &stamp, first, 8, collect, k, &fnrc) !=
+            if (sl_limiter_visit_slice(l, s, &c, first, 8, collect, k, &fnrc) !=
                     SL_SLICE_MORE ||
                 fnrc)
                 break;

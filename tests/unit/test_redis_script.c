@@ -364,10 +364,10 @@ static int ttl_visit(void *vctx, const char *key, size_t klen, const sl_policy *
 static int64_t expected_ttl(sl_limiter *l, int64_t now, uint64_t last_sid, int *has_lease)
 {
     ttl_ctx t = {now, last_sid, 0, 0, 0};
-    uint32_t pos = 0, stamp = 0;
+    sl_slice c = {0};
     int fnrc, first = 1, st;
     do {
-        st = sl_limiter_visit_slice(l, 0, &pos, &stamp, first, UINT32_MAX, ttl_visit, &t, &fnrc);
+        st = sl_limiter_visit_slice(l, 0, &c, first, UINT32_MAX, ttl_visit, &t, &fnrc);
         first = 0;
     } while (st == SL_SLICE_MORE);
     assert_true(t.found <= 1);

@@ -751,10 +751,10 @@ static void test_slices_never_miss(void **st)
         }
         seen s;
         memset(&s, 0, sizeof s);
-        uint32_t pos, stamp;
+        sl_slice c;
         int rc, st2 = SL_SLICE_MORE, removed = 0;
         for (int first = 1; st2 == SL_SLICE_MORE; first = 0) {
-            st2 = sl_limiter_visit_slice(l, 0, &pos, &stamp, first, 1 + (uint32_t)(rand() % 40),
+            st2 = sl_limiter_visit_slice(l, 0, &c, first, 1 + (uint32_t)(rand() % 40),
                                          count_key, &s, &rc);
             assert_int_equal(rc, 0);
             int op = rand() % 4;

@@ -1,5 +1,5 @@
-/* test_table.c — the in-memory store's table on its own: keys of every shape, index growth,
- * forced collisions, swap-remove, reclaim of idle full keys, the max_keys bound with CLOCK
+/* test_table.c — the in-memory store's table on its own: keys of every shape, block growth,
+ * forced collisions, backward-shift removal, reclaim of idle full keys, the max_keys bound with CLOCK
  * eviction, memory per key, and out-of-memory at every allocation of an insert. The retire
  * hook: exactly the blocks a lockless reader may touch go through it, and the table never
  * touches one again (retired blocks are poisoned and held until the test frees them).
@@ -69,9 +69,9 @@ static void drop_count(void *ctx, sl_entry *e, int why)
 }
 
 /* Retire hook standing in for a grace period that has not ended yet: the block is poisoned
- * (a table still reading it would see garbage) and held until release_held. Only plain
- * blocks are poisoned: a sweep's chunk list (fn != free) is read by its fn. */
-static void retire_hold(void *ctx, void *p, void (*fn)(void *))
+ * (a table still reading it would see garbage) and held until release_held. Its first 64
+ * bytes (the header, S) stay: fn reads them to know the size. */
+static void retire_hold(void *ctx, void *p, void (*fn)(void *), size_t bytes)
 {
     hk *h = ctx;
     if (!p || !fn)
@@ -84,8 +84,9 @@ static void retire_hold(void *ctx, void *p, void (*fn)(void *))
         h->held = realloc(h->held, h->capheld * sizeof *h->held);
         assert_non_null(h->held);
     }
-    if (fn == free)
-        memset(p, 0xA5, malloc_usable_size(p));
+    if (bytes < 128)
+        fail_msg("retire of a %zu-byte block", bytes);
+    memset((char *)p + 64, 0xA5, bytes - 64);
     h->held[h->nheld++] = (held){p, fn};
     h->retired++;
 }
@@ -294,12 +295,13 @@ static void test_many_keys_and_growth(void **st)
 {
     (void)st;
     hk h;
-    /* One shard: the index doubles 8 -> 524288 slots. After each doubling every key so far
-     * must still be found with its state. */
+    /* One shard: its block grows 0 -> 8 -> 16 -> 32 -> 64 positions, then by 1/8 (rounded up
+     * to a multiple of 8) whenever a key would leave fewer than 1/16 of them empty (and
+     * always one). After each growth every key so far must still be found with its state. */
     sl_table *t = mk(1, 0, &h, 0);
     char k[300];
     const unsigned n = 300000;
-    size_t doublings = 0, cap = 8; /* index slots; it doubles when a key would pass 7/8 */
+    size_t growths = 0, cap = 0;
     for (unsigned i = 0; i < n; i++) {
         size_t len = key_of(k, i);
         int c;
@@ -308,26 +310,26 @@ static void test_many_keys_and_growth(void **st)
         assert_int_equal(c, 1);
         e->state[0] = i;
         e->state[1] = ~(uint64_t)i;
-        if (i + 1 > cap - cap / 8) { /* this insert doubled the index */
-            cap *= 2;
-            doublings++;
-            for (unsigned j = 0; j <= i; j++) {
+        if (i + 1 > (cap ? cap - cap / 16 - 1 : 0)) { /* this insert grew the block */
+            cap = cap < 64 ? (cap ? 2 * cap : 8) : (cap + cap / 8 + 7) & ~(size_t)7;
+            growths++;
+            for (unsigned j = 0; (growths % 4 == 0 || cap < 4096) && j <= i; j++) {
                 len = key_of(k, j);
                 sl_entry *f = get(t, k, len);
                 if (!f || f->state[0] != j || f->state[1] != ~(uint64_t)j)
                     fail_msg("key %u lost after growth at %u", j, i);
             }
-            if (doublings % 4 == 0)
+            if (growths % 8 == 0)
                 assert_int_equal(sl_table_check(t), 0);
         }
     }
-    assert_int_equal(doublings, 16); /* 8 -> 524288 slots */
+    assert_int_equal(growths, 73); /* 0 -> 320832 positions */
     assert_int_equal(sl_table_count(t), n);
     assert_int_equal(sl_table_check(t), 0);
     sl_table_free(t);
     assert_int_equal(h.drops[2], n);
 
-    /* The default 256 shards: many keys, tags collide all the time (8 bits per slot). */
+    /* The default 256 shards: many keys, tags collide all the time (8 bits per position). */
     t = mk(0, 0, &h, 0);
     for (unsigned i = 0; i < 200000; i++) {
         size_t len = key_of(k, i);
@@ -359,7 +361,7 @@ static uint64_t hash_const(const void *k, size_t n) /* full 64-bit collisions */
     return 0x0123456789ABCDEFull;
 }
 
-static uint64_t hash_wrap(const void *k, size_t n) /* homes in the last 4 slots: runs wrap */
+static uint64_t hash_wrap(const void *k, size_t n) /* homes at the last position: runs wrap */
 {
     uint64_t h = sl_table_hash(k, n);
     return (h & ~0xFFFFFFFFull) | 0xFFFFFFFCu | (h & 3);
@@ -459,7 +461,6 @@ static void test_swap_remove_keeps_state(void **st)
             e->state[0] = i;
             e->state[1] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
             e->policy = i;
-            e->spare = (uint16_t)i;
             order[i] = i;
         }
         size_t full = sl_table_bytes(t);
@@ -485,7 +486,7 @@ static void test_swap_remove_keeps_state(void **st)
             assert_non_null(e);
             assert_key(e, k, len);
             if (e->state[0] != i || e->state[1] != (uint64_t)i * 0x9E3779B97F4A7C15ull ||
-                e->policy != i || e->spare != (uint16_t)i)
+                e->policy != i)
                 fail_msg("state of key %u damaged by removals", i);
         }
         /* removed keys come back as new, zeroed entries */
@@ -497,7 +498,7 @@ static void test_swap_remove_keeps_state(void **st)
             assert_int_equal(e->state[0] | e->state[1] | e->policy, 0);
             del(t, k, len);
         }
-        /* remove the rest: chunks and the index are given back */
+        /* remove the rest: the blocks shrink */
         for (unsigned r = n / 2; r < n; r++) {
             size_t len = key_of(k, order[r]);
             assert_true(del(t, k, len));
@@ -505,8 +506,8 @@ static void test_swap_remove_keeps_state(void **st)
         assert_int_equal(sl_table_count(t), 0);
         assert_int_equal(sl_table_check(t), 0);
         size_t after = sl_table_bytes(t);
-        /* at most one spare chunk per shard stays, and the chunk-pointer arrays */
-        assert_true(after <= empty + shards * (64 * sizeof(sl_entry) + 64) + 8 * 1024);
+        /* each shard keeps its smallest block: 8 positions */
+        assert_true(after <= empty + shards * (128 + 8 * sizeof(sl_entry)));
         assert_true(after < full);
         sl_table_free(t);
         assert_int_equal(h.drops[2], 0);
@@ -620,19 +621,23 @@ static void test_clock_prefers_unreferenced(void **st)
     assert_int_equal(sl_table_check(t), 0);
     sl_table_free(t);
 
-    /* Nothing referenced: the oldest go first. Each eviction moves the newest entry into the
-     * hole; the hand must pass it, or a key inserted just before would go next. */
+    /* A stream of new keys (never referenced again): each insert evicts exactly one, and a
+     * key referenced since the hand last passed it is never the one. New keys are not
+     * referenced (a key used once goes before one used twice); among unreferenced keys the
+     * hand goes in position order. */
     t = mk(1, 10, &h, 0);
+    size_t before = h.drops[1];
     for (int i = 0; i < 10; i++)
         assert_non_null(put(t, k, (size_t)sprintf(k, "k%d", i), 0, NULL));
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 200; i++) {
+        assert_non_null(get(t, "k3", 2));
         assert_non_null(put(t, k, (size_t)sprintf(k, "n%d", i), 0, NULL));
-    sl_entry *e;
-    for (int i = 0; i < 10; i++) { /* (get sets REF bits, so look only at the end) */
-        e = get(t, k, (size_t)sprintf(k, "k%d", i));
-        if (i < 5 ? e != NULL : e == NULL)
-            fail_msg("k%d %s", i, e ? "survived" : "was evicted");
+        assert_int_equal(h.drops[1] - before, (size_t)i + 1);
+        assert_int_equal(sl_table_count(t), 10);
     }
+    assert_non_null(get(t, "k3", 2));
+    assert_non_null(get(t, "n199", 4));
+    assert_int_equal(sl_table_check(t), 0);
     sl_table_free(t);
 }
 
@@ -776,8 +781,94 @@ static void test_foreach_and_prefetch(void **st)
     sl_table_free(t);
 }
 
-/* Out of memory at each allocation an insert can make (key copy, chunk, index, chunk
- * array): NULL, and the table exactly as before — no key, no reclaim, no eviction. */
+/* Sliced visits while keys come and go between slices: a key present from the first slice to
+ * the last is visited (exactly once unless the visit says SL_SLICE_REPEATS), with runs that
+ * wrap past the end of the block, blocks that grow and shrink, and fn ending slices. */
+typedef struct vis {
+    unsigned char *seen;
+    unsigned nkeys, refuse; /* refuse: fn answers 1 (not visited) every refuse-th call */
+    unsigned calls;
+} vis;
+
+static int visit_count(void *ctx, sl_entry *e)
+{
+    vis *v = ctx;
+    if (v->refuse && ++v->calls % v->refuse == 0)
+        return 1;
+    if (e->state[0] >= v->nkeys)
+        fail_msg("visited a stranger");
+    if (v->seen[e->state[0]] < 255)
+        v->seen[e->state[0]]++;
+    return 0;
+}
+
+static void visits_with(uint64_t (*fn)(const void *, size_t), unsigned nkeys)
+{
+    char k[300];
+    unsigned outcomes[3] = {0, 0, 0};
+    unsigned char *present = calloc(nkeys, 1), *stayed = calloc(nkeys, 1);
+    vis v = {calloc(nkeys, 1), nkeys, 0, 0};
+    for (unsigned trial = 0; trial < 60; trial++) {
+        hk h;
+        sl_table *t = mk(1, 0, &h, 0);
+        sl_table_set_hash_fn(t, fn);
+        g_hash = fn;
+        memset(present, 0, nkeys);
+        for (unsigned i = 0; i < nkeys / 2; i++) {
+            unsigned j = (unsigned)(rnd() % nkeys);
+            sl_entry *e = put(t, k, key_of(k, j), 0, NULL);
+            e->state[0] = j;
+            present[j] = 1;
+        }
+        memcpy(stayed, present, nkeys);
+        memset(v.seen, 0, nkeys);
+        v.refuse = trial % 3 == 0 ? 5 : 0;
+        sl_slice c;
+        int st = SL_SLICE_MORE, fnrc;
+        for (int first = 1; st == SL_SLICE_MORE; first = 0) {
+            st = sl_table_visit_slice(t, 0, &c, first, 1 + (uint32_t)(rnd() % 30), visit_count,
+                                      &v, &fnrc);
+            assert_int_equal(fnrc, 0);
+            /* between slices: removals (some trials only), or inserts that may grow it */
+            for (unsigned n = (unsigned)(rnd() % 8); n > 0; n--) {
+                unsigned j = (unsigned)(rnd() % nkeys);
+                size_t len = key_of(k, j);
+                if (present[j] && trial % 2) {
+                    assert_true(del(t, k, len));
+                    present[j] = stayed[j] = 0;
+                } else if (!present[j] && trial % 4 == 2) {
+                    sl_entry *e = put(t, k, len, 0, NULL);
+                    e->state[0] = j;
+                    present[j] = 1;
+                }
+            }
+        }
+        for (unsigned j = 0; j < nkeys; j++) {
+            if (stayed[j] && !v.seen[j])
+                fail_msg("trial %u: key %u missed", trial, j);
+            if (st == SL_SLICE_DONE && v.seen[j] > 1)
+                fail_msg("trial %u: key %u visited %u times, and DONE", trial, j, v.seen[j]);
+        }
+        outcomes[st]++;
+        assert_int_equal(sl_table_check(t), 0);
+        sl_table_free(t);
+        g_hash = sl_table_hash;
+    }
+    assert_true(outcomes[SL_SLICE_DONE] > 0);
+    free(present);
+    free(stayed);
+    free(v.seen);
+}
+
+static void test_sliced_visits(void **st)
+{
+    (void)st;
+    visits_with(sl_table_hash, 3000);
+    visits_with(hash_wrap, 300);
+    visits_with(hash_const, 100);
+}
+
+/* Out of memory at each allocation an insert can make (key copy, new block): NULL, and the table exactly as before — no key, no reclaim, no eviction. */
 static void oom_inserts(sl_table *t, hk *h, unsigned n, int64_t now)
 {
     char k[300];
@@ -821,13 +912,13 @@ static void test_out_of_memory(void **st)
         sl_table *t = sl_table_new(64, 0, &hooks);
         sl_table_fail_allocs_after(-1);
         if (t) {
-            assert_true(budget > 64);
+            assert_int_equal(budget, 3); /* the table, its empty block, the shards */
             sl_table_free(t);
             break;
         }
     }
     sl_table *t = mk(1, 0, &h, 0);
-    oom_inserts(t, &h, 3000, 0); /* crosses chunk, chunk-array and index growth */
+    oom_inserts(t, &h, 3000, 0); /* crosses 34 growths of the block */
     sl_table_free(t);
     t = mk(1, 500, &h, 0); /* at the bound: eviction must not happen when the insert fails */
     oom_inserts(t, &h, 2000, 0);
@@ -838,20 +929,20 @@ static void test_out_of_memory(void **st)
     oom_inserts(t, &h, 2000, 10);
     assert_true(h.drops[0] > 0);
     sl_table_free(t);
-    /* With a retire hook (chunk arrays are copied, not realloc'd): a failed insert replaces
-     * and retires nothing; the successful ones grow the index and the chunk array. */
+    /* With a retire hook: a failed insert replaces and retires nothing; the successful ones
+     * grow the block. */
     memset(&h, 0, sizeof h);
     sl_table_hooks rh = {&h, full_never, drop_count, retire_hold};
     t = sl_table_new(1, 0, &rh);
     assert_non_null(t);
     oom_inserts(t, &h, 3000, 0);
-    assert_int_equal(h.retired, 9 + 4); /* index 8 -> 4096 slots, chunk array 4 -> 64 */
+    assert_int_equal(h.retired, 33); /* 34 growths to 3224 positions; the first replaced
+                                          the table's shared empty block, never retired */
     sl_table_free(t);
     release_held(&h);
 }
 
-/* Every index and chunk-pointer array the table replaces, and every chunk it frees, goes
- * through hooks.retire exactly once, and the table never touches it again: retired blocks
+/* Every block the table replaces goes through hooks.retire exactly once, and the table never touches it again: retired blocks
  * are poisoned while held, so a later read of one would break lookups or sl_table_check.
  * sl_table_prefetch_entry runs throughout (single-threaded here: it must stay in bounds,
  * which AddressSanitizer checks; the concurrent case is in test_table_concurrency.c). */
@@ -876,9 +967,9 @@ static void test_retire_hook(void **st)
         if (i % 2000 == 0)
             assert_int_equal(sl_table_check(t), 0);
     }
-    /* 20000 keys: the index doubled 8 -> 32768 (12 old indexes), 313 chunks, their array
-     * grew 4 -> 512 (7 old arrays; the first array replaced nothing). No chunk was freed. */
-    assert_int_equal(h.retired, 12 + 7);
+    /* 20000 keys: the block grew 50 times, to 21336 positions; the first growth replaced
+     * the shared empty block, which is not retired. */
+    assert_int_equal(h.retired, 49);
     for (unsigned i = 0; i < n; i++) { /* still held and poisoned: nothing uses them */
         size_t len = key_of(k, i);
         sl_entry *e = get(t, k, len);
@@ -888,7 +979,8 @@ static void test_retire_hook(void **st)
     assert_int_equal(sl_table_check(t), 0);
     release_held(&h);
 
-    /* Remove everything: 312 chunks freed (one spare stays), the index shrinks. */
+    /* Remove everything: the block shrinks (to 1/4 of its positions or less, each time the
+     * load falls below 1/8). */
     size_t before = h.retired;
     for (unsigned i = 0; i < n; i++) {
         size_t len = key_of(k, i);
@@ -901,10 +993,10 @@ static void test_retire_hook(void **st)
     }
     assert_int_equal(sl_table_count(t), 0);
     assert_int_equal(sl_table_check(t), 0);
-    assert_true(h.retired - before >= 312 + 3); /* chunks, and at least three shrinks */
+    assert_true(h.retired - before >= 3); /* at least three shrinks */
     assert_true(sl_table_bytes(t) < 16384);
 
-    /* Fill again (the chunk array is reused: chunks are stored into a published array). */
+    /* Fill again (control bytes are stored into a published block). */
     for (unsigned i = 0; i < 1000; i++) {
         size_t len = key_of(k, i);
         assert_non_null(put(t, k, len, 0, NULL));
@@ -920,7 +1012,7 @@ static void test_retire_hook(void **st)
     assert_int_equal(h.retired, before);
     release_held(&h);
 
-    /* A sweep retires the chunks it frees in a shard as one block (a list), not one each. */
+    /* A sweep that empties a shard shrinks its block once, at the end of the pass. */
     memset(&h, 0, sizeof h);
     hooks.full_at = full_at_state;
     t = sl_table_new(1, 0, &hooks);
@@ -935,7 +1027,7 @@ static void test_retire_hook(void **st)
     h.now = 5;
     assert_int_equal(sl_table_sweep(t, 5, SIZE_MAX), n);
     assert_int_equal(h.drops[0], n);
-    assert_int_equal(h.retired - before, 2); /* the list of 312 chunks, the old index */
+    assert_int_equal(h.retired - before, 1); /* the old block */
     assert_int_equal(sl_table_check(t), 0);
     for (unsigned i = 0; i < 100; i++) {
         size_t len = key_of(k, i);
@@ -944,7 +1036,7 @@ static void test_retire_hook(void **st)
     }
     assert_int_equal(sl_table_check(t), 0);
     sl_table_free(t);
-    release_held(&h); /* frees the chunk list too (LeakSanitizer checks all of it) */
+    release_held(&h); /* LeakSanitizer checks that every retired block is freed */
 }
 
 int main(void)
@@ -961,6 +1053,7 @@ int main(void)
         cmocka_unit_test(test_small_max_keys_exact),
         cmocka_unit_test(test_memory_per_key),
         cmocka_unit_test(test_foreach_and_prefetch),
+        cmocka_unit_test(test_sliced_visits),
         cmocka_unit_test(test_out_of_memory),
         cmocka_unit_test(test_retire_hook),
     };

@@ -6,7 +6,6 @@
  * shrinks shard indexes run alongside (ThreadSanitizer checks the lock-free paths).
  * sl_table_prefetch_entry, which reads indexes and chunk arrays without the lock, runs
  * against a writer that replaces and frees them, with retire through EBR. */
-#include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
 #include <setjmp.h>
@@ -346,30 +345,30 @@ static pthread_barrier_t g_pe_start;
 typedef struct held {
     void *p;
     void (*fn)(void *);
+    size_t bytes;
 } held;
 
 /* Runs when EBR decides no reader can hold the block any more: poison it first, so that a
  * reader still using it would see garbage (and ThreadSanitizer a write racing its read).
- * Only plain blocks: a list of chunks (fn != free) is read by its fn. */
+ * The header (64 bytes: S) stays, for fn. */
 static void poison_then_free(void *arg)
 {
     held *h = arg;
-    if (h->fn == free)
-        memset(h->p, 0xA5, malloc_usable_size(h->p));
+    memset((char *)h->p + 64, 0xA5, h->bytes - 64);
     h->fn(h->p);
     free(h);
     atomic_fetch_add(&g_freed, 1);
 }
 
-/* hooks.retire, as the limiter wires it: sl_ebr_retire. */
-static void retire_ebr(void *ctx, void *p, void (*fn)(void *))
+/* hooks.retire, as the limiter wires it: sl_ebr_retire_sized. */
+static void retire_ebr(void *ctx, void *p, void (*fn)(void *), size_t bytes)
 {
     held *h = malloc(sizeof *h);
     if (!h)
         abort();
-    *h = (held){p, fn};
+    *h = (held){p, fn, bytes};
     atomic_fetch_add(&g_retired, 1);
-    sl_ebr_retire(ctx, h, poison_then_free);
+    sl_ebr_retire_sized(ctx, h, poison_then_free, bytes);
 }
 
 static double seconds_since(const struct timespec *t0)
