@@ -10,8 +10,10 @@
  *
  * A key's home is the low 32 bits of its hash scaled to [0, S) by a multiply-shift (the shard
  * takes the top bits, the tag bits 32..39: all three are independent). Linear probing,
- * wrapping at the end. Entries <= 15/16 of S, and always one empty position; a shard grows by 1/8, so it is between 5/6 and 15/16 full once past a few hundred
- * keys: 52-59 bytes per key. Lookups
+ * wrapping at the end. Entries <= 7/8 of S, and always one empty position; a shard grows
+ * by 1/8, so it is between 7/9 and 7/8 full once past a few hundred keys: 56-63 bytes per
+ * key. (15/16 saved 4 bytes per key, but made probe runs so long that deleting, which
+ * shifts the rest of a run, made a flood of new keys at max_keys 55% slower.) Lookups
  * compare control bytes (1 byte per position: at a million keys 1.1 MB in all, which stays in
  * cache) and touch an entry only when its tag matches, so a key not in cache costs one miss:
  * its entry. (The layout before 2026-12-07 kept 32-bit index slots over densely numbered
@@ -217,15 +219,15 @@ static inline sl_entry *entries_of(sl_block *b, uint32_t slots)
     return (sl_entry *)((char *)b + entries_offset(slots));
 }
 
-/* Most entries a block of S positions holds: 15/16 of them, and always one empty position
+/* Most entries a block of S positions holds: 7/8 of them, and always one empty position
  * (it ends every probe run). */
 static inline uint32_t max_load(uint32_t slots)
 {
-    return slots ? slots - slots / 16u - 1u : 0u;
+    return slots ? slots - slots / 8u - 1u : 0u;
 }
 
 /* The next size up: doubling while small, then by 1/8 (a multiple of 8), so that a shard
- * stays between 5/6 and 15/16 full. */
+ * stays between 7/9 and 7/8 full. */
 static inline uint32_t grow_size(uint32_t slots)
 {
     if (slots < 64u)
@@ -610,7 +612,7 @@ void sl_table_prefetch_entry(sl_table *t, uint64_t hash)
 static inline uint32_t find_pos_locked(const view *v, uint64_t hash, const void *key, size_t len)
 {
     uint8_t tag = tag_of(hash);
-    /* At most 15/16 full: an empty position ends every probe run. */
+    /* At most 7/8 full: an empty position ends every probe run. */
     for (uint32_t p = home_of(hash, v->slots);; p = next_pos(p, v->slots)) {
         uint8_t c = v->ctl[p];
         if (!c)
@@ -796,7 +798,7 @@ int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32
         c->repeats = 1;
     }
     /* One range of `max` homes [lo, c->home) per slice (fewer keys than that on average: the
-     * block is at most 15/16 full): their keys lie from position lo on, up to the first empty
+     * block is at most 7/8 full): their keys lie from position lo on, up to the first empty
      * position at or after c->home - 1 (wrapping at the end). */
     if (c->home > 0) {
         if (c->resume == UINT32_MAX) {

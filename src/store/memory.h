@@ -141,7 +141,7 @@ int sl_table_foreach_shard(sl_table *t, unsigned i, int (*fn)(void *ctx, sl_entr
                            void *ctx);
 unsigned sl_table_nshards(const sl_table *t);
 /* Visit shard i a slice at a time, the keys of `max` home positions per lock hold (fewer than
- * max on average: a shard is at most 15/16 full; first: start afresh in *c). The visit goes
+ * max on average: a shard is at most 7/8 full; first: start afresh in *c). The visit goes
  * down the shard by home position. A key keeps its home until the shard gets a new block, and
  * moves only towards it, so removals and inserts between slices make no key visited twice or
  * missed. A new block (the shard grew or shrank) re-maps the cursor by hash: no key is
