@@ -247,6 +247,13 @@ static size_t collect_locked(sl_ebr *d)
     return d->count;
 }
 
+/* After a scan: the next one once what is left has doubled, in number or in bytes. */
+static void set_thresholds_locked(sl_ebr *d)
+{
+    d->collect_at = d->count * 2 > EBR_COLLECT_MIN ? d->count * 2 : EBR_COLLECT_MIN;
+    d->bytes_at = d->bytes * 2 > EBR_COLLECT_MIN_BYTES ? d->bytes * 2 : EBR_COLLECT_MIN_BYTES;
+}
+
 void sl_ebr_retire(sl_ebr *d, void *p, void (*fn)(void *))
 {
     sl_ebr_retire_sized(d, p, fn, 0);
@@ -271,9 +278,8 @@ void sl_ebr_retire_sized(sl_ebr *d, void *p, void (*fn)(void *), size_t bytes)
      * section (nothing freeable) cost O(n^2). Scan when the list (or its bytes) has doubled
      * instead. */
     if (d->count >= d->collect_at || d->bytes >= d->bytes_at) {
-        size_t left = collect_locked(d);
-        d->collect_at = left * 2 > EBR_COLLECT_MIN ? left * 2 : EBR_COLLECT_MIN;
-        d->bytes_at = d->bytes * 2 > EBR_COLLECT_MIN_BYTES ? d->bytes * 2 : EBR_COLLECT_MIN_BYTES;
+        collect_locked(d);
+        set_thresholds_locked(d);
     }
     pthread_mutex_unlock(&d->lock);
 }
@@ -282,6 +288,7 @@ size_t sl_ebr_collect(sl_ebr *d)
 {
     pthread_mutex_lock(&d->lock);
     size_t n = collect_locked(d);
+    set_thresholds_locked(d);
     pthread_mutex_unlock(&d->lock);
     return n;
 }

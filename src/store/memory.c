@@ -103,7 +103,8 @@ struct sl_shard {
     _Atomic uint32_t count;   /* live entries */
     uint32_t hand;            /* CLOCK hand (position) */
     uint32_t sweep;           /* reclaim cursor (position) */
-    uint32_t mods;            /* bumped by every insert, removal and new block */
+    uint32_t removals;        /* bumped by every removal (the only thing that moves entries
+                                 within a block) */
     uint32_t gen;             /* bumped when the block is replaced */
     size_t keybytes;          /* bytes of heap key copies */
 };
@@ -288,22 +289,21 @@ static inline view view_of(const sl_shard *s)
 static sl_block *block_new(uint32_t slots, bool map)
 {
     size_t bytes = block_bytes(slots);
-    sl_block *b;
+    sl_block *b = NULL;
     if (alloc_denied())
         return NULL;
-    map = map && bytes >= SL_MMAP_BYTES;
-    if (map) {
-        b = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
-                 -1, 0);
-        if (b == MAP_FAILED)
-            return NULL;
-    } else if ((b = aligned_alloc(64, bytes))) {
-        memset(b, 0, entries_offset(slots));
-    } else {
-        return NULL;
+    if (map && bytes >= SL_MMAP_BYTES) {
+        void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        b = m == MAP_FAILED ? NULL : m; /* (out of mappings, say: then the heap) */
     }
+    bool mapped = b != NULL;
+    if (!b && (b = aligned_alloc(64, bytes)))
+        memset(b, 0, entries_offset(slots)); /* (a mapping comes zeroed) */
+    if (!b)
+        return NULL;
     b->slots = slots;
-    b->mapped = map;
+    b->mapped = mapped;
     return b;
 }
 
@@ -383,7 +383,6 @@ static void block_fill_locked(sl_shard *s, sl_block *nb)
     s->hand = o.slots ? (uint32_t)((uint64_t)s->hand * ns / o.slots) : 0;
     s->sweep = o.slots ? (uint32_t)((uint64_t)s->sweep * ns / o.slots) : 0;
     s->gen++;
-    s->mods++;
     if (o.b != s->t->empty)
         retire(s->t, o.b);
 }
@@ -425,7 +424,7 @@ static void delete_at_locked(sl_shard *s, uint32_t p)
     }
     SL_STORE_SHARED(&v.ctl[i], (uint8_t)0);
     set_count(s, count_of(s) - 1);
-    s->mods++;
+    s->removals++;
 }
 
 /* Examine the entry at the sweep cursor (skipping at most SL_RECLAIM_SKIP empty positions);
@@ -686,7 +685,6 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
     set_dist(e, distance(home, p, v.slots));
     SL_STORE_SHARED(&v.ctl[p], tag_of(hash));
     set_count(s, count_of(s) + 1);
-    s->mods++;
     *created = 1;
     return e;
 
@@ -715,27 +713,35 @@ size_t sl_table_sweep(sl_table *t, int64_t now, size_t budget)
         if (count_of(s) == 0)
             continue;
         sl_shard_lock(s);
-        /* A whole pass from position 0 up examines every entry (a removal at the cursor only
-         * moves entries not yet examined down to it); otherwise `budget` entries from the
-         * cursor on. */
+        /* A whole pass (charged the shard's count) starts after an empty position and goes
+         * round to it: no probe run crosses it, so a removal at the cursor only moves entries
+         * not yet examined down to the cursor, and each entry is examined once (unless
+         * another thread changes the shard between two batches). Otherwise `budget` entries
+         * from the cursor on. */
         bool whole = count_of(s) <= budget;
-        if (whole)
-            s->sweep = 0;
-        for (unsigned batch = 0; budget > 0 && count_of(s) > 0;) {
+        uint32_t start = 0, wslots = 0;
+        if (whole) {
             view v = view_of(s);
-            uint32_t c = s->sweep;
-            if (c >= v.slots) {
-                if (whole)
-                    break;
-                c = 0;
-            }
-            if (!(v.ctl[c])) {
+            uint32_t e0 = 0;
+            while (v.ctl[e0])
+                e0++;
+            budget -= count_of(s);
+            start = s->sweep = next_pos(e0, v.slots);
+            wslots = v.slots;
+        }
+        for (unsigned batch = 0; count_of(s) > 0;) {
+            view v = view_of(s);
+            uint32_t c = s->sweep < v.slots ? s->sweep : 0;
+            if (whole ? v.slots != wslots || distance(start, c, v.slots) == v.slots - 1
+                      : budget == 0)
+                break;
+            if (!v.ctl[c]) {
                 s->sweep = c + 1;
                 continue;
             }
             s->sweep = c;
             reclaimed += (size_t)reclaim_one_locked(s, now);
-            budget--;
+            budget -= !whole;
             if (++batch == SL_SWEEP_BATCH) { /* let waiters in between batches */
                 batch = 0;
                 sl_shard_unlock(s);
@@ -793,8 +799,12 @@ int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32
         c->gen = s->gen;
         c->resume = UINT32_MAX;
         c->repeats = 1;
-    } else if (c->resume != UINT32_MAX && c->mods != s->mods) {
-        c->resume = UINT32_MAX; /* the shard changed: this range again from its start */
+    } else if (c->resume != UINT32_MAX && c->removals != s->removals) {
+        /* Entries moved: the range again from its start, but only its upper half (at least
+         * one home), so that removals between every two slices cannot stop the visit from
+         * getting on (inserts move nothing: the visit just goes on). */
+        c->lo = c->home - (c->home - c->lo + 1) / 2;
+        c->resume = c->lo;
         c->repeats = 1;
     }
     /* One range of `max` homes [lo, c->home) per slice (fewer keys than that on average: the
@@ -821,7 +831,7 @@ int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32
         }
         if (rc != 0) { /* go on from p next time (this entry first), if nothing changes */
             c->resume = p;
-            c->mods = s->mods;
+            c->removals = s->removals;
         } else {
             c->home = c->lo;
             c->resume = UINT32_MAX;
@@ -844,7 +854,8 @@ int sl_table_foreach(sl_table *t, int (*fn)(void *ctx, sl_entry *e), void *ctx)
 
 void sl_table_reserve(sl_table *t, size_t keys)
 {
-    size_t each = keys / t->nshards + keys / t->nshards / 16 + 16;
+    size_t each = keys / t->nshards;
+    each = each > SIZE_MAX / 2 ? SIZE_MAX / 2 : each + each / 16 + 16;
     for (unsigned i = 0; i < t->nshards; i++) {
         sl_shard *s = &t->shards[i];
         sl_shard_lock(s);

@@ -158,7 +158,7 @@ typedef struct sl_slice { /* the cursor: the table's, opaque to callers */
     uint32_t gen;     /* the shard's block generation at the last slice */
     uint32_t lo;      /* the range being visited: homes [lo, home) */
     uint32_t resume;  /* where fn ended the last slice in that range (UINT32_MAX: none) */
-    uint32_t mods;    /* the shard's change count then */
+    uint32_t removals; /* the shard's removal count then */
     uint32_t repeats; /* some entry may have been visited twice */
 } sl_slice;
 int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32_t max,
@@ -168,7 +168,9 @@ int sl_table_visit_slice(sl_table *t, unsigned i, sl_slice *c, int first, uint32
  * for the unevenness of hashing), so that inserting them does not grow a block: keys that
  * come in hash order (a snapshot's) would otherwise crowd the homes of a block sized for
  * fewer, in long probe runs. Never beyond a shard's share of max_keys. A block that cannot
- * be allocated is left as it was (the inserts then grow it, or fail, as usual). */
+ * be allocated is left as it was (the inserts then grow it, or fail, as usual). Keys that
+ * turn out to be present already were reserved for all the same: a snapshot loaded into a
+ * limiter that holds its keys leaves blocks about twice the size they need. */
 void sl_table_reserve(sl_table *t, size_t keys);
 
 size_t sl_table_count(sl_table *t);       /* keys held (racy sum, exact when quiescent) */
