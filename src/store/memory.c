@@ -13,7 +13,7 @@
  * wrapping at the end. Entries <= 7/8 of S, and always one empty position; a shard grows
  * by 1/8, so it is between 7/9 and 7/8 full once past a few hundred keys: 56-63 bytes per
  * key. (15/16 saved 4 bytes per key, but made probe runs so long that deleting, which
- * shifts the rest of a run, made a flood of new keys at max_keys 55% slower.) Lookups
+ * reads the rest of a run, made a flood of new keys at max_keys about 1.5x slower.) Lookups
  * compare control bytes (1 byte per position: at a million keys 1.1 MB in all, which stays in
  * cache) and touch an entry only when its tag matches, so a key not in cache costs one miss:
  * its entry. (The layout before 2026-12-07 kept 32-bit index slots over densely numbered
