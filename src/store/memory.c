@@ -120,6 +120,7 @@ struct sl_table {
     sl_table_hooks hooks;
     uint64_t (*hashfn)(const void *key, size_t len); /* NULL = XXH3 (tests may replace) */
     sl_block *empty;                                 /* S = 0: every shard's first block */
+    bool map_blocks;                                 /* nshards <= SL_MMAP_SHARDS */
     _Atomic size_t sweep_next;                       /* next shard for sl_table_sweep */
 };
 
@@ -199,6 +200,11 @@ static inline uint32_t count_of(const sl_shard *s)
     return atomic_load_explicit(&s->count, memory_order_relaxed);
 }
 
+static inline uint32_t slots_of(const sl_shard *s)
+{
+    return atomic_load_explicit(&s->slots, memory_order_relaxed);
+}
+
 static inline void set_count(sl_shard *s, uint32_t n)
 {
     atomic_store_explicit(&s->count, n, memory_order_relaxed);
@@ -276,7 +282,7 @@ static inline view view_of(const sl_shard *s)
 {
     view v;
     v.b = atomic_load_explicit(&s->blk, memory_order_relaxed);
-    v.slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+    v.slots = slots_of(s);
     v.ctl = v.b->ctl;
     v.e = entries_of(v.b, v.slots);
     return v;
@@ -387,17 +393,33 @@ static void block_fill_locked(sl_shard *s, sl_block *nb)
         retire(s->t, o.b);
 }
 
+/* Give the shard a block of ns positions (its entries moved in). 0 when it cannot be
+ * allocated: then nothing changed. */
+static int replace_locked(sl_shard *s, uint32_t ns)
+{
+    sl_block *nb = block_new(ns, s->t->map_blocks);
+    if (nb)
+        block_fill_locked(s, nb);
+    return nb != NULL;
+}
+
+/* The size a block of S positions grows to so as to hold `need` entries (S if it does). */
+static uint32_t size_for(uint32_t slots, size_t need)
+{
+    while (need > max_load(slots))
+        slots = grow_size(slots);
+    return slots;
+}
+
 /* After mass removal: shrink the block once its load falls below 1/8, so that a flood that
  * went away does not pin its memory. Failure to allocate just keeps the old one. */
 static void shrink_locked(sl_shard *s)
 {
-    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), n = count_of(s);
+    uint32_t slots = slots_of(s), n = count_of(s);
     if (slots <= SL_MIN_SLOTS || n >= slots / 8u)
         return;
     uint32_t ns = (2u * n + 7u) & ~7u;
-    sl_block *nb = block_new(ns < SL_MIN_SLOTS ? SL_MIN_SLOTS : ns, s->t->nshards <= SL_MMAP_SHARDS);
-    if (nb)
-        block_fill_locked(s, nb);
+    (void)replace_locked(s, ns < SL_MIN_SLOTS ? SL_MIN_SLOTS : ns);
 }
 
 /* Delete the entry at p: free its key copy, then backward-shift deletion: later members of
@@ -501,6 +523,7 @@ sl_table *sl_table_new(unsigned shards, size_t max_keys, const sl_table_hooks *h
     t->shift = bits ? 64 - bits : 63; /* with one shard smask = 0 picks it */
     t->smask = shards - 1;
     atomic_init(&t->sweep_next, 0);
+    t->map_blocks = shards <= SL_MMAP_SHARDS;
     if (!(t->empty = block_new(0, false)))
         goto fail_table;
     t->shards = alloc_denied() ? NULL : aligned_alloc(64, shards * sizeof(sl_shard));
@@ -647,18 +670,13 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
      * removes, so after it everything needed is already there. */
     uint32_t n = count_of(s);
     uint32_t need = n < s->share ? n + 1 : s->share;
-    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), ns = slots;
-    while (need > max_load(ns))
-        ns = grow_size(ns);
+    uint32_t slots = slots_of(s), ns = size_for(slots, need);
     char *kcopy = NULL;
-    sl_block *nb = NULL;
     if (len > SL_ENTRY_INLINE_KEY && !(kcopy = t_malloc(len)))
         goto fail;
-    if (ns != slots && !(nb = block_new(ns, s->t->nshards <= SL_MMAP_SHARDS)))
+    if (ns != slots && !replace_locked(s, ns))
         goto fail;
     /* Everything is in hand: from here on nothing fails. */
-    if (nb)
-        block_fill_locked(s, nb);
 
     /* Bounded housekeeping: reclaim idle full keys at the cursor, then make room. */
     if (s->t->hooks.full_at && now != SL_TABLE_NO_RECLAIM)
@@ -688,7 +706,7 @@ sl_entry *sl_shard_upsert_locked(sl_shard *s, uint64_t hash, const void *key, si
     *created = 1;
     return e;
 
-fail: /* nothing was published: free directly */
+fail: /* nothing changed */
     free(kcopy);
     return NULL;
 }
@@ -862,12 +880,9 @@ void sl_table_reserve(sl_table *t, size_t keys)
         size_t want = count_of(s) + each;
         if (want > s->share)
             want = s->share;
-        uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed), ns = slots;
-        while (want > max_load(ns))
-            ns = grow_size(ns);
-        sl_block *nb = ns != slots ? block_new(ns, t->nshards <= SL_MMAP_SHARDS) : NULL;
-        if (nb)
-            block_fill_locked(s, nb);
+        uint32_t slots = slots_of(s), ns = size_for(slots, want);
+        if (ns != slots)
+            (void)replace_locked(s, ns);
         sl_shard_unlock(s);
     }
 }
@@ -886,7 +901,7 @@ size_t sl_table_bytes(sl_table *t)
     for (unsigned i = 0; i < t->nshards; i++) {
         sl_shard *s = &t->shards[i];
         sl_shard_lock(s);
-        uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+        uint32_t slots = slots_of(s);
         b += (slots ? block_bytes(slots) : 0) + s->keybytes;
         sl_shard_unlock(s);
     }
