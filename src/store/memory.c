@@ -54,6 +54,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "bytes.h"
 #include "inject.h"
@@ -66,7 +67,8 @@
 #define SL_MIN_SLOTS 8u            /* smallest block that holds entries */
 #define SL_MAX_ENTRIES 0xFFFFFFu   /* entries per shard (keeps S well inside 32 bits) */
 #define SL_MAX_SHARDS 65536u       /* shard bits (top 16) must not reach the tag (32..39) */
-#define SL_SPIN_BEFORE_YIELD 100u  /* failed spins before a waiter gives up its time slice */
+#define SL_LOCK_WAIT_NS 1000       /* a lock waiter first leaves the lock alone this long */
+#define SL_LOCK_SPINS 200u         /* polls after it before the waiter yields the CPU */
 #define SL_SWEEP_BATCH 256u        /* entries examined per lock hold in sl_table_sweep */
 #define SL_HOUSEKEEP_PER_INSERT 2u /* entries examined for reclaim per new key */
 #define SL_RECLAIM_SKIP 64u        /* empty positions a per-insert reclaim step skips at most */
@@ -163,24 +165,42 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* Test-and-test-and-set. Waiters spin on a plain load (no cache-line ping-pong) and yield
- * the CPU after SL_SPIN_BEFORE_YIELD failed spins, so that a preempted holder gets to run
- * when threads outnumber cores. */
-void sl_shard_lock(sl_shard *s)
+static inline int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Test-and-set with one back-off. A waiter that finds the lock taken first leaves its cache
+ * line alone for SL_LOCK_WAIT_NS: meanwhile the holder takes and releases the lock and
+ * writes the key's entry without either line moving between cores. That is what limits two
+ * threads on one hot key: waiters that polled at once made every decision hand both lines
+ * over (bench/RESULTS.md, 2026-12-07 17:00). Then it polls (a plain load: the line is shared,
+ * not fought over) and takes the lock as soon as it is free, so a wait is about
+ * SL_LOCK_WAIT_NS, not a multiple of it. After SL_LOCK_SPINS polls it yields the CPU, so
+ * that a preempted holder gets to run when threads outnumber cores, and starts again. */
+__attribute__((noinline)) static void lock_slow(sl_shard *s)
 {
     for (;;) {
-        if (!atomic_exchange_explicit(&s->lock, 1, memory_order_acquire))
-            return;
-        unsigned spins = 0;
-        while (atomic_load_explicit(&s->lock, memory_order_relaxed)) {
-            if (++spins >= SL_SPIN_BEFORE_YIELD) {
-                sched_yield();
-                spins = 0;
-            } else {
-                cpu_relax();
-            }
+        int64_t until = mono_ns() + SL_LOCK_WAIT_NS;
+        while (mono_ns() < until)
+            cpu_relax();
+        for (unsigned spins = 0; spins < SL_LOCK_SPINS; spins++) {
+            if (!atomic_load_explicit(&s->lock, memory_order_relaxed) &&
+                !atomic_exchange_explicit(&s->lock, 1, memory_order_acquire))
+                return;
+            cpu_relax();
         }
+        sched_yield();
     }
+}
+
+void sl_shard_lock(sl_shard *s)
+{
+    if (__builtin_expect(!atomic_exchange_explicit(&s->lock, 1, memory_order_acquire), 1))
+        return;
+    lock_slow(s);
 }
 
 void sl_shard_unlock(sl_shard *s)
