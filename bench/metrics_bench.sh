@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # metrics_bench.sh — what a Prometheus scrape of /metrics costs sluiced when it has many
-# tenants: /metrics is rendered on a worker's event loop, which serves nothing else meanwhile.
+# tenants: /metrics is built on libuv's thread pool, and its worker serves other connections
+# meanwhile (before 2026-12-07 it was built on the worker's event loop, which then served
+# nothing else).
 #
 #   bash bench/metrics_bench.sh <build-dir> [--quick]
 #
@@ -11,6 +13,9 @@
 # over the 5:
 #   RESULT name=metrics_tenants_<mode> metric=first_byte_ms value=<time to the first byte>
 #   RESULT name=metrics_tenants_<mode> metric=bytes value=<size of the exposition>
+#   RESULT name=metrics_tenants_<mode> metric=health_during_scrape_ms value=<first byte of a
+#          GET /api/health on another connection sent 20 ms into a scrape>
+#   RESULT name=metrics_tenants_<mode> metric=health_idle_ms value=<the same, no scrape>
 # and RESULT name=metrics_totals_vs_tenants metric=ratio value=<first byte, 1 over 0>.
 # --quick: at least 1,000 tenants, 2 scrapes (a smoke test of the harness). Takes ~5 s.
 set -euo pipefail
@@ -24,6 +29,12 @@ for t in redis-benchmark curl; do
 done
 TENANTS=65536 SCRAPES=5
 [ "$QUICK" = --quick ] && TENANTS=1000 SCRAPES=2
+
+# health_ms: ms until the first byte of GET /api/health (curl's own start-up excluded)
+health_ms() {
+    curl -s -o /dev/null -w '%{time_starttransfer}\n' "http://127.0.0.1:$HP/api/health" |
+        awk '{printf "%.3f\n", $1 * 1000}'
+}
 
 declare -A FIRST
 for mode in 1 0; do
@@ -42,17 +53,26 @@ for mode in 1 0; do
         [ "$n" -ge "$TENANTS" ] || fail "only $n tenants counted apart"
         echo "RESULT name=metrics_tenants_1 metric=tenants value=$n"
     fi
-    ft=() sz=()
+    ft=() sz=() hb=() hi=()
     for i in $(seq "$SCRAPES"); do
         read -r f s < <(curl -s -o /dev/null -w '%{time_starttransfer} %{size_download}\n' \
             "http://127.0.0.1:$HP/metrics")
         ft+=("$(awk -v f="$f" 'BEGIN {printf "%.3f", f * 1000}')") sz+=("$s")
+        # a request on another connection 20 ms into a scrape, and one with no scrape
+        curl -s -o /dev/null "http://127.0.0.1:$HP/metrics" &
+        CPID=$!
+        sleep 0.02
+        hb+=("$(health_ms)")
+        wait "$CPID"
+        hi+=("$(health_ms)")
     done
     kill "$SPID"
     wait "$SPID" || fail "sluiced exited badly (see $TMP/sluiced.$mode.log)"
     FIRST[$mode]=$(printf '%s\n' "${ft[@]}" | median_of)
     echo "RESULT name=metrics_tenants_$mode metric=first_byte_ms value=${FIRST[$mode]}"
     echo "RESULT name=metrics_tenants_$mode metric=bytes value=$(printf '%s\n' "${sz[@]}" | median_of)"
+    echo "RESULT name=metrics_tenants_$mode metric=health_during_scrape_ms value=$(printf '%s\n' "${hb[@]}" | median_of)"
+    echo "RESULT name=metrics_tenants_$mode metric=health_idle_ms value=$(printf '%s\n' "${hi[@]}" | median_of)"
 done
 awk -v a="${FIRST[1]}" -v b="${FIRST[0]}" \
     'BEGIN {printf "RESULT name=metrics_totals_vs_tenants metric=ratio value=%.2f\n", (b > 0 ? a / b : 0)}'

@@ -337,6 +337,18 @@ static void finish(sd_sched *s, sd_item *it, int state)
     }
 }
 
+sd_item *sd_item_pending(sd_conn *c)
+{
+    return sd_item_new(c, NULL, 0, NULL, 0, NULL, 0);
+}
+
+void sd_item_literal_done(sd_sched *s, sd_item *it)
+{
+    if (it->c && it != it->c->items_tail)
+        it->c->lit_closed += it->lit.len; /* as if it had been closed by a later item */
+    finish(s, it, SD_ITEM_LITERAL);
+}
+
 void sd_conn_drain(sd_conn *c)
 {
     sd_item *it;

@@ -84,6 +84,12 @@ void sd_sched_free(sd_sched *s);
  * (then sets req.inline_policy = &item->pol). */
 sd_item *sd_item_new(sd_conn *c, const char *t, size_t tl, const char *a, size_t al,
                      const char *cl, size_t cll);
+/* A place in c's reply order for a reply built elsewhere (off the loop): an undecided item
+ * in no tenant queue, which holds later replies back. Fill it->lit, then, on c's worker
+ * loop, call sd_item_literal_done (which frees it if c closed meanwhile). NULL when out of
+ * memory. */
+sd_item *sd_item_pending(sd_conn *c);
+void sd_item_literal_done(sd_sched *s, sd_item *it);
 /* Queue it (or reject it at once when its tenant's queue is full). */
 void sd_sched_submit(sd_sched *s, sd_item *it, int64_t now_ms);
 /* The buffer a front end appends an immediate reply to: c->out when nothing of c's is still

@@ -442,6 +442,8 @@ static size_t http_feed(sd_conn *c)
             }
             if (st->event == EV_MESSAGE && message_done(c) != 0)
                 break;
+            if (c->ordered_wait) /* the request asked to be alone (a scrape being built) */
+                break;
         } else if (e == HPE_OK) {
             if (!st->in_body && st->head_bytes > HTTP_MAX_HEAD)
                 fail(c, 431, "request headers larger than %d bytes", HTTP_MAX_HEAD);

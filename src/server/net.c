@@ -67,6 +67,42 @@ static const sd_proto *const k_protos[2] = {&sd_proto_resp, &sd_proto_http};
 
 /* ---- connections ---------------------------------------------------------------------- */
 
+typedef struct offload {
+    uv_work_t req;
+    void (*work)(void *arg);
+    void (*done)(void *arg);
+    void *arg;
+} offload;
+
+static void offload_work(uv_work_t *req)
+{
+    offload *o = req->data;
+    o->work(o->arg);
+}
+
+static void offload_done(uv_work_t *req, int status)
+{
+    (void)status; /* never cancelled */
+    offload *o = req->data;
+    o->done(o->arg);
+    free(o);
+}
+
+int sd_offload(sd_conn *c, void (*work)(void *arg), void (*done)(void *arg), void *arg)
+{
+    offload *o = malloc(sizeof *o);
+    if (!o)
+        return -1;
+    *o = (offload){.work = work, .done = done, .arg = arg};
+    o->req.data = o;
+    if (uv_queue_work(&((conn *)c)->w->loop, &o->req, offload_work, offload_done) != 0) {
+        free(o);
+        return -1;
+    }
+    return 0;
+}
+
+
 static void on_closed(uv_handle_t *h)
 {
     conn *k = h->data;

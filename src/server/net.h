@@ -64,6 +64,11 @@ struct sd_conn {
     sd_conn *dirty_next;
 };
 
+/* Run work(arg) on libuv's thread pool, then done(arg) on c's worker loop (for replies that
+ * take long to build: the loop serves other connections meanwhile). -1 if it could not be
+ * queued (nothing was run). The worker's loop does not end before done has run. */
+int sd_offload(sd_conn *c, void (*work)(void *arg), void (*done)(void *arg), void *arg);
+
 extern const sd_proto sd_proto_resp;
 extern const sd_proto sd_proto_http;
 

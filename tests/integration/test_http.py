@@ -7,6 +7,7 @@ with a timeout.
 import http.client
 import json
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -905,6 +906,37 @@ class Backpressure(unittest.TestCase):
             self.assertEqual(s.log().count("has not read its replies"), 3, s.log())
             for h in hogs:
                 h.close()
+
+
+class ScrapeOffTheLoop(unittest.TestCase):
+    def test_scrape_does_not_hold_up_other_connections(self):
+        """/metrics with 65,536 tenants is ~12 MB and takes ~150 ms to build. It is built on
+        the thread pool, so the one worker answers other connections meanwhile (it used to
+        serve nothing until the exposition was built: every request behind a scrape waited)."""
+        with Sluiced(threads=1) as s:
+            # 3T requests over 4T random tenant names: the limiter counts 65,536 apart
+            p = subprocess.run(["redis-benchmark", "-p", str(s.resp_port), "-c", "20", "-P",
+                                "16", "-n", str(3 * 65536), "-r", str(4 * 65536), "SL.TAKE",
+                                "t__rand_int__", "a", "c"], capture_output=True,
+                               timeout=120)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            scrape = socket.create_connection(("127.0.0.1", s.http_port), timeout=TIMEOUT)
+            other = socket.create_connection(("127.0.0.1", s.http_port), timeout=TIMEOUT)
+            scrape.sendall(request("GET", "/metrics"))
+            time.sleep(0.02)  # the worker has read the scrape and is building it
+            other.sendall(request("GET", "/api/health"))
+            ready, _, _ = select.select([scrape, other], [], [], TIMEOUT)
+            self.assertEqual(ready, [other], "the health check waited for the scrape")
+            status, _, body = Reader(other).response()
+            self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+            status, _, body = Reader(scrape).response()
+            self.assertEqual(status, 200)
+            self.assertGreater(body.count(b'sluice_decisions_total{tenant="t'), 65536)
+            # the scrape's connection serves its next request as usual
+            scrape.sendall(request("GET", "/api/health"))
+            self.assertEqual(Reader(scrape).response()[0], 200)
+            scrape.close()
+            other.close()
 
 
 class SlowRequest(unittest.TestCase):
