@@ -176,7 +176,7 @@ static inline int64_t mono_ns(void)
  * line alone for SL_LOCK_WAIT_NS: meanwhile the holder takes and releases the lock and
  * writes the key's entry without either line moving between cores. That is what limits two
  * threads on one hot key: waiters that polled at once made every decision hand both lines
- * over (bench/RESULTS.md, 2026-12-07 17:00). Then it polls (a plain load: the line is shared,
+ * over (bench/RESULTS.md, 2026-12-07 16:43). Then it polls (a plain load: the line is shared,
  * not fought over) and takes the lock as soon as it is free, so a wait is about
  * SL_LOCK_WAIT_NS, not a multiple of it. After SL_LOCK_SPINS polls it yields the CPU, so
  * that a preempted holder gets to run when threads outnumber cores, and starts again. */
