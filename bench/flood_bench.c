@@ -83,8 +83,10 @@ int main(int argc, char **argv)
         else
             die("usage: flood_bench [--max-keys N] [--keys N] [--reps R]");
     }
-    if (max < 1 || n < max || reps < 1 || reps > MAX_REPS)
-        die("parameters out of range (--keys at least --max-keys; --reps 1..15)");
+    if (max < 1 || n < max || reps < 1 || reps > MAX_REPS || n > 1000000000 ||
+        max > 1000000000)
+        die("parameters out of range (--keys at least --max-keys, both at most 10^9; "
+            "--reps 1..15)");
 
     /* ids for every rep: the fill, then n new ones per rep (each rep floods afresh) */
     size_t total = max + n * (size_t)reps;
@@ -92,8 +94,8 @@ int main(int argc, char **argv)
     if (!ids)
         die("out of memory");
     for (size_t i = 0; i < total; i++) {
-        char b[ID_LEN + 1];
-        snprintf(b, sizeof b, "f%015zu", i);
+        char b[32];
+        snprintf(b, sizeof b, "f%015zu", i); /* total < 10^15: exactly ID_LEN bytes */
         memcpy(ids + i * ID_LEN, b, ID_LEN);
     }
     sl_options o;
