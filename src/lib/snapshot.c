@@ -34,6 +34,7 @@
 #include "inject.h"
 #include "limiter_int.h"
 #include "memory.h"
+#include "mono.h"
 #include "policy.h"
 #include "snapshot_int.h"
 
@@ -101,13 +102,6 @@ static int64_t wall_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec;
-}
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * SL_SECOND + ts.tv_nsec;
 }
 
@@ -270,11 +264,11 @@ int sl_snapshot_write(sl_limiter *l, int fd)
 {
     if (!l || fd < 0)
         return SL_EINVAL;
-    int64_t t0 = mono_ns();
+    int64_t t0 = sl_mono_ns();
     sl_snapshot_info info;
     int rc = write_fd(l, fd, &info);
     if (rc == SL_OK) {
-        info.duration = mono_ns() - t0;
+        info.duration = sl_mono_ns() - t0;
         sl_limiter_snapshot_note(l, SL_SNAPSHOT_WRITE, &info);
     }
     return rc;
@@ -285,7 +279,7 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
     static _Atomic unsigned long g_seq;
     if (!l || !path)
         return SL_EINVAL;
-    int64_t t0 = mono_ns();
+    int64_t t0 = sl_mono_ns();
     size_t n = strlen(path);
     char *tmp = malloc(n + 48), *dir = malloc(n + 2);
     if (!tmp || !dir) {
@@ -332,7 +326,7 @@ int sl_snapshot_save(sl_limiter *l, const char *path)
     free(tmp);
     free(dir);
     if (rc == SL_OK) {
-        info.duration = mono_ns() - t0;
+        info.duration = sl_mono_ns() - t0;
         sl_limiter_snapshot_note(l, SL_SNAPSHOT_WRITE, &info);
     }
     errno = e;
@@ -497,7 +491,7 @@ int sl_snapshot_read(sl_limiter *l, int fd)
 {
     if (!l || fd < 0)
         return SL_EINVAL;
-    int64_t t0 = mono_ns();
+    int64_t t0 = sl_mono_ns();
     unsigned char *p;
     size_t n;
     int rc = read_all(fd, &p, &n);
@@ -512,7 +506,7 @@ int sl_snapshot_read(sl_limiter *l, int fd)
         rc = records(l, p, n, 1, &keys);
     }
     if (rc == SL_OK) {
-        sl_snapshot_info info = {keys, n, (int64_t)get(p + 16, 8), mono_ns() - t0};
+        sl_snapshot_info info = {keys, n, (int64_t)get(p + 16, 8), sl_mono_ns() - t0};
         sl_limiter_snapshot_note(l, SL_SNAPSHOT_READ, &info);
     }
     free(p);

@@ -1055,11 +1055,11 @@ static void scrape_work(void *arg)
     scrape *s = arg;
     resp_buf o = {0};
     sd_metrics_render(s->srv, &o);
-    if (!o.oom)
-        sd_http_reply(&s->it->lit, s->tag, s->ep, 200,
-                      "text/plain; version=0.0.4; charset=utf-8", NULL, 0, o.p, o.len);
     if (o.oom)
         s->it->lit.oom = 1;
+    else
+        sd_http_reply(&s->it->lit, s->tag, s->ep, 200,
+                      "text/plain; version=0.0.4; charset=utf-8", NULL, 0, o.p, o.len);
     resp_buf_free(&o);
 }
 

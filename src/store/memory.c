@@ -54,10 +54,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 
 #include "bytes.h"
 #include "inject.h"
+#include "mono.h"
 
 /* XXH3 compiled into this file (same function as libxxhash's XXH3_64bits): short keys hash
  * without a call through the PLT. */
@@ -165,13 +165,6 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static inline int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Test-and-set with one back-off. A waiter that finds the lock taken first leaves its cache
  * line alone for SL_LOCK_WAIT_NS: meanwhile the holder takes and releases the lock and
  * writes the key's entry without either line moving between cores. That is what limits two
@@ -183,8 +176,8 @@ static inline int64_t mono_ns(void)
 __attribute__((noinline)) static void lock_slow(sl_shard *s)
 {
     for (;;) {
-        int64_t until = mono_ns() + SL_LOCK_WAIT_NS;
-        while (mono_ns() < until)
+        int64_t until = sl_mono_ns() + SL_LOCK_WAIT_NS;
+        while (sl_mono_ns() < until)
             cpu_relax();
         for (unsigned spins = 0; spins < SL_LOCK_SPINS; spins++) {
             if (!atomic_load_explicit(&s->lock, memory_order_relaxed) &&

@@ -15,6 +15,7 @@
 
 #include "bytes.h"
 #include "limiter_int.h"
+#include "mono.h"
 
 #define NS_PER_MS INT64_C(1000000)
 #define BACKOFF_MIN (50 * NS_PER_MS)
@@ -78,9 +79,7 @@ struct sl_rstore {
 
 int64_t sl_rs_mono(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return sl_mono_ns();
 }
 
 #define BUMP(x) atomic_fetch_add_explicit(&(x), 1, memory_order_relaxed)
