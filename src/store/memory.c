@@ -65,6 +65,8 @@
 #include <xxhash.h>
 
 #define SL_MIN_SLOTS 8u            /* smallest block that holds entries */
+#define SL_HAND_SHIFT 16u          /* shifts (in groups) a hand stride is judged for */
+#define SL_HAND_TRIES 64u          /* strides tried either side of 0.618 S/8 */
 #define SL_MAX_ENTRIES 0xFFFFFFu   /* entries per shard (keeps S well inside 32 bits) */
 #define SL_MAX_SHARDS 65536u       /* shard bits (top 16) must not reach the tag (32..39) */
 #define SL_LOCK_WAIT_NS 1000       /* a lock waiter first leaves the lock alone this long */
@@ -104,6 +106,7 @@ struct sl_shard {
     alignas(64) atomic_uint lock;
     _Atomic uint32_t count;   /* live entries */
     uint32_t hand;            /* CLOCK hand (position) */
+    uint32_t stride;          /* the hand's jump: sl_table_hand_stride(S / 8), 0 until used */
     uint32_t sweep;           /* reclaim cursor (position) */
     uint32_t removals;        /* bumped by every removal (the only thing that moves entries
                                  within a block) */
@@ -400,6 +403,7 @@ static void block_fill_locked(sl_shard *s, sl_block *nb)
     atomic_store_explicit(&s->blk, nb, memory_order_release);
     atomic_store_explicit(&s->slots, ns, memory_order_relaxed);
     s->hand = o.slots ? (uint32_t)((uint64_t)s->hand * ns / o.slots) : 0;
+    s->stride = 0; /* chosen at the first eviction: most blocks never evict */
     s->sweep = o.slots ? (uint32_t)((uint64_t)s->sweep * ns / o.slots) : 0;
     s->gen++;
     if (o.b != s->t->empty)
@@ -489,17 +493,94 @@ static int reclaim_one_locked(sl_shard *s, int64_t now)
     return 0;
 }
 
+/* The inverse of k modulo S (gcd(k, S) = 1), by the extended Euclidean algorithm. */
+static uint32_t inverse_mod(uint32_t k, uint32_t slots)
+{
+    int64_t r0 = slots, r1 = k, t0 = 0, t1 = 1;
+    while (r1) {
+        int64_t q = r0 / r1, r = r0 - q * r1, t = t0 - q * t1;
+        r0 = r1, r1 = r, t0 = t1, t1 = t;
+    }
+    return (uint32_t)(t0 < 0 ? t0 + slots : t0);
+}
+
+static uint32_t gcd32(uint32_t a, uint32_t b)
+{
+    while (b) {
+        uint32_t r = a % b;
+        a = b, b = r;
+    }
+    return a;
+}
+
+/* How good a stride k is for the hand over n groups (see evict_one_locked): the least of,
+ * for d = 1..16, the steps before the hand meets again a group it just left, if a key there
+ * was shifted back d groups (d * -k^-1 mod n), and how near d steps bring the hand back to
+ * where it was (d * k mod n, either way round). */
+static uint32_t stride_score(uint32_t k, uint32_t n)
+{
+    uint32_t back = n - inverse_mod(k, n), wait = 0, step = 0, worst = n;
+    for (unsigned d = 1; d <= SL_HAND_SHIFT; d++) {
+        wait += back;
+        wait -= wait >= n ? n : 0;
+        step += k;
+        step -= step >= n ? n : 0;
+        uint32_t near = step < n - step ? step : n - step;
+        worst = wait < worst ? wait : worst;
+        worst = near < worst ? near : worst;
+    }
+    return worst;
+}
+
+uint32_t sl_table_hand_stride(uint32_t n)
+{
+    if (n < 3)
+        return 1;
+    uint32_t c = (uint32_t)(((uint64_t)n * 2654435769u) >> 32) | 1u; /* ~0.618 n, odd */
+    uint32_t lo = c > SL_HAND_TRIES ? c - SL_HAND_TRIES : 1, best = 1, score = 0;
+    for (uint32_t k = lo | 1u; k < n && k <= c + SL_HAND_TRIES; k += 2) {
+        if (gcd32(k, n) != 1)
+            continue;
+        uint32_t v = stride_score(k, n);
+        if (v > score)
+            best = k, score = v;
+    }
+    return best;
+}
+
+/* The position after h in the hand's order: the next one in h's group of 8 (S is a multiple
+ * of 8), or the first of the group `stride` groups on, mod S/8. */
+static inline uint32_t hand_next(uint32_t h, uint32_t stride, uint32_t groups)
+{
+    if ((h & 7u) != 7u)
+        return h + 1u;
+    uint32_t g = (h >> 3) + stride;
+    return (g >= groups ? g - groups : g) << 3;
+}
+
 /* CLOCK: advance the hand, clearing reference bits, and evict the first entry without one.
- * Needs count >= 1. */
+ *
+ * The hand's order is a permutation of the positions, so it passes each once per S steps: it
+ * goes through a group of 8 positions, then jumps k groups on (mod S/8; k coprime with S/8,
+ * about 0.618 of it). Going from each position to the next one would follow the backward
+ * shift of its own deletions: the hole is filled from behind, the hand evicts at the front
+ * of the run again, and one run travels with the hand, gathering the inserts whose homes it
+ * covers (at a million keys each eviction then read ~650 positions). The jump leaves the run
+ * behind. A key shifted back out of its group by deletions lands in a group that the hand
+ * may reach sooner than a whole cycle after its last pass (so it can be evicted sooner);
+ * groups keep that to the keys at a group's start, and k is chosen so that a key shifted
+ * back up to 16 groups is not met again within n/32 groups, nor do 16 jumps come within n/32
+ * groups of where they started (tests/unit/test_table.c checks both). Needs count >= 1. */
 static void evict_one_locked(sl_shard *s)
 {
     const sl_table_hooks *hk = &s->t->hooks;
     view v = view_of(s);
-    uint32_t h = s->hand;
+    uint32_t groups = v.slots / 8u;
+    if (!s->stride)
+        s->stride = sl_table_hand_stride(groups);
+    uint32_t h = s->hand < v.slots ? s->hand : 0, k = s->stride;
     sl_entry *e;
-    for (;; h++) {
-        if (h >= v.slots)
-            h = 0;
+    for (;; h = hand_next(h, k, groups)) {
         if (!(v.ctl[h]))
             continue;
         e = &v.e[h];
@@ -510,7 +591,7 @@ static void evict_one_locked(sl_shard *s)
     if (hk->drop)
         hk->drop(hk->ctx, e, 1);
     delete_at_locked(s, h);
-    s->hand = h + 1;
+    s->hand = hand_next(h, k, groups);
 }
 
 /* ---- table ---- */
@@ -937,9 +1018,9 @@ int sl_table_check(sl_table *t)
         view v = view_of(s);
         uint32_t n = count_of(s), used = 0;
         size_t keybytes = 0;
-        if ((v.slots == 0) != (v.b == t->empty) || (v.slots && v.slots < SL_MIN_SLOTS) ||
-            n > max_load(v.slots))
-            rc = 1; /* block size or load */
+        if ((v.slots == 0) != (v.b == t->empty) ||
+            (v.slots && (v.slots < SL_MIN_SLOTS || v.slots % 8u)) || n > max_load(v.slots))
+            rc = 1; /* block size (a multiple of 8: the hand's groups) or load */
         else if (n > s->share)
             rc = 2; /* over the share */
         else if (v.ctl[v.slots] != 0)

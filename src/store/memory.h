@@ -179,6 +179,11 @@ size_t sl_table_capacity(sl_table *t);    /* the enforced bound (0 = unbounded) 
 
 /* ---- test hooks ---- */
 
+/* The CLOCK hand's jump, in groups of 8 positions, for a block of n such groups: coprime with
+ * n, near 0.618 n, chosen so that a key shifted back by deletions soon after the hand passed
+ * it is not met again soon (memory.c, evict_one_locked). */
+uint32_t sl_table_hand_stride(uint32_t n);
+
 /* Replace the hash the table uses when it re-hashes stored keys (block replaced, removal).
  * Callers must then pass hashes from the same function. Set before the first insert. Lets
  * tests force tag, home-slot and full 64-bit collisions. */

@@ -623,8 +623,7 @@ static void test_clock_prefers_unreferenced(void **st)
 
     /* A stream of new keys (never referenced again): each insert evicts exactly one, and a
      * key referenced since the hand last passed it is never the one. New keys are not
-     * referenced (a key used once goes before one used twice); among unreferenced keys the
-     * hand goes in position order. */
+     * referenced (a key used once goes before one used twice). */
     t = mk(1, 10, &h, 0);
     size_t before = h.drops[1];
     for (int i = 0; i < 10; i++)
@@ -684,6 +683,80 @@ static void test_max_keys_flood(void **st)
     printf("# flood: %u distinct ids, max_keys %zu: held %zu, evicted %zu, %zu bytes\n",
            (unsigned)FLOOD, max, sl_table_count(t), h.drops[1], sl_table_bytes(t));
     sl_table_free(t);
+}
+
+/* The hand's jump over a block of n groups of 8 positions: coprime with n (so n jumps visit
+ * every group once), and no short way back: for d = 1..16, neither do d jumps bring the hand
+ * within n/32 groups of where it was, nor is a key passed and then shifted back d groups met
+ * again within n/32 jumps. Both found by walking the hand, for every n up to 4,096 and a
+ * sample beyond. */
+static void check_stride(uint32_t n)
+{
+    uint32_t k = sl_table_hand_stride(n);
+    if (k < 1 || k >= (n > 1 ? n : 2))
+        fail_msg("n %u: stride %u", n, k);
+    uint8_t *seen = calloc(n, 1);
+    assert_non_null(seen);
+    uint32_t p = 0;
+    for (uint32_t i = 0; i < n; i++, p = (uint32_t)(((uint64_t)p + k) % n)) {
+        if (seen[p]++)
+            fail_msg("n %u, stride %u: group %u visited twice in %u jumps", n, k, p, i);
+    }
+    free(seen);
+    if (n < 64)
+        return;
+    uint32_t bound = n / 32;
+    for (uint32_t d = 1; d <= 16; d++) {
+        uint64_t away = (uint64_t)d * k % n;
+        if (away < bound || n - away < bound)
+            fail_msg("n %u, stride %u: %u jumps end %llu groups from the start", n, k, d,
+                     (unsigned long long)(away < n - away ? away : n - away));
+        /* the key was in group d when the hand passed it; it is now in group 0 */
+        uint32_t q = d;
+        for (uint32_t steps = 1; steps < bound; steps++)
+            if ((q = (uint32_t)(((uint64_t)q + k) % n)) == 0)
+                fail_msg("n %u, stride %u: a key shifted back %u groups is met again after "
+                         "%u jumps", n, k, d, steps);
+    }
+}
+
+static void test_hand_stride(void **st)
+{
+    (void)st;
+    for (uint32_t n = 1; n <= 4096; n++)
+        check_stride(n);
+    for (int i = 0; i < 40; i++)
+        check_stride(4096 + (uint32_t)(rnd() % (1u << 21))); /* up to ~16M positions */
+}
+
+/* One shard at its bound, flooded with new keys: a key referenced at least every max/40
+ * inserts (at random intervals) is never evicted, whatever the block's size (the hand's
+ * stride varies with it), although evictions keep shifting it back towards its home. A hand
+ * that does not visit each position once per cycle loses it. */
+static void test_clock_keeps_hot_key_in_any_block(void **st)
+{
+    (void)st;
+    static const size_t maxes[] = {40, 300, 1000, 2900, 7000, 20000};
+    for (size_t m = 0; m < sizeof maxes / sizeof *maxes; m++) {
+        hk h;
+        sl_table *t = mk(1, maxes[m], &h, 0);
+        h.protect = "hot";
+        h.protect_len = 3;
+        unsigned most = (unsigned)maxes[m] / 40, n = 30 * (unsigned)maxes[m], next = 0;
+        char k[32];
+        assert_non_null(put(t, "hot", 3, 0, NULL));
+        for (unsigned i = 0; i < n; i++) {
+            assert_non_null(put(t, k, (size_t)sprintf(k, "n%u", i), 0, NULL));
+            if (i == next) {
+                assert_non_null(get(t, "hot", 3));
+                next = i + 1 + (unsigned)(rnd() % most);
+            }
+        }
+        assert_int_equal(sl_table_count(t), maxes[m]);
+        assert_int_equal(h.drops[1], n + 1 - maxes[m]);
+        assert_int_equal(sl_table_check(t), 0);
+        sl_table_free(t);
+    }
 }
 
 static void test_small_max_keys_exact(void **st)
@@ -1050,6 +1123,8 @@ int main(void)
         cmocka_unit_test(test_reclaim_idle_full_keys),
         cmocka_unit_test(test_clock_prefers_unreferenced),
         cmocka_unit_test(test_max_keys_flood),
+        cmocka_unit_test(test_hand_stride),
+        cmocka_unit_test(test_clock_keeps_hot_key_in_any_block),
         cmocka_unit_test(test_small_max_keys_exact),
         cmocka_unit_test(test_memory_per_key),
         cmocka_unit_test(test_foreach_and_prefetch),
