@@ -899,7 +899,7 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
     /* A key not in cache costs a miss on its entry (its control byte, read first, is usually
      * cached). Start bringing the control byte, read the clock meanwhile, then start the
      * entry and resolve the policy (in decide) while it is on its way. */
-    sl_table_prefetch(l->table, p.hash);
+    sl_table_prefetch_home(l->table, p.hash);
     if (now == SL_NOW && (rc = resolve_now(l, &now)) != SL_OK)
         return rc;
     if (sl_ebr_enter(l->ebr) != 0)

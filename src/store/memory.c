@@ -697,6 +697,18 @@ void sl_table_prefetch(sl_table *t, uint64_t hash)
     __builtin_prefetch((const void *)(b + offsetof(sl_block, ctl) + home_of(hash, slots)), 0, 3);
 }
 
+void sl_table_prefetch_home(sl_table *t, uint64_t hash)
+{
+    sl_shard *s = &t->shards[hash >> t->shift & t->smask];
+    __builtin_prefetch(&s->lock, 1, 3);
+    uintptr_t b = (uintptr_t)atomic_load_explicit(&s->blk, memory_order_relaxed);
+    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
+    uint32_t home = home_of(hash, slots);
+    __builtin_prefetch((const void *)(b + offsetof(sl_block, ctl) + home), 0, 3);
+    __builtin_prefetch((const void *)(b + entries_offset(slots) + (size_t)home * sizeof(sl_entry)),
+                       1, 3);
+}
+
 /* Lockless, inside the caller's retire read section (memory.h). Every bound comes from the
  * header of the block just loaded; the control bytes read may be stale (a key just moved or
  * removed), which costs at most a useless prefetch. */

@@ -119,6 +119,10 @@ static inline const char *sl_entry_key(const sl_entry *e, size_t *len)
 /* Start bringing the key's control byte (and shard) into cache. Needs no lock and no read
  * section; safe while other threads resize (it only computes an address). */
 void sl_table_prefetch(sl_table *t, uint64_t hash);
+/* The same, and the entry at the key's home position too: a guess (at 7/8 full a key is often
+ * a few positions on), made when nothing else can overlap the wait for the control byte (a
+ * single lookup), so that a key at or near its home costs one memory round trip, not two. */
+void sl_table_prefetch_home(sl_table *t, uint64_t hash);
 
 /* Second stage, some time after sl_table_prefetch(t, hash): read control bytes from the
  * key's home position on (at most 64, while they are non-empty) for one whose tag matches,
