@@ -686,27 +686,30 @@ sl_shard *sl_table_shard(sl_table *t, uint64_t hash)
     return &t->shards[hash >> t->shift & t->smask];
 }
 
-void sl_table_prefetch(sl_table *t, uint64_t hash)
-{
-    sl_shard *s = &t->shards[hash >> t->shift & t->smask];
-    __builtin_prefetch(&s->lock, 1, 3);
-    uintptr_t b = (uintptr_t)atomic_load_explicit(&s->blk, memory_order_relaxed);
-    uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
-    /* Integer arithmetic: the pair (b, slots) may be torn by a concurrent resize, and the
-     * address is only ever prefetched, never dereferenced. */
-    __builtin_prefetch((const void *)(b + offsetof(sl_block, ctl) + home_of(hash, slots)), 0, 3);
-}
-
-void sl_table_prefetch_home(sl_table *t, uint64_t hash)
+/* The shard's lock line, the key's control byte and, with `entry`, the entry at its home. */
+static inline void prefetch_home(sl_table *t, uint64_t hash, bool entry)
 {
     sl_shard *s = &t->shards[hash >> t->shift & t->smask];
     __builtin_prefetch(&s->lock, 1, 3);
     uintptr_t b = (uintptr_t)atomic_load_explicit(&s->blk, memory_order_relaxed);
     uint32_t slots = atomic_load_explicit(&s->slots, memory_order_relaxed);
     uint32_t home = home_of(hash, slots);
+    /* Integer arithmetic: the pair (b, slots) may be torn by a concurrent resize, and the
+     * addresses are only ever prefetched, never dereferenced. */
     __builtin_prefetch((const void *)(b + offsetof(sl_block, ctl) + home), 0, 3);
-    __builtin_prefetch((const void *)(b + entries_offset(slots) + (size_t)home * sizeof(sl_entry)),
-                       1, 3);
+    if (entry)
+        __builtin_prefetch(
+            (const void *)(b + entries_offset(slots) + (size_t)home * sizeof(sl_entry)), 1, 3);
+}
+
+void sl_table_prefetch(sl_table *t, uint64_t hash)
+{
+    prefetch_home(t, hash, false);
+}
+
+void sl_table_prefetch_home(sl_table *t, uint64_t hash)
+{
+    prefetch_home(t, hash, true);
 }
 
 /* Lockless, inside the caller's retire read section (memory.h). Every bound comes from the
