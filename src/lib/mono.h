@@ -1,6 +1,7 @@
 /*
- * mono.h — CLOCK_MONOTONIC in nanoseconds: the library's one copy, for timing its own work
- * (lock back-off, snapshot durations, Redis timeouts). Decisions use the limiter's clock.
+ * mono.h — CLOCK_MONOTONIC in nanoseconds: the one copy, for timing the library's own work
+ * (lock back-off, snapshot durations, Redis timeouts) and sluiced's (decision latency,
+ * state saves). Decisions use the limiter's clock.
  */
 #ifndef SL_MONO_H
 #define SL_MONO_H

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "metrics.h"
+#include "mono.h"
 #include "net.h"
 
 #define BATCH 64            /* requests decided per sl_take_batch call */
@@ -574,10 +575,10 @@ size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
             report(s, ready);
             continue;
         }
-        int64_t t0 = sd_mono_ns();
+        int64_t t0 = sl_mono_ns();
         sl_take_batch(s->lim, s->reqs, (size_t)n, SL_NOW, s->ds);
         if (n)
-            sd_metrics_decision(sd_mono_ns() - t0);
+            sd_metrics_decision(sl_mono_ns() - t0);
         atomic_fetch_sub_explicit(&s->a->in_progress, got, memory_order_release);
         atomic_fetch_add_explicit(&s->a->admitted, (uint64_t)n, memory_order_relaxed);
         for (int i = 0; i < n; i++) {

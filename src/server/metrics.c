@@ -11,7 +11,6 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 /* Upper bounds of the latency buckets, in ns (le="1e-06" ... le="0.1"); +Inf follows. */
 static const int64_t k_bounds_ns[] = {1000,    2500,    5000,    10000,    25000,
@@ -32,13 +31,6 @@ static const int k_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 431, 500, 
 static _Atomic uint64_t g_http[SD_EP_COUNT][NCODES + 1];
 static const char *const k_endpoints[SD_EP_COUNT] = {
     "check_and_consume", "status", "release", "health", "config", "metrics", "other"};
-
-int64_t sd_mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 void sd_metrics_decision(int64_t ns)
 {

@@ -6,7 +6,7 @@
  * (never a torn number, and a histogram's buckets, `_count` and `+Inf` always agree).
  *
  * Decision latency: whoever calls sl_take_batch for the front ends (the admission scheduler)
- * reads sd_mono_ns() before and after it and reports the difference with
+ * reads sl_mono_ns() before and after it and reports the difference with
  * sd_metrics_decision(). One observation per batch, not per request: the batch is the unit of
  * work, and timing it costs two clock reads in all.
  */
@@ -30,9 +30,6 @@ typedef enum sd_endpoint {
     SD_EP_OTHER,
     SD_EP_COUNT
 } sd_endpoint;
-
-/* Monotonic clock in ns (CLOCK_MONOTONIC). */
-int64_t sd_mono_ns(void);
 
 /* One batch decision (sl_take_batch) took `ns` nanoseconds. */
 void sd_metrics_decision(int64_t ns);

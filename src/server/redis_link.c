@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include "metrics.h"
+#include "mono.h"
 #include "redis.h"
 
 #define SWEEP_MS 50 /* how often in-flight requests are checked against the timeout */
@@ -23,8 +24,8 @@ typedef struct rl_req {
     struct rl_req *next; /* the connection's in-flight FIFO, a group's members, the free list */
     sd_item *it;         /* NULL for a group */
     rl_conn *conn;
-    int64_t t0;          /* sd_mono_ns at arrival (the decision's latency) */
-    int64_t sent;        /* sd_mono_ns when last written (its timeout, the node's health) */
+    int64_t t0;          /* sl_mono_ns at arrival (the decision's latency) */
+    int64_t sent;        /* sl_mono_ns when last written (its timeout, the node's health) */
     uint64_t seq;        /* arrival order (cluster: kept per slot across redirections) */
     int counted;         /* in its slot's in-flight count (cluster): sent, or parked on a
                             connection until its FUNCTION LOAD is answered */
@@ -38,7 +39,7 @@ struct rl_conn {
     int node;
     redisAsyncContext *ac; /* NULL: not connected */
     int load_queued;       /* a FUNCTION LOAD is queued ahead of later commands */
-    int64_t load_at;       /* sd_mono_ns when it was sent */
+    int64_t load_at;       /* sl_mono_ns when it was sent */
     /* While the load is queued nothing more is sent, so that a key's requests stay in order:
      * requests refused with "Function not found" (sent before the load, in reply order,
      * which is send order) and requests sent meanwhile wait, in that order, for its reply. */
@@ -52,7 +53,7 @@ struct rl_conn {
 typedef struct rl_node {
     rl_conn c;
     rl_conn *probe;   /* a PING in flight on this connection (the node is down), or NULL */
-    int64_t probe_at; /* sd_mono_ns when it was sent */
+    int64_t probe_at; /* sl_mono_ns when it was sent */
 } rl_node;
 
 struct sd_rlink {
@@ -65,7 +66,7 @@ struct sd_rlink {
     int discovering;
     int discover_tries; /* nodes asked for the topology since requests began to wait */
     rl_conn *asked;     /* the connection a CLUSTER SLOTS was sent on, while discovering */
-    int64_t asked_at;   /* sd_mono_ns */
+    int64_t asked_at;   /* sl_mono_ns */
     int closing;
     uv_timer_t sweep;
     /* Cluster: a key's requests stay in order when its slot moves. All requests in flight
@@ -109,7 +110,7 @@ static void recycle(sd_rlink *lk, rl_req *q)
 
 static void complete(sd_rlink *lk, rl_req *q)
 {
-    sd_metrics_decision(sd_mono_ns() - q->t0);
+    sd_metrics_decision(sl_mono_ns() - q->t0);
     sd_sched_decided(lk->sched, q->it);
     recycle(lk, q);
 }
@@ -373,7 +374,7 @@ static void settle(sd_rlink *lk, rl_conn *c, rl_req *q, int st)
             const char *s = sl_rs_script(&len);
             if (redisAsyncCommand(c->ac, on_loaded, NULL, "FUNCTION LOAD REPLACE %b", s, len) == REDIS_OK) {
                 c->load_queued = 1;
-                c->load_at = sd_mono_ns();
+                c->load_at = sl_mono_ns();
             }
         }
         if (c->load_queued) {
@@ -428,7 +429,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *priv)
     if (!r) { /* the connection failed or was closed */
         fail(lk, q);
     } else {
-        sl_rs_node_ok(lk->rs, c->node, q->sent); /* sd_mono_ns, the same clock */
+        sl_rs_node_ok(lk->rs, c->node, q->sent); /* sl_mono_ns, the same clock */
         settle(lk, c, q, sl_rs_finish(lk->rs, &q->call, r, &q->it->d, &q->it->d.err));
     }
     /* Not from inside a failing connection's callbacks (they may be reopening it): the
@@ -472,7 +473,7 @@ static void discover(sd_rlink *lk)
 {
     if (lk->discovering)
         return;
-    int64_t now = sl_rs_mono();
+    int64_t now = sl_mono_ns();
     for (int i = 0; i < sl_rs_nnodes(lk->rs); i++) {
         /* a node marked down is the probe's to revive: asking it would hold every waiting
          * request for the timeout each time its back-off ends */
@@ -482,7 +483,7 @@ static void discover(sd_rlink *lk)
         if (c && c->ac && redisAsyncCommand(c->ac, on_slots, NULL, "CLUSTER SLOTS") == REDIS_OK) {
             lk->discovering = 1;
             lk->asked = c;
-            lk->asked_at = sd_mono_ns();
+            lk->asked_at = sl_mono_ns();
             return;
         }
     }
@@ -498,7 +499,7 @@ static rl_conn *conn_for(sd_rlink *lk, int node)
     /* a node marked down is decided by the fail mode at once: the sweep's probe, not a
      * request that would wait for the timeout, finds out when it is back */
     if (node < sl_rs_nnodes(lk->rs) && !sl_rs_node_down(lk->rs, node) &&
-        sl_rs_node_usable(lk->rs, node, sl_rs_mono()))
+        sl_rs_node_usable(lk->rs, node, sl_mono_ns()))
         return pick(lk, node);
     return NULL;
 }
@@ -507,7 +508,7 @@ static rl_conn *conn_for(sd_rlink *lk, int node)
 static void in_flight(rl_conn *c, rl_req *q)
 {
     q->conn = c;
-    q->sent = sd_mono_ns();
+    q->sent = sl_mono_ns();
     append(&c->head, &c->tail, q);
 }
 
@@ -658,7 +659,7 @@ static void send_group(sd_rlink *lk, rl_req **members, int n)
     rl_req *g = len ? req_new(lk) : NULL;
     if (g) {
         g->it = NULL;
-        g->t0 = sd_mono_ns();
+        g->t0 = sl_mono_ns();
         g->members = members[0];
         g->nmembers = n;
         if (redisAsyncFormattedCommand(c->ac, on_reply, g, lk->gcmd, len) == REDIS_OK) {
@@ -715,7 +716,7 @@ static void submit(void *ctx, sd_item **items, int n)
             continue;
         }
         q->it = it;
-        q->t0 = sd_mono_ns();
+        q->t0 = sl_mono_ns();
         int local = it->release ? sl_rs_prepare_release(lk->rs, &it->req.key, it->req.cost,
                                                         SL_NOW, &q->call, &it->d.err)
                                 : sl_rs_prepare(lk->rs, &it->req, SL_NOW, &q->call, &it->d);
@@ -748,7 +749,7 @@ static void on_probe(redisAsyncContext *ac, void *r, void *priv)
     if (rep->type == REDIS_REPLY_ERROR)
         sl_rs_node_failed(c->lk->rs, c->node, rep->str);
     else
-        sl_rs_node_ok(c->lk->rs, c->node, sent); /* sd_mono_ns: the same clock */
+        sl_rs_node_ok(c->lk->rs, c->node, sent); /* sl_mono_ns: the same clock */
 }
 
 /* A node marked down whose back-off is over gets a PING (one at a time per worker), so that
@@ -765,13 +766,13 @@ static void probe_down_nodes(sd_rlink *lk, int64_t now, int64_t limit)
             }
             continue;
         }
-        if (!sl_rs_node_down(lk->rs, i) || !sl_rs_node_usable(lk->rs, i, sl_rs_mono()))
+        if (!sl_rs_node_down(lk->rs, i) || !sl_rs_node_usable(lk->rs, i, sl_mono_ns()))
             continue;
         rl_conn *c = pick(lk, i);
         n = lk->nodes[i];
         if (c && c->ac && redisAsyncCommand(c->ac, on_probe, NULL, "PING") == REDIS_OK) {
             n->probe = c;
-            n->probe_at = sd_mono_ns();
+            n->probe_at = sl_mono_ns();
         }
     }
 }
@@ -791,7 +792,7 @@ static void on_sweep(uv_timer_t *t)
 {
     sd_rlink *lk = t->data;
     int64_t limit = (int64_t)sl_rs_options(lk->rs)->timeout_ms * 1000000;
-    int64_t now = sd_mono_ns();
+    int64_t now = sl_mono_ns();
     if (lk->discovering && lk->asked && lk->asked->ac && now - lk->asked_at > limit)
         drop_timed_out(lk->asked);
     if (!lk->closing)

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "mono.h"
 #include "server.h"
 
 #define STATE_FILE "state.snap"
@@ -21,13 +22,6 @@ static pthread_t g_thread;
 static int g_running, g_stop;
 static char g_path[600];
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int sd_state_open(sd_server *srv, char *err, size_t errlen)
 {
     if (!srv->cfg.data_dir[0])
@@ -35,13 +29,13 @@ int sd_state_open(sd_server *srv, char *err, size_t errlen)
     snprintf(g_path, sizeof g_path, "%s/%s", srv->cfg.data_dir, STATE_FILE);
     if (access(g_path, F_OK) != 0)
         return 0; /* first start */
-    int64_t t0 = mono_ms();
+    int64_t t0 = sl_mono_ns() / 1000000;
     int rc = sl_snapshot_load(srv->lim, g_path);
     if (rc == SL_OK) {
         sl_stats s;
         sl_stats_get(srv->lim, NULL, 0, &s);
         sd_info("state: loaded %s (%llu keys) in %lld ms", g_path, (unsigned long long)s.keys,
-                (long long)(mono_ms() - t0));
+                (long long)(sl_mono_ns() / 1000000 - t0));
         return 0;
     }
     if (rc == SL_EIO) {
@@ -88,10 +82,10 @@ sd_save_result sd_state_save(sd_server *srv)
     if (!srv->cfg.data_dir[0] || srv->rstore) /* Redis keeps the Redis store's state */
         return r;
     pthread_mutex_lock(&g_save_lock);
-    int64_t t0 = mono_ms();
+    int64_t t0 = sl_mono_ns() / 1000000;
     r.rc = sl_snapshot_save(srv->lim, g_path);
     r.err = errno;
-    r.ms = mono_ms() - t0;
+    r.ms = sl_mono_ns() / 1000000 - t0;
     pthread_mutex_unlock(&g_save_lock);
     sl_stats s;
     sl_stats_get(srv->lim, NULL, 0, &s);

@@ -493,33 +493,27 @@ static int reclaim_one_locked(sl_shard *s, int64_t now)
     return 0;
 }
 
-/* The inverse of k modulo S (gcd(k, S) = 1), by the extended Euclidean algorithm. */
-static uint32_t inverse_mod(uint32_t k, uint32_t slots)
+/* The inverse of k modulo n (n >= 2), by the extended Euclidean algorithm; 0 when k and n
+ * are not coprime (then there is none). */
+static uint32_t inverse_mod(uint32_t k, uint32_t n)
 {
-    int64_t r0 = slots, r1 = k, t0 = 0, t1 = 1;
+    int64_t r0 = n, r1 = k, t0 = 0, t1 = 1;
     while (r1) {
         int64_t q = r0 / r1, r = r0 - q * r1, t = t0 - q * t1;
         r0 = r1, r1 = r, t0 = t1, t1 = t;
     }
-    return (uint32_t)(t0 < 0 ? t0 + slots : t0);
+    if (r0 != 1)
+        return 0;
+    return (uint32_t)(t0 < 0 ? t0 + n : t0);
 }
 
-static uint32_t gcd32(uint32_t a, uint32_t b)
+/* How good a stride k (inv = k^-1 mod n) is for the hand over n groups (see
+ * evict_one_locked): the least of, for d = 1..16, the steps before the hand meets again a
+ * group it just left, if a key there was shifted back d groups (d * -inv mod n), and how near
+ * d steps bring the hand back to where it was (d * k mod n, either way round). */
+static uint32_t stride_score(uint32_t k, uint32_t inv, uint32_t n)
 {
-    while (b) {
-        uint32_t r = a % b;
-        a = b, b = r;
-    }
-    return a;
-}
-
-/* How good a stride k is for the hand over n groups (see evict_one_locked): the least of,
- * for d = 1..16, the steps before the hand meets again a group it just left, if a key there
- * was shifted back d groups (d * -k^-1 mod n), and how near d steps bring the hand back to
- * where it was (d * k mod n, either way round). */
-static uint32_t stride_score(uint32_t k, uint32_t n)
-{
-    uint32_t back = n - inverse_mod(k, n), wait = 0, step = 0, worst = n;
+    uint32_t back = n - inv, wait = 0, step = 0, worst = n;
     for (unsigned d = 1; d <= SL_HAND_SHIFT; d++) {
         wait += back;
         wait -= wait >= n ? n : 0;
@@ -539,9 +533,10 @@ uint32_t sl_table_hand_stride(uint32_t n)
     uint32_t c = (uint32_t)(((uint64_t)n * 2654435769u) >> 32) | 1u; /* ~0.618 n, odd */
     uint32_t lo = c > SL_HAND_TRIES ? c - SL_HAND_TRIES : 1, best = 1, score = 0;
     for (uint32_t k = lo | 1u; k < n && k <= c + SL_HAND_TRIES; k += 2) {
-        if (gcd32(k, n) != 1)
-            continue;
-        uint32_t v = stride_score(k, n);
+        uint32_t inv = inverse_mod(k, n);
+        if (!inv)
+            continue; /* not coprime with n: not a permutation */
+        uint32_t v = stride_score(k, inv, n);
         if (v > score)
             best = k, score = v;
     }
@@ -578,7 +573,7 @@ static void evict_one_locked(sl_shard *s)
     uint32_t groups = v.slots / 8u;
     if (!s->stride)
         s->stride = sl_table_hand_stride(groups);
-    uint32_t h = s->hand < v.slots ? s->hand : 0, k = s->stride;
+    uint32_t h = s->hand, k = s->stride; /* hand_next and re-scaling keep it below S */
     sl_entry *e;
     for (;; h = hand_next(h, k, groups)) {
         if (!(v.ctl[h]))

@@ -74,13 +74,8 @@ struct sl_rstore {
     int reported_up;
     nc_shard *nc;
     _Atomic uint64_t calls, near, fopen, fclosed, errors, reconnects, loads, redirects;
-    _Atomic int64_t last_fallback; /* sl_rs_mono() of the last fail-mode decision; 0: none */
+    _Atomic int64_t last_fallback; /* sl_mono_ns() of the last fail-mode decision; 0: none */
 };
-
-int64_t sl_rs_mono(void)
-{
-    return sl_mono_ns();
-}
 
 #define BUMP(x) atomic_fetch_add_explicit(&(x), 1, memory_order_relaxed)
 
@@ -180,7 +175,7 @@ int sl_rs_claim_refresh(sl_rstore *rs)
 {
     if (!atomic_load_explicit(&rs->stale, memory_order_relaxed))
         return 0;
-    int64_t now = sl_rs_mono(), last = atomic_load(&rs->refreshed);
+    int64_t now = sl_mono_ns(), last = atomic_load(&rs->refreshed);
     if (now - last < 100 * NS_PER_MS || !atomic_compare_exchange_strong(&rs->refreshed, &last, now))
         return 0;
     atomic_store(&rs->stale, 0);
@@ -288,7 +283,7 @@ void sl_rs_node_failed(sl_rstore *rs, int i, const char *why)
     int64_t b = atomic_load(&nd->backoff);
     b = b ? (2 * b > BACKOFF_MAX ? BACKOFF_MAX : 2 * b) : BACKOFF_MIN;
     atomic_store(&nd->backoff, b);
-    int64_t now = sl_rs_mono();
+    int64_t now = sl_mono_ns();
     atomic_store(&nd->failed_at, now);
     atomic_store(&nd->retry_at, now + b);
     if (atomic_exchange(&nd->down, 1) == 0) {
@@ -340,7 +335,7 @@ void sl_rs_stats(sl_rstore *rs, sl_store_stats *out)
     out->near_cache = atomic_load(&rs->near);
     out->fail_open = atomic_load(&rs->fopen);
     int64_t lf = atomic_load_explicit(&rs->last_fallback, memory_order_relaxed);
-    out->fallback_ms_ago = lf ? (uint64_t)(sl_rs_mono() - lf) / 1000000 : UINT64_MAX;
+    out->fallback_ms_ago = lf ? (uint64_t)(sl_mono_ns() - lf) / 1000000 : UINT64_MAX;
     out->fail_closed = atomic_load(&rs->fclosed);
     out->errors = atomic_load(&rs->errors);
     out->reconnects = atomic_load(&rs->reconnects);
@@ -614,7 +609,7 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     c->op = op;
     c->cost = cost;
     c->explicit_now = now != SL_NOW;
-    c->sent = sl_rs_mono();
+    c->sent = sl_mono_ns();
     c->asking = 0;
     c->redirects = 0;
     c->tenant_len = (unsigned char)enc[0];
@@ -922,7 +917,7 @@ void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *relea
         return;
     }
     report_limit(c, 0, d);
-    atomic_store_explicit(&rs->last_fallback, sl_rs_mono(), memory_order_relaxed);
+    atomic_store_explicit(&rs->last_fallback, sl_mono_ns(), memory_order_relaxed);
     if (rs->o.fail_mode == SL_FAIL_OPEN) {
         d->allowed = 1;
         d->source = SL_SOURCE_FAIL_OPEN;

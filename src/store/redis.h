@@ -163,11 +163,10 @@ int sl_rs_is_cluster(sl_rstore *rs);
  * (50 ms .. 2 s), a success clears it. sl_rs_node_usable says whether to try it now (not
  * within its back-off). The store's up/down state (and on_state) follows these. */
 void sl_rs_node_failed(sl_rstore *rs, int i, const char *why);
-void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent); /* sent: sl_rs_mono() of the request */
+void sl_rs_node_ok(sl_rstore *rs, int i, int64_t sent); /* sent: sl_mono_ns() of the request */
 int sl_rs_node_usable(sl_rstore *rs, int i, int64_t now_mono);
 /* Is node i marked unreachable (failed, and no success since)? */
 int sl_rs_node_down(sl_rstore *rs, int i);
-int64_t sl_rs_mono(void); /* CLOCK_MONOTONIC ns */
 
 /* Test hook: the next n allocations of a group's command buffer (redis_sync.c) succeed, every
  * later one fails; n < 0 (the default) turns it off. Process-wide. */

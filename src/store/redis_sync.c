@@ -19,6 +19,7 @@
 #include <sys/time.h>
 
 #include "inject.h"
+#include "mono.h"
 #include "redis.h"
 
 #define POOL_MAX 64
@@ -156,7 +157,7 @@ static int topology(sl_rstore *rs)
 {
     if (sl_rs_topology_known(rs) && !sl_rs_claim_refresh(rs))
         return SL_OK;
-    int64_t now = sl_rs_mono();
+    int64_t now = sl_mono_ns();
     for (int i = 0; i < sl_rs_nnodes(rs); i++) {
         if (!sl_rs_node_usable(rs, i, now))
             continue;
@@ -217,7 +218,7 @@ void sl_rs_fail_group_allocs_after(long n)
 static void round_trip(sl_rstore *rs, slot_req **pend, size_t *npend)
 {
     int nn = sl_rs_nnodes(rs);
-    int64_t now = sl_rs_mono();
+    int64_t now = sl_mono_ns();
     slot_req *again[CHUNK]; /* what must go out again, in order */
     size_t keep = 0, n = *npend;
     sl_rcall *calls[CHUNK];
