@@ -9,6 +9,7 @@ The binary is $SLUICED (set by ctest), else build/sluiced. Every server listens 
 only and is killed if it does not stop by itself within the timeout.
 """
 import atexit
+import fcntl
 import os
 import random
 import signal
@@ -83,6 +84,45 @@ def _kill_leftovers():
         srv.kill()
 
 
+class LogFile:
+    """A file a child process writes its stderr to while the test reads it. The child's
+    writes append (O_APPEND) and reads use pread, so reading never moves the offset the child
+    writes at: with a shared offset, a seek(0) just before a late log line (sluiced writes
+    "ready" after its ports accept) let that line overwrite the start of the log."""
+
+    def __init__(self):
+        fd, path = tempfile.mkstemp(prefix="sluiced-test-", suffix=".log")
+        os.unlink(path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def text(self):
+        chunks, off = [], 0
+        while True:
+            b = os.pread(self.fd, 1 << 16, off)
+            if not b:
+                return b"".join(chunks).decode(errors="replace")
+            chunks.append(b)
+            off += len(b)
+
+    def clear(self):
+        os.ftruncate(self.fd, 0)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class Sluiced:
     def __init__(self, *args, resp=True, http=True, threads=2, env=None):
         self.resp_port = free_port() if resp else 0
@@ -90,7 +130,7 @@ class Sluiced:
         self.extra = ["--threads", str(threads), *[str(a) for a in args]]
         self.env = env
         self.proc = None
-        self.errfile = tempfile.TemporaryFile()
+        self.errfile = LogFile()
 
     @property
     def args(self):
@@ -102,8 +142,7 @@ class Sluiced:
         process since it was picked (a test running in parallel) is picked again."""
         for attempt in range(attempts):
             if attempt:  # the failed attempt's log is not this server's
-                self.errfile.seek(0)
-                self.errfile.truncate()
+                self.errfile.clear()
             self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
                                          stderr=self.errfile, env=self.env)
             _running.add(self)
@@ -157,8 +196,7 @@ class Sluiced:
         self.errfile.close()
 
     def log(self):
-        self.errfile.seek(0)
-        return self.errfile.read().decode(errors="replace")
+        return self.errfile.text()
 
 
 def run_sluiced(*args, timeout=10.0):

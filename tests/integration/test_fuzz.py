@@ -54,7 +54,7 @@ import unittest
 
 import redis
 
-from harness import BINARY, RedisServer, Sluiced, free_port, recv_all, run_sluiced
+from harness import BINARY, LogFile, RedisServer, Sluiced, free_port, recv_all, run_sluiced
 
 SEED = int(os.environ.get("SL_FUZZ_SEED", "20261123"))
 SCALE = float(os.environ.get("SL_FUZZ_SCALE", "1"))
@@ -1752,7 +1752,7 @@ def run_config(path, timeout):
     """Run sluiced with this --config: ("exit", code, stderr) or ("served", code after
     SIGTERM, stderr) or ("hang", None, stderr)."""
     rport, hport = free_port(), free_port()
-    with tempfile.TemporaryFile() as err:
+    with LogFile() as err:
         return _run_config(path, timeout, rport, hport, err)
 
 
@@ -1765,8 +1765,7 @@ def _run_config(path, timeout, rport, hport, err):
         up = set()
         while time.monotonic() < deadline:
             if p.poll() is not None:
-                err.seek(0)
-                return "exit", p.returncode, err.read().decode(errors="replace")
+                return "exit", p.returncode, err.text()
             for port in (rport, hport):
                 if port not in up:
                     try:
@@ -1780,11 +1779,9 @@ def _run_config(path, timeout, rport, hport, err):
                     code = p.wait(timeout)
                 except subprocess.TimeoutExpired:
                     code = None
-                err.seek(0)
-                return "served", code, err.read().decode(errors="replace")
+                return "served", code, err.text()
             time.sleep(0.01)
-        err.seek(0)
-        return "hang", None, err.read().decode(errors="replace")
+        return "hang", None, err.text()
     finally:
         if p.poll() is None:
             p.kill()

@@ -13,7 +13,9 @@ import unittest
 
 import redis
 
-from harness import Sluiced
+import subprocess
+
+from harness import LogFile, Sluiced
 
 SNAP = "state.snap"
 
@@ -228,6 +230,27 @@ class StateDurabilityTest(unittest.TestCase):
                 pass
         kept = sorted(open(b, "rb").read() for b in glob.glob(path + ".bad-*"))
         self.assertEqual(kept, [b"FIRST corrupt", b"SECOND corrupt"])
+
+
+class HarnessLogTest(unittest.TestCase):
+    """The captured log of a running server. Reading it used to seek the file whose offset the
+    server writes at, so sluiced's "ready" line, written after its ports accept, could land
+    at offset 0 over "state: loaded" (seen once under TSan)."""
+
+    def test_late_line_does_not_overwrite_the_log(self):
+        with LogFile() as log:
+            p = subprocess.Popen(["sh", "-c", "echo first-line-state-loaded >&2; "
+                                  "echo second-line-listening >&2; read go; "
+                                  "echo a-late-line-longer-than-the-first-two-together >&2"],
+                                 stdin=subprocess.PIPE, stderr=log)
+            deadline = time.monotonic() + 10
+            while "listening" not in log.text() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.lseek(log.fileno(), 0, os.SEEK_SET)  # where any reader may leave the offset
+            p.communicate(b"go\n", timeout=10)
+            self.assertEqual(log.text().split(), ["first-line-state-loaded",
+                                                  "second-line-listening",
+                                                  "a-late-line-longer-than-the-first-two-together"])
 
 
 if __name__ == "__main__":
