@@ -29,7 +29,7 @@
 #define SL_GC_MIN 1024             /* collect policies once this many exist, at the least */
 #define REG_CHUNK 4096
 #define REG_CHUNKS (SL_MAX_POLICIES / REG_CHUNK)
-#define STRIPES 8                 /* counter stripes per tenant: threads take turns */
+#define STRIPES 8                 /* counter stripes per tenant: one per thread, see below */
 #define MAX_NOW (INT64_C(1) << 62)
 
 typedef struct stripe {
@@ -393,15 +393,60 @@ static _Thread_local struct {
 } t_tenant;
 
 /* The counter stripe this thread adds to. By thread, not by key: two threads on one hot key
- * then do not bounce a counter line between them on every decision. */
-static _Atomic unsigned g_next_stripe;
+ * then do not bounce a counter line between them on every decision. A thread owns its stripe
+ * while it lives (the first STRIPES - 1 threads alive at once; the rest share the last), and
+ * the owner adds with a plain load and store: no locked instruction on the decision path.
+ * Ownership passes at thread exit through g_owned (release there, acquire on claiming), so a
+ * new owner continues from the last count. */
+#define SHARED_STRIPE (STRIPES - 1)
+static _Atomic unsigned g_owned; /* bit i: stripe i has an owner */
+static pthread_key_t g_stripe_key;
+static pthread_once_t g_stripe_once = PTHREAD_ONCE_INIT;
 static _Thread_local unsigned t_stripe; /* stripe + 1; 0 = not picked yet */
 
-static inline unsigned my_stripe(void)
+static void stripe_release(void *v)
+{
+    unsigned i = (unsigned)(uintptr_t)v - 1;
+    t_stripe = SHARED_STRIPE + 1; /* a later decision in this thread's exit shares */
+    atomic_fetch_and_explicit(&g_owned, ~(1u << i), memory_order_release);
+}
+
+static void stripe_key_init(void)
+{
+    if (pthread_key_create(&g_stripe_key, stripe_release) != 0)
+        atomic_store_explicit(&g_owned, (1u << SHARED_STRIPE) - 1, memory_order_relaxed);
+}
+
+static unsigned stripe_claim(void)
+{
+    pthread_once(&g_stripe_once, stripe_key_init);
+    unsigned m = atomic_load_explicit(&g_owned, memory_order_relaxed);
+    for (;;) {
+        unsigned i = (unsigned)__builtin_ctz(~m); /* the lowest free stripe */
+        if (i >= SHARED_STRIPE)
+            return SHARED_STRIPE;
+        if (atomic_compare_exchange_weak_explicit(&g_owned, &m, m | 1u << i,
+                                                  memory_order_acquire, memory_order_relaxed)) {
+            if (pthread_setspecific(g_stripe_key, (void *)(uintptr_t)(i + 1)) == 0)
+                return i;
+            atomic_fetch_and_explicit(&g_owned, ~(1u << i), memory_order_release);
+            return SHARED_STRIPE; /* no release at exit possible: do not keep it */
+        }
+    }
+}
+
+/* Count one decision of this thread for tenant t. */
+static inline void count_decision(sl_tenant *t, int allowed)
 {
     if (!t_stripe)
-        t_stripe = atomic_fetch_add_explicit(&g_next_stripe, 1, memory_order_relaxed) % STRIPES + 1;
-    return t_stripe - 1;
+        t_stripe = stripe_claim() + 1;
+    unsigned i = t_stripe - 1;
+    _Atomic uint64_t *c = allowed ? &t->s[i].allowed : &t->s[i].denied;
+    if (i == SHARED_STRIPE)
+        atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+    else /* only this thread writes it */
+        atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
 }
 
 /* The counters of tenant (encoded: "" = default). Never NULL once the limiter is open. */
@@ -856,12 +901,8 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
     decide_state(l, cp, entry_state(e), cost, now, take, d);
     sl_shard_unlock(s);
 
-    if (take) {
-        sl_tenant *t = tenant_of(l, p->buf + 2, (unsigned char)p->buf[0]);
-        stripe *st = &t->s[my_stripe()];
-        atomic_fetch_add_explicit(d->allowed ? &st->allowed : &st->denied, 1,
-                                  memory_order_relaxed);
-    }
+    if (take)
+        count_decision(tenant_of(l, p->buf + 2, (unsigned char)p->buf[0]), d->allowed);
     return SL_OK;
 }
 
@@ -963,9 +1004,7 @@ void sl_limiter_count(sl_limiter *l, const char *tenant, size_t len, int allowed
 {
     if (sl_ebr_enter(l->ebr) != 0)
         return;
-    sl_tenant *t = tenant_of(l, tenant, len);
-    stripe *st = &t->s[my_stripe()];
-    atomic_fetch_add_explicit(allowed ? &st->allowed : &st->denied, 1, memory_order_relaxed);
+    count_decision(tenant_of(l, tenant, len), allowed);
     sl_ebr_leave(l->ebr);
 }
 
