@@ -392,13 +392,15 @@ static void parse_error(sd_conn *c, llhttp_errno_t e)
     fail(c, 400, "malformed HTTP request: %s (%s)", msg, llhttp_errno_name(e));
 }
 
-/* A configuration change (PUT or DELETE under /api/config) runs after the decisions that
- * this connection asked for before it (as SL.RULE does on RESP). */
+/* A configuration change runs after the decisions that this connection asked for before it
+ * (as SL.RULE does on RESP). Every PUT and DELETE waits, whatever its target: the router
+ * takes the absolute form and percent-encoded segments, so no test of the raw target's
+ * spelling can tell a change from something else (and waiting costs the others nothing
+ * but order). */
 static int after_decisions(const http_state *st)
 {
     int method = st->parser.method;
-    return (method == HTTP_PUT || method == HTTP_DELETE) && st->target.p &&
-           st->target.len >= 11 && memcmp(st->target.p, "/api/config", 11) == 0;
+    return method == HTTP_PUT || method == HTTP_DELETE;
 }
 
 static size_t http_feed(sd_conn *c)
