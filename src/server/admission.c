@@ -545,6 +545,25 @@ void sd_sched_decided(sd_sched *s, sd_item *it)
     finish(s, it, SD_ITEM_DONE);
 }
 
+/* Decide s->batch[0..n) on the in-memory store, in order: runs of decisions with one
+ * sl_take_batch each, a release on its own between them (so a release pipelined behind a
+ * take runs after it, as on the Redis store). */
+static void decide_local(sd_sched *s, int n)
+{
+    int from = 0;
+    for (int i = 0; i <= n; i++) {
+        if (i < n && !s->batch[i]->release)
+            continue;
+        if (i > from)
+            sl_take_batch(s->lim, s->reqs + from, (size_t)(i - from), SL_NOW, s->ds + from);
+        if (i < n) {
+            memset(&s->ds[i], 0, sizeof s->ds[i]);
+            s->ds[i].err = sl_release(s->lim, &s->reqs[i].key, s->reqs[i].cost, SL_NOW);
+        }
+        from = i + 1;
+    }
+}
+
 size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
 {
     size_t done = 0;
@@ -576,7 +595,7 @@ size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
             continue;
         }
         int64_t t0 = sl_mono_ns();
-        sl_take_batch(s->lim, s->reqs, (size_t)n, SL_NOW, s->ds);
+        decide_local(s, n);
         if (n)
             sd_metrics_decision(sl_mono_ns() - t0);
         atomic_fetch_sub_explicit(&s->a->in_progress, got, memory_order_release);

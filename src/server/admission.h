@@ -44,8 +44,8 @@ typedef struct sd_item {
     int state;                 /* SD_ITEM_* */
     int kind;                  /* the front end's request kind */
     int flags;                 /* the front end's (HTTP: keep-alive, ...) */
-    int release;               /* Redis store only: release lease req.cost of req.key instead
-                                  of deciding; the outcome is d.err (SL_OK, SL_ELEASE, ...) */
+    int release;               /* release lease req.cost of req.key instead of deciding;
+                                  the outcome is d.err (SL_OK, SL_ELEASE, ...) */
     sl_request req;
     sl_policy pol;             /* req.inline_policy points here when set */
     sl_decision d;

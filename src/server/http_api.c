@@ -613,7 +613,7 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
     it->flags = (t->close ? F_CLOSE : 0) | (t->keep_alive_10 ? F_KEEP_ALIVE_10 : 0) |
                 (t->head ? F_HEAD : 0);
     it->req.cost = cost;
-    it->release = x->ep == SD_EP_RELEASE; /* Redis store: cost is the lease id */
+    it->release = x->ep == SD_EP_RELEASE; /* cost is the lease id */
     if (x->ep == SD_EP_STATUS && c->srv->rstore) {
         it->req.cost = 1;
         it->req.peek = 1;
@@ -988,19 +988,8 @@ static void h_release(ctx *x, int method)
         json_decref(o);
         return reply_error(x, 400, NULL, "%s", err);
     }
-    if (x->c->srv->rstore) { /* a round trip: in order with the connection's decisions */
-        submit(x, key, (uint64_t)lease, NULL);
-        json_decref(o);
-        return;
-    }
-    sl_key k = {key[0].p, key[0].len, key[1].p, key[1].len, key[2].p, key[2].len};
-    int rc = sl_release(x->c->srv->lim, &k, (uint64_t)lease, SL_NOW);
+    submit(x, key, (uint64_t)lease, NULL); /* in order with the connection's decisions */
     json_decref(o);
-    if (rc != SL_OK)
-        return reply_lib(x, rc);
-    resp_buf b = {0};
-    jraw(&b, "{\"released\": true}");
-    reply_json(x, 200, &b);
 }
 
 /* ---- small endpoints -------------------------------------------------------------------- */

@@ -94,7 +94,7 @@ static void resp_emit(sd_conn *c, sd_item *it, resp_buf *o)
     if (it->state == SD_ITEM_REJECTED_EXPIRED)
         return resp_error(o, "BUSY request waited too long for admission; retry later");
     const sl_decision *d = &it->d;
-    if (it->kind == K_RELEASE) /* the Redis store's asynchronous SL.RELEASE */
+    if (it->kind == K_RELEASE)
         return d->err == SL_OK ? resp_int(o, 1)
                : d->err == SL_ELEASE ? resp_int(o, 0) : lib_error(o, d->err);
     if (d->err != SL_OK)
@@ -192,21 +192,13 @@ static void cmd_release(sd_conn *c, const resp_cmd *m)
     int64_t lease;
     if (resp_arg_int(&m->argv[4], &lease) != 0 || lease <= 0)
         return resp_error(o, "ERR lease must be a lease id from SL.TAKE");
-    if (c->srv->rstore) { /* a round trip: in order with the connection's decisions */
-        sd_item *it = submit_new(c, K_RELEASE, &m->argv[1], &m->argv[2], &m->argv[3]);
-        if (!it)
-            return;
-        it->release = 1;
-        it->req.cost = (uint64_t)lease;
-        return sd_sched_submit(c->sched, it, c->last_active_ms);
-    }
-    sl_key k = key3(&m->argv[1], &m->argv[2], &m->argv[3]);
-    int rc = sl_release(c->srv->lim, &k, (uint64_t)lease, SL_NOW);
-    if (rc == SL_ELEASE)
-        return resp_int(o, 0);
-    if (rc != SL_OK)
-        return lib_error(o, rc);
-    resp_int(o, 1);
+    /* through the scheduler, in order with the connection's decisions */
+    sd_item *it = submit_new(c, K_RELEASE, &m->argv[1], &m->argv[2], &m->argv[3]);
+    if (!it)
+        return;
+    it->release = 1;
+    it->req.cost = (uint64_t)lease;
+    sd_sched_submit(c->sched, it, c->last_active_ms);
 }
 
 /* ---- rules, tiers, the default ---- */

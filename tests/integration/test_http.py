@@ -673,6 +673,28 @@ class Protocol(HttpCase):
             self.assertNotEqual(limits[0], 1, path)
             self.assertEqual(limits[4], limits[0], path)
 
+    def test_pipelined_release_follows_earlier_checks(self):
+        """A release pipelined behind a check runs after it is decided (it once ran at once,
+        so the earlier check got the lease the later release freed)."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        c.request("PUT", "/api/config/tenant/plr/action/job",
+                  json.dumps({"algorithm": "concurrency", **bucket(1)}))
+        resp = c.getresponse()
+        resp.read()
+        self.assertEqual(resp.status, 200)
+        c.request("POST", "/api/check_and_consume", json.dumps(check_body("plr", "w", "job")))
+        lease = json.loads(c.getresponse().read())["lease_id"]
+        c.close()
+        reqs = [request("POST", "/api/check_and_consume", check_body("plr", "w", "job")),
+                request("POST", "/api/release", dict(check_body("plr", "w", "job"),
+                                                     lease_id=lease)),
+                request("POST", "/api/check_and_consume", check_body("plr", "w", "job"))]
+        with connect(self.port) as s:
+            s.sendall(b"".join(reqs))  # one write
+            r = Reader(s)
+            got = [r.response() for _ in reqs]
+        self.assertEqual([status for status, _, _ in got], [429, 200, 200])
+
     def test_pipelined_in_order(self):
         reqs = []
         expect = []

@@ -216,6 +216,20 @@ class RespTest(unittest.TestCase):
         self.assertEqual(r.execute_command("SL.RELEASE", "t5", "upload", "u", a[5]), 0)
         self.assertEqual(r.execute_command("SL.TAKE", "t5", "upload", "u")[0], 1)
 
+    def test_pipelined_release_follows_earlier_takes(self):
+        """A release pipelined behind a take runs after it is decided (it once ran at once,
+        so the earlier take got the lease the later release freed)."""
+        r = self.client()
+        r.execute_command("SL.RULE", "SET", "ACTION", "t6", "job", "concurrency", "LIMIT", 1,
+                          "WINDOW", 3600)
+        lease = r.execute_command("SL.TAKE", "t6", "job", "u")[5]
+        p = r.pipeline(transaction=False)
+        p.execute_command("SL.TAKE", "t6", "job", "u")
+        p.execute_command("SL.RELEASE", "t6", "job", "u", lease)
+        p.execute_command("SL.TAKE", "t6", "job", "u")
+        first, released, last = p.execute()
+        self.assertEqual((first[0], released, last[0]), (0, 1, 1))
+
     def test_info_command_stats(self):
         r = self.client()
         info = r.info()
