@@ -575,10 +575,30 @@ static int login(sd_conn *c, const resp_arg *user, const resp_arg *pass)
     }
     if (user && !(user->len == 7 && memcmp(user->p, "default", 7) == 0))
         return 0;
-    if (!cfg->requirepass[0] || !secret_eq(cfg->requirepass, pass))
+    /* without --requirepass the default user has no password: any will do, as in Redis
+     * (AUTH <password> alone is refused by the caller, as Redis does) */
+    if (cfg->requirepass[0] && !secret_eq(cfg->requirepass, pass))
         return 0;
     st->authed = 1;
+    st->admin = 0; /* AUTH switches the user */
     return 1;
+}
+
+/* A client name as Redis takes it: printable ASCII without spaces ('!' to '~'), shorter
+ * than the room kept for it; empty clears the name. */
+static int name_ok(const resp_state *st, const resp_arg *n)
+{
+    if (n->len >= sizeof st->name)
+        return 0;
+    for (size_t i = 0; i < n->len; i++)
+        if (n->p[i] < '!' || n->p[i] > '~')
+            return 0;
+    return 1;
+}
+
+static void bad_name(resp_buf *o)
+{
+    resp_error(o, "ERR Client names cannot contain spaces, newlines or special characters.");
 }
 
 static void cmd_auth(sd_conn *c, const resp_cmd *m)
@@ -605,12 +625,12 @@ static void cmd_hello(sd_conn *c, const resp_cmd *m)
             return resp_error(o, "NOPROTO unsupported protocol version");
         i = 2;
     }
-    const resp_arg *setname = NULL;
+    /* Every option is checked before any takes effect: a refused HELLO changes nothing. */
+    const resp_arg *setname = NULL, *user = NULL, *pass = NULL;
     for (; i < m->argc; i++) {
         if (resp_arg_is(&m->argv[i], "AUTH") && i + 2 < m->argc) {
-            if (!login(c, &m->argv[i + 1], &m->argv[i + 2]))
-                return resp_error(o, "WRONGPASS invalid username-password pair or user is "
-                                     "disabled.");
+            user = &m->argv[i + 1];
+            pass = &m->argv[i + 2];
             i += 2;
         } else if (resp_arg_is(&m->argv[i], "SETNAME") && i + 1 < m->argc) {
             setname = &m->argv[++i];
@@ -619,12 +639,16 @@ static void cmd_hello(sd_conn *c, const resp_cmd *m)
                               (int)(m->argv[i].len > 32 ? 32 : m->argv[i].len), m->argv[i].p);
         }
     }
+    if (setname && !name_ok(st, setname))
+        return bad_name(o);
+    if (user && !login(c, user, pass))
+        return resp_error(o, "WRONGPASS invalid username-password pair or user is disabled.");
     if (c->srv->cfg.requirepass[0] && !st->authed)
         return resp_error(o, "NOAUTH HELLO must be called with the client already "
                              "authenticated, otherwise the HELLO <proto> AUTH <user> <pass> "
                              "option can be used to authenticate the client and select the "
                              "RESP protocol version at the same time");
-    if (setname && setname->len < sizeof st->name) {
+    if (setname) {
         memcpy(st->name, setname->p, setname->len);
         st->name_len = setname->len;
     }
@@ -658,9 +682,8 @@ static void cmd_client(sd_conn *c, const resp_cmd *m)
     const resp_arg *sub = &m->argv[1];
     if (resp_arg_is(sub, "SETNAME") && m->argc == 3) {
         const resp_arg *n = &m->argv[2];
-        if (n->len >= sizeof st->name || memchr(n->p, ' ', n->len) || memchr(n->p, '\n', n->len))
-            return resp_error(o, "ERR Client names cannot contain spaces, newlines or special "
-                                 "characters.");
+        if (!name_ok(st, n))
+            return bad_name(o);
         memcpy(st->name, n->p, n->len);
         st->name_len = n->len;
         return resp_simple(o, "OK");

@@ -443,6 +443,46 @@ class AuthTest(unittest.TestCase):
             self.assertTrue(r.execute_command("AUTH", "admin", "T0ken"))
             self.assertEqual(r.execute_command(*changes[0]), b"OK")
 
+    def test_refused_hello_logs_nobody_in(self):
+        """A HELLO refused for a later option changes nothing, as in Redis (it once logged the
+        client in before checking the rest); AUTH switches the user, so the default user's
+        AUTH after admin's drops admin's rights."""
+        with Sluiced("--admin-token", "adm", "--requirepass", "pw", http=False) as s:
+            out = raw(s.resp_port, b"HELLO 3 AUTH default pw BOGUS\r\nPING\r\n",
+                      expect=10_000, timeout=1)
+            self.assertTrue(out.startswith(b"-ERR syntax error in HELLO option 'BOGUS'"), out)
+            self.assertTrue(out.endswith(b"-NOAUTH Authentication required.\r\n"), out)
+            out = raw(s.resp_port, b"HELLO 3 AUTH admin adm SETNAME\r\n"
+                      b"SL.DEFAULT SET token_bucket LIMIT 7 RATE 1\r\n", expect=10_000,
+                      timeout=1)
+            self.assertTrue(out.startswith(b"-ERR syntax error in HELLO option 'SETNAME'"), out)
+            self.assertTrue(out.endswith(b"-NOAUTH Authentication required.\r\n"), out)
+            hello = [b"HELLO", b"2", b"AUTH", b"default", b"pw", b"SETNAME", b"a\tb"]
+            out = raw(s.resp_port, b"*7\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
+                                                         for a in hello) + b"PING\r\n",
+                      expect=10_000, timeout=1)
+            self.assertTrue(out.startswith(b"-ERR Client names cannot contain"), out)
+            self.assertTrue(out.endswith(b"-NOAUTH Authentication required.\r\n"), out)
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port, password="pw")
+            self.assertNotIn(b"LIMIT 7", r.execute_command("SL.DEFAULT", "GET"))
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port, username="admin", password="adm",
+                            single_connection_client=True)
+            self.assertEqual(r.execute_command("SL.WEIGHT", "SET", "t", "2"), b"OK")
+            self.assertTrue(r.execute_command("AUTH", "default", "pw"))
+            with self.assertRaises(redis.exceptions.NoPermissionError):
+                r.execute_command("SL.WEIGHT", "SET", "t", "3")
+            with self.assertRaisesRegex(redis.ResponseError, "invalid username-password"):
+                r.execute_command("AUTH", "admin", "wrong")  # a failed AUTH changes nothing
+            self.assertTrue(r.ping())
+            with self.assertRaises(redis.exceptions.NoPermissionError):
+                r.execute_command("SL.WEIGHT", "SET", "t", "3")
+        with Sluiced("--admin-token", "adm", http=False) as s:  # no --requirepass
+            r = redis.Redis(host="127.0.0.1", port=s.resp_port, single_connection_client=True)
+            self.assertTrue(r.execute_command("AUTH", "admin", "adm"))
+            self.assertTrue(r.execute_command("AUTH", "default", "anything"))  # nopass, as Redis
+            with self.assertRaises(redis.exceptions.NoPermissionError):
+                r.execute_command("SL.WEIGHT", "SET", "t", "3")
+
     def test_requirepass(self):
         with Sluiced("--requirepass", "s3cret", http=False) as s:
             r = redis.Redis(host="127.0.0.1", port=s.resp_port, socket_timeout=5)
