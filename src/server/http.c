@@ -407,7 +407,7 @@ static size_t http_feed(sd_conn *c)
 {
     http_state *st = c->state;
     size_t pos = 0;
-    int paused = 0;
+    int paused = 0, done = 0; /* done: requests completed in this call */
     c->ordered_wait = 0;
     if (st->deferred) { /* a complete request that waited for earlier decisions */
         if (c->items_waiting) {
@@ -437,6 +437,8 @@ static size_t http_feed(sd_conn *c)
             paused = 1; /* run again even with no input left: the message may end here */
             if (st->event == EV_HEADERS && headers_done(c, c->in_len - pos) != 0)
                 break;
+            if (st->event == EV_MESSAGE)
+                done++;
             if (st->event == EV_MESSAGE && c->items_waiting && after_decisions(st)) {
                 st->deferred = 1; /* its head and body stay in st until message_done */
                 c->ordered_wait = 1;
@@ -457,10 +459,7 @@ static size_t http_feed(sd_conn *c)
             parse_error(c, e);
         }
     }
-    if (!st->in_body && st->head_bytes == 0)
-        c->req_started_ms = 0;
-    else if (!c->req_started_ms)
-        c->req_started_ms = c->last_active_ms; /* the read that began it */
+    sd_conn_request_timer(c, done > 0, st->in_body || st->head_bytes > 0);
     return st->closing ? c->in_len : pos;
 }
 

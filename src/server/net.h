@@ -55,14 +55,28 @@ struct sd_conn {
     sd_item *items, *items_tail; /* requests whose replies are not written yet, in order */
     size_t items_waiting;        /* of those, how many are not decided yet */
     size_t lit_closed;           /* reply bytes in literal items that are no longer the tail */
-    int64_t req_started_ms;      /* HTTP: when the request being received began (0: none);
-                                    one that takes --idle-timeout is a slowloris */
+    int64_t req_started_ms;      /* when the request (or command) being received began, or
+                                    the last one completed before it (0: none); one that
+                                    takes --idle-timeout is a slowloris (sd_conn_request_timer) */
     int ordered_wait; /* feed stopped at a request that must see every earlier decision of
                          this connection (a rule change after a take): reading pauses, and
                          feed runs again once items_waiting is 0 */
     int dirty;                   /* on the scheduler's list of connections with new replies */
     sd_conn *dirty_next;
 };
+
+/* For a front end's feed, at its end: `completed`, whether a request (command) was completed
+ * in this call; `partial`, whether one that has not arrived whole is left. The timer runs
+ * from the read that began the partial request or completed the one before it, so a
+ * connection whose requests keep completing is never cut off, however its writes split
+ * them, while one that trickles a request in is (net.c, --idle-timeout). */
+static inline void sd_conn_request_timer(sd_conn *c, int completed, int partial)
+{
+    if (completed || !partial)
+        c->req_started_ms = 0;
+    if (partial && !c->req_started_ms)
+        c->req_started_ms = c->last_active_ms;
+}
 
 /* Run work(arg) on libuv's thread pool, then done(arg) on c's worker loop (for replies that
  * take long to build: the loop serves other connections meanwhile). -1 if it could not be

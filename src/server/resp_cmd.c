@@ -924,12 +924,15 @@ static size_t resp_feed(sd_conn *c)
     resp_state *st = c->state;
     size_t pos = 0;
     resp_cmd *m = &t_cmd;
+    int partial = 0; /* stopped inside a command that has not arrived whole */
     c->ordered_wait = 0;
     while (c->items_waiting < SD_PIPELINE_MAX && sd_conn_reply_bytes(c) < SD_REPLY_HIGH) {
         const char *err = NULL;
         long n = resp_parse(c->in + pos, c->in_len - pos, m, &err);
-        if (n == RESP_NEED_MORE)
+        if (n == RESP_NEED_MORE) {
+            partial = pos < c->in_len;
             break;
+        }
         if (n == RESP_ERROR) {
             resp_error(sd_reply_buf(c), "ERR %s", err);
             atomic_fetch_add(&c->srv->m.resp_protocol_errors, 1);
@@ -958,6 +961,7 @@ static size_t resp_feed(sd_conn *c)
             break;
         }
     }
+    sd_conn_request_timer(c, pos > 0, partial);
     return pos;
 }
 

@@ -988,6 +988,29 @@ class SlowRequest(unittest.TestCase):
             slow.close()
             self.assertEqual(raw_status(s.http_port, "t"), 200)
 
+    def test_steady_pipeline_is_not_cut_off(self):
+        """Requests that keep completing are not a request trickling in, even when every write
+        ends in the middle of the next one (the timer once ran from the first partial
+        request, however many completed after it)."""
+        with Sluiced("--threads", 1, "--idle-timeout", 1, resp=False) as s:
+            one = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=5) as c:
+                sent, end = 0, time.monotonic() + 3
+                while time.monotonic() < end:  # 3 s: three timeouts' worth
+                    c.sendall(one[10:] + one[:10] if sent else one[:10])
+                    sent += 1
+                    time.sleep(0.05)
+                c.sendall(one[10:])
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    d = c.recv(65536)
+                    if not d:
+                        break
+                    got += d
+            self.assertEqual(got.count(b"HTTP/1.1 200"), sent, s.log())
+            self.assertNotIn("request not complete", s.log())
+
 
 def raw_status(port, tenant):
     body = json.dumps({"tenant_id": tenant, "client_id": "c", "action_type": "a"})

@@ -500,6 +500,48 @@ class AuthTest(unittest.TestCase):
             self.assertTrue(out.endswith(b"+PONG\r\n"), out)
 
 
+class SlowCommandTest(unittest.TestCase):
+    def test_command_trickling_in_is_cut_off(self):
+        """A command arriving a byte now and then keeps its connection active, so the idle
+        timeout alone never closes it: one not complete within --idle-timeout is (as on
+        HTTP; RESP once had no such timer)."""
+        with Sluiced("--threads", 1, "--idle-timeout", 2, http=False) as s:
+            slow = socket.create_connection(("127.0.0.1", s.resp_port), timeout=5)
+            slow.sendall(b"*2\r\n$4\r\nECHO\r\n$1000\r\n")
+            closed = False
+            end = time.monotonic() + 6
+            while time.monotonic() < end and not closed:
+                try:
+                    slow.sendall(b"x")
+                    time.sleep(0.4)
+                except OSError:
+                    closed = True
+            self.assertIn("request not complete after 2 s", s.log())
+            slow.close()
+            self.assertTrue(redis.Redis(host="127.0.0.1", port=s.resp_port).ping())
+
+    def test_steady_pipeline_is_not_cut_off(self):
+        """Commands that keep completing are not a command trickling in, even when every
+        write ends in the middle of the next one."""
+        with Sluiced("--threads", 1, "--idle-timeout", 1, http=False) as s:
+            one = b"*1\r\n$4\r\nPING\r\n"
+            with socket.create_connection(("127.0.0.1", s.resp_port), timeout=5) as c:
+                sent, end = 0, time.monotonic() + 3
+                while time.monotonic() < end:  # 3 s: three timeouts' worth
+                    c.sendall(one[5:] + one[:5] if sent else one[:5])
+                    sent += 1
+                    time.sleep(0.05)
+                c.sendall(one[5:] + b"QUIT\r\n")
+                got = b""
+                while True:
+                    d = c.recv(65536)
+                    if not d:
+                        break
+                    got += d
+            self.assertEqual(got.count(b"+PONG"), sent, s.log())
+            self.assertNotIn("request not complete", s.log())
+
+
 class ProcessTest(unittest.TestCase):
     def test_flags(self):
         code, out, err = run_sluiced("--help")
