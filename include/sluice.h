@@ -194,7 +194,9 @@ typedef struct sl_decision {
     int64_t delay;        /* leaky_bucket: ns until the admitted request may proceed; else 0 */
     double tokens;        /* exact (fractional) units left of the reported limit */
     double reserve;       /* burst_reserve: reserve units left; else 0 */
-    uint64_t lease;       /* concurrency: the lease acquired (0 when none) */
+    uint64_t lease;       /* concurrency: the lease acquired (0 when none); ids grow from the
+                             wall clock in µs at sl_open, so a restarted limiter does not
+                             hand out an id again */
     unsigned limit_index; /* which limit of the policy is reported (the most restrictive) */
     sl_algorithm algorithm;
     int64_t window;       /* ns: the reported limit's window or refill period (for headers) */

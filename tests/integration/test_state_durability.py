@@ -91,6 +91,27 @@ class StateDurabilityTest(unittest.TestCase):
             self.assertEqual(r.execute_command("SL.TAKE", "t", "win", "half")[2], 3)
             self.assertIn("state: loaded", s.log())
 
+    def test_lease_ids_not_reissued_after_kill_9(self):
+        """A lease taken after the last snapshot is lost by kill -9 (the crash hands back
+        what one interval consumed), but its id must not be handed out again: the old
+        holder's late release would free the new holder's lease (ids once restarted at 1)."""
+        s = self.srv("--snapshot-interval", 0).start()
+        r = rcli(s)
+        r.execute_command("SL.RULE", "SET", "ACTION", "acme", "job", "concurrency", "LIMIT", 2,
+                          "WINDOW", 3600)
+        self.assertTrue(r.execute_command("SL.SAVE"))
+        a = r.execute_command("SL.TAKE", "acme", "job", "w")
+        self.assertEqual(a[0], 1)
+        s.stop(signal.SIGKILL)
+        with self.srv() as s:
+            r = rcli(s)
+            b = r.execute_command("SL.TAKE", "acme", "job", "w")
+            self.assertEqual(b[0], 1)
+            self.assertNotEqual(b[5], a[5])
+            self.assertEqual(r.execute_command("SL.RELEASE", "acme", "job", "w", a[5]), 0)
+            self.assertEqual(r.execute_command("SL.TAKE", "acme", "job", "w")[0], 1)
+            self.assertEqual(r.execute_command("SL.TAKE", "acme", "job", "w")[0], 0)
+
     def test_save_on_demand(self):
         with self.srv("--snapshot-interval", 0, "--admin-token", "tok") as s:
             r = rcli(s)

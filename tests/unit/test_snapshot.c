@@ -573,22 +573,23 @@ static void test_corrupt_inputs_change_nothing(void **st)
     struct {
         size_t at;
         unsigned char val;
+        size_t len; /* bytes from `at` set to val */
     } forged[] = {
-        {log_state + 8, 5},      /* sliding_log ring head = 5, not below the limit 5 */
-        {log_state + 12, 6},     /* sliding_log holds 6 timestamps of at most 5 */
-        {log_state + 7, 0x80},   /* sliding_log `last` negative */
-        {conc_state + 16, 9},    /* concurrency: total weight does not match its leases */
-        {conc_state + 24, 0},    /* concurrency: lease id 0 */
-        {conc_state + 31, 0x40}, /* concurrency: lease id >= 2^62 (new ids would wrap) */
-        {log + 2 + 7, 0},        /* a policy of 0 limits */
-        {log + 2 + 7 + 1, 42},   /* an unknown algorithm */
-        {log + 2 + 7 + 1 + 33, 0x40}, /* a state length that is not the policy's (56) */
-        {log + 2, 5},            /* key: tenant and action longer than the key */
-        {log + 3, 4},            /* key: no client left */
+        {log_state + 8, 5, 1},      /* sliding_log ring head = 5, not below the limit 5 */
+        {log_state + 12, 6, 1},     /* sliding_log holds 6 timestamps of at most 5 */
+        {log_state + 7, 0x80, 1},   /* sliding_log `last` negative */
+        {conc_state + 16, 9, 1},    /* concurrency: total weight does not match its leases */
+        {conc_state + 24, 0, 8},    /* concurrency: lease id 0 */
+        {conc_state + 31, 0x40, 1}, /* concurrency: lease id >= 2^62 (new ids would wrap) */
+        {log + 2 + 7, 0, 1},        /* a policy of 0 limits */
+        {log + 2 + 7 + 1, 42, 1},   /* an unknown algorithm */
+        {log + 2 + 7 + 1 + 33, 0x40, 1}, /* a state length that is not the policy's (56) */
+        {log + 2, 5, 1},            /* key: tenant and action longer than the key */
+        {log + 3, 4, 1},            /* key: no client left */
     };
     for (size_t f = 0; f < sizeof forged / sizeof *forged; f++) {
         memcpy(bad, good, n);
-        bad[forged[f].at] = forged[f].val;
+        memset(bad + forged[f].at, forged[f].val, forged[f].len);
         reseal(bad, n);
         assert_int_equal(load_bytes(b, bad, n), SL_ESNAPSHOT);
     }
