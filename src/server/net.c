@@ -184,7 +184,7 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
     buf->len = k->in_buf ? c->in_cap - k->in_off - c->in_len : 0; /* 0: UV_ENOBUFS */
 }
 
-static void flush(conn *k);
+static void flush(conn *k, int resume);
 
 static void read_again(conn *k)
 {
@@ -200,7 +200,12 @@ static void kick(conn *k)
 {
     sd_conn *c = &k->c;
     /* a few rounds: parsing stops at SD_REPLY_HIGH unwritten reply bytes, and a write that
-     * the socket takes at once makes room for more of the input already read */
+     * the socket takes at once makes room for more of the input already read. If input is
+     * left after the last round, its replies go out through uv_write even when the socket
+     * could take them now, so that on_written comes back here on the loop's next turn
+     * (other connections are served meanwhile): nothing else would, and a pipeline of
+     * immediate replies (INFO, GET /api/config) stalled until the client sent more. With no
+     * reply to write, parsing waits for an undecided item (on_ready) or for more input. */
     for (int round = 0; round < 16; round++) {
         if (k->closing || k->writing || k->draining_since)
             return;
@@ -209,7 +214,7 @@ static void kick(conn *k)
         /* input to parse; or, for a request waiting on earlier decisions, none undecided */
         if (!c->close_after_write && (c->ordered_wait ? !c->items_waiting : c->in_len != 0))
             process_input(k);
-        flush(k);
+        flush(k, round == 15 && c->in_len != 0);
         if (k->closing || k->writing || c->in_len == 0 || c->in_len == before)
             break;
     }
@@ -233,8 +238,9 @@ static void on_written(uv_write_t *req, int status)
     read_again(k);
 }
 
-/* Write everything in c->out. After the last reply of a connection asked to close: close. */
-static void flush(conn *k)
+/* Write everything in c->out. After the last reply of a connection asked to close: close.
+ * resume: all of it through uv_write, so that on_written comes (see kick). */
+static void flush(conn *k, int resume)
 {
     sd_conn *c = &k->c;
     if (c->out.oom) {
@@ -245,7 +251,7 @@ static void flush(conn *k)
     }
     if (c->out.len) {
         uv_buf_t b = uv_buf_init(c->out.p, (unsigned)c->out.len);
-        int n = uv_try_write((uv_stream_t *)&k->tcp, &b, 1);
+        int n = resume ? 0 : uv_try_write((uv_stream_t *)&k->tcp, &b, 1);
         if (n == UV_EAGAIN)
             n = 0;
         if (n < 0) {

@@ -935,6 +935,35 @@ class Backpressure(unittest.TestCase):
             for h in hogs:
                 h.close()
 
+    def test_pipeline_of_immediate_replies_is_answered_whole(self):
+        """1,000 GET /api/config of ~16 KB each in one write (~16 MB of replies answered at
+        once) all come back with nothing more sent. The worker takes up buffered input in
+        bounded turns; after the last one it used to wait for another read or write, and the
+        rest of the pipeline stalled until the client sent something else."""
+        n = 1000
+        with Sluiced("--threads", 1, resp=False) as s:
+            conn = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=TIMEOUT)
+            for t in range(100):  # a configuration of some size
+                conn.request("PUT", f"/api/config/tenant/big{t}/action/a",
+                             body=json.dumps(bucket(10)))
+                r = conn.getresponse()
+                self.assertEqual(r.status, 200, r.read())
+                r.read()
+            conn.close()
+            with connect(s.http_port) as h:
+                h.sendall(request("GET", "/api/config") * n)
+                r, got = Reader(h), 0
+                deadline = time.monotonic() + TIMEOUT
+                try:
+                    while got < n and time.monotonic() < deadline:
+                        status, _, body = r.response()
+                        self.assertEqual(status, 200)
+                        self.assertGreater(len(body), 10000)
+                        got += 1
+                except socket.timeout:
+                    pass
+                self.assertEqual(got, n)
+
 
 class ScrapeOffTheLoop(unittest.TestCase):
     def test_scrape_does_not_hold_up_other_connections(self):

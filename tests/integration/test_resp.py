@@ -327,6 +327,36 @@ class RespTest(unittest.TestCase):
                 s.sendall(bytes([b]))
             self.assertEqual(s.recv(100), b"$3\r\nabc\r\n")
 
+    def test_pipeline_of_immediate_replies_is_answered_whole(self):
+        """10,000 INFOs in one write (~5 MB of replies, none waiting on a decision) are all
+        answered with nothing more sent. The worker takes up buffered input in bounded turns;
+        after the last one it used to wait for another read or write, and ~8,300 replies in
+        the pipeline stalled until the client sent something else."""
+        n = 10000
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"INFO\r\n" * n)
+            buf, pos, got = bytearray(), 0, 0
+            deadline = time.monotonic() + 10
+            while got < n and time.monotonic() < deadline:
+                try:
+                    chunk = s.recv(1 << 20)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+                while True:  # count whole bulk replies: $<len>\r\n<len bytes>\r\n
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        break
+                    self.assertEqual(buf[pos:pos + 1], b"$", bytes(buf[pos:pos + 40]))
+                    end = eol + 2 + int(buf[pos + 1:eol]) + 2
+                    if end > len(buf):
+                        break
+                    pos, got = end, got + 1
+            self.assertEqual(got, n)
+            self.assertEqual(pos, len(buf))
+
     def test_redis_cli(self):
         cli = shutil.which("redis-cli")
         if not cli:
