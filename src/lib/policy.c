@@ -176,16 +176,11 @@ void sl_rules_free(void *p)
 
 /* ---- key encoding ------------------------------------------------------------------------ */
 
-static size_t norm_default(const char *s, size_t len)
-{
-    return (len == 7 && memcmp(s, "default", 7) == 0) ? 0 : len;
-}
-
 size_t sl_key_encode(char *buf, const char *t, size_t tl, const char *a, size_t al,
                      const char *c, size_t cl)
 {
-    tl = tl ? norm_default(t, tl) : 0;
-    al = al ? norm_default(a, al) : 0;
+    tl = sl_norm_default(t, tl);
+    al = sl_norm_default(a, al);
     buf[0] = (char)(unsigned char)tl;
     buf[1] = (char)(unsigned char)al;
     sl_copy(buf + 2, t, tl);

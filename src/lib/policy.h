@@ -11,6 +11,7 @@
 
 #include <stdatomic.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "algo.h"
 #include "sluice.h"
@@ -67,6 +68,13 @@ typedef struct sl_rules {
 } sl_rules;
 
 void sl_rules_free(void *rules); /* drops the snapshot's references */
+
+/* The length of tenant or action id s[0..len) as keys hold it: "default" and "" are the same
+ * id, both of length 0. (Also how sluiced names the default tenant's weight and queue.) */
+static inline size_t sl_norm_default(const char *s, size_t len)
+{
+    return len == 7 && memcmp(s, "default", 7) == 0 ? 0 : len;
+}
 
 /* Encoding of (tenant, action, client) used by the table and the rule maps:
  * [tenant_len][action_len][tenant][action][client], with "default" normalised to "". */

@@ -10,6 +10,7 @@
 #include "metrics.h"
 #include "mono.h"
 #include "net.h"
+#include "policy.h"
 
 #define BATCH 64            /* requests decided per sl_take_batch call */
 #define RUN_MAX 512        /* requests decided per sd_sched_run: the loop must go on reading */
@@ -17,6 +18,10 @@
 #define WEIGHT_MAX 1000
 
 /* ---- tenant weights (process-wide, read-mostly) ------------------------------------------ */
+
+/* Weights and queues are keyed by the tenant id as the limiter keys it: "default" and "" are
+ * one tenant (sl_norm_default), with one weight and, per worker, one queue. Every way in
+ * (sd_weight_set, sd_weight_get, tenant_queue) normalises, so callers need not. */
 
 typedef struct weight_ent {
     struct weight_ent *next;
@@ -45,6 +50,7 @@ int sd_weight_set(sd_admission *a, const char *tenant, size_t len, unsigned weig
 {
     if (weight < 1 || weight > WEIGHT_MAX || len > SL_MAX_ID_LEN)
         return -1;
+    len = sl_norm_default(tenant, len);
     pthread_mutex_lock(&g_wlock);
     weight_ent **pp = &g_weights;
     while (*pp && !((*pp)->len == len && memcmp((*pp)->name, tenant, len) == 0))
@@ -77,6 +83,7 @@ unsigned sd_weight_get(sd_admission *a, const char *tenant, size_t len)
 {
     (void)a;
     unsigned w = 1;
+    len = sl_norm_default(tenant, len);
     pthread_mutex_lock(&g_wlock);
     for (weight_ent *e = g_weights; e; e = e->next)
         if (e->len == len && memcmp(e->name, tenant, len) == 0)
@@ -230,6 +237,7 @@ static void grow(sd_sched *s)
 
 static sd_tq *tenant_queue(sd_sched *s, const char *name, size_t len)
 {
+    len = sl_norm_default(name, len);
     uint64_t h = name_hash(name, len);
     for (sd_tq *q = s->tab[h & (s->nbuckets - 1)]; q; q = q->hnext)
         if (q->hash == h && q->nlen == len && memcmp(q->name, name, len) == 0)

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "policy.h"
 #include "policy_text.h"
 #include "server.h"
 
@@ -80,8 +81,8 @@ static void pct(char *buf, size_t *pos, const char *p, size_t n)
 
 static void seg(char *buf, size_t *pos, const char *p, size_t n, int norm_default)
 {
-    if (norm_default && n == 7 && memcmp(p, "default", 7) == 0)
-        n = 0; /* "default" and "" are the same tenant or action */
+    if (norm_default)
+        n = sl_norm_default(p, n); /* "default" and "" are the same tenant or action */
     buf[(*pos)++] = '/';
     pct(buf, pos, p, n);
 }
@@ -120,7 +121,7 @@ static void weight_key(char *buf, const char *tenant, size_t len)
 {
     size_t pos = 6;
     memcpy(buf, "weight", 7);
-    seg(buf, &pos, tenant, len, 0);
+    seg(buf, &pos, tenant, len, 1);
 }
 
 /* Decode one '/'-separated segment starting at *p; advances *p past it. -1 if malformed. */
@@ -912,13 +913,20 @@ static int check_items(const json_t *items, const char *prefix, const char *path
 
 /* The checked `items` (from `path`; the reference is taken) with every key in the server's own
  * form, so that a change or deletion made through the API finds an item however the file
- * spelled it. Two spellings of one item are refused. NULL with err set. */
+ * spelled it. Two spellings of one item are refused, but for one case: an older sluiced
+ * kept the default tenant's weight under "weight/" and "weight/default" as two tenants, and
+ * its config.json may hold both. They are one item now, and the "default" spelling wins,
+ * wherever it is in the file: it is the one the API showed (GET .../tenant/default/weight)
+ * and the one an operator sets on purpose (the empty id needs "//" or ""), and, as files are
+ * written with sorted keys, the later of the two. The other is dropped with a warning, and
+ * the next change rewrites the file without it. NULL with err set. */
 static json_t *canonical_items(json_t *items, const char *prefix, const char *path, char *err,
                                size_t errlen)
 {
     json_t *out = json_object();
     const char *key;
     json_t *v;
+    const char *dflt_weight = NULL; /* the key of the "default" spelling of weight/, if any */
     json_object_foreach(items, key, v)
     {
         parsed x;
@@ -927,7 +935,16 @@ static json_t *canonical_items(json_t *items, const char *prefix, const char *pa
             break;
         parse_key(key, &x); /* checked already */
         canonical_key(key, &x, ck);
-        if (json_object_get(out, ck)) {
+        if (x.kind == I_WEIGHT && ck[7] == 0 && (x.al != 0) == (dflt_weight == NULL) &&
+            json_object_get(out, ck)) {
+            /* "weight/" and a "default" spelling, in either order: keep the latter's value */
+            const char *used = x.al ? key : dflt_weight;
+            sd_warn("%s%s: items \"weight/\" and \"%s\" are one (the default tenant's "
+                    "weight, written two ways by an older sluiced): \"%s\" is used",
+                    prefix, path, used, used);
+            if (!x.al)
+                continue;
+        } else if (json_object_get(out, ck)) {
             char where[700];
             sd_file_where(where, sizeof where, prefix, path, 2, key);
             snprintf(err, errlen, "%s: item \"%s\": the same item as \"%s\", written another way",
@@ -936,6 +953,8 @@ static json_t *canonical_items(json_t *items, const char *prefix, const char *pa
             json_decref(items);
             return NULL;
         }
+        if (x.kind == I_WEIGHT && x.al != 0 && ck[7] == 0)
+            dflt_weight = key;
         if (json_object_set(out, ck, v) != 0) {
             json_decref(out);
             out = NULL;

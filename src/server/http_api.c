@@ -24,6 +24,7 @@
 #include "http_api.h"
 
 #include "config.h"
+#include "policy.h"
 #include "server.h"
 #include "state.h"
 
@@ -1267,13 +1268,9 @@ static void h_global(ctx *x, int method)
 
 static int same_tenant(const sl_key *k, const char *t, size_t tl)
 {
-    size_t kl = k->tenant_len;
-    const char *kt = k->tenant;
-    if (kl == 7 && memcmp(kt, "default", 7) == 0)
-        kl = 0;
-    if (tl == 7 && memcmp(t, "default", 7) == 0)
-        tl = 0;
-    return kl == tl && memcmp(kt, t, tl) == 0;
+    size_t kl = sl_norm_default(k->tenant, k->tenant_len);
+    tl = sl_norm_default(t, tl);
+    return kl == tl && memcmp(k->tenant, t, tl) == 0;
 }
 
 static int tenant_rule_item(void *arg, sl_scope scope, const sl_key *k, const sl_policy *p)

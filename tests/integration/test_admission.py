@@ -132,6 +132,40 @@ class AdmissionTest(unittest.TestCase):
             self.r.execute_command("SL.ADMISSION", "SET", "max_tenant_queue_size", 100000001)
 
 
+class DefaultTenantTest(unittest.TestCase):
+    def test_default_tenant_has_one_queue_and_one_weight(self):
+        """"default" and "" are one tenant: one weight (SL.WEIGHT, either spelling) and one
+        admission queue. Eight takes of one key pipelined in one write, four spelt "default"
+        then four "", wait together and are decided in the order sent, so the first four
+        pass. With two queues the round-robin took one from each in turn: the first two of
+        each spelling passed."""
+        with Sluiced("--threads", 1, http=False) as srv:
+            r = redis.Redis(host="127.0.0.1", port=srv.resp_port, socket_timeout=10)
+            r.execute_command("SL.WEIGHT", "SET", "default", 3)
+            self.assertEqual(r.execute_command("SL.WEIGHT", "GET", ""), 3)
+            r.execute_command("SL.WEIGHT", "SET", "", 4)
+            self.assertEqual(r.execute_command("SL.WEIGHT", "GET", "default"), 4)
+            self.assertEqual(r.execute_command("SL.WEIGHT", "LIST"), [[b"", 4]])
+            r.execute_command("SL.WEIGHT", "SET", "default", 1)  # one request per turn
+            self.assertEqual(r.execute_command("SL.WEIGHT", "LIST"), [])
+            r.execute_command("SL.RULE", "SET", "ACTION", "default", "q", "token_bucket",
+                              "LIMIT", 4, "RATE", 0.001)
+
+            def take(t):
+                return b"*4\r\n$7\r\nSL.TAKE\r\n$%d\r\n%s\r\n$1\r\nq\r\n$1\r\nc\r\n" % (
+                    len(t), t)
+
+            with socket.create_connection(("127.0.0.1", srv.resp_port), timeout=10) as s:
+                s.sendall(take(b"default") * 4 + take(b"") * 4)
+                data = b""
+                while data.count(b"*7\r\n") < 8:
+                    chunk = s.recv(65536)
+                    self.assertTrue(chunk, data)
+                    data += chunk
+            allowed = [int(x) for x in re.findall(rb"\*7\r\n:(\d+)\r\n", data)]
+            self.assertEqual(allowed, [1, 1, 1, 1, 0, 0, 0, 0])
+
+
 def admission(r):
     a = r.execute_command("SL.ADMISSION", "GET")
     return dict(zip(a[0::2], a[1::2]))

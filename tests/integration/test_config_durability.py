@@ -171,6 +171,70 @@ class ConfigDurabilityTest(unittest.TestCase):
         finally:
             os.unlink(cfg)
 
+    def test_default_tenant_weight_is_one_item(self):
+        """The default tenant's weight, set as "default" or as "", is one item: one entry in
+        config.json ("weight/", as rules write the default tenant), the same after a restart,
+        from either front end."""
+        with Sluiced("--data-dir", self.dir) as s:
+            r = rcli(s)
+            r.execute_command("SL.WEIGHT", "SET", "default", 5)
+            self.assertEqual(hreq(s, "PUT", "/api/config/tenant//weight", {"weight": 7}),
+                             (200, {"tenant_id": "default", "weight": 7}))
+            self.assertEqual(r.execute_command("SL.WEIGHT", "GET", "default"), 7)
+        with open(os.path.join(self.dir, "config.json")) as f:
+            self.assertEqual(json.load(f)["items"], {"weight/": 7})
+        with Sluiced("--data-dir", self.dir) as s:
+            r = rcli(s)
+            for t in ("default", ""):
+                self.assertEqual(r.execute_command("SL.WEIGHT", "GET", t), 7)
+                self.assertEqual(hreq(s, "GET", "/api/config/tenant/%s/weight" % t)[1],
+                                 {"tenant_id": "default", "weight": 7})
+            self.assertEqual(r.execute_command("SL.WEIGHT", "LIST"), [[b"", 7]])
+            self.assertEqual(hreq(s, "GET", "/api/config")[1]["tenant_weights"], {"default": 7})
+            r.execute_command("SL.WEIGHT", "SET", "", 1)  # back to the default: no item
+        with open(os.path.join(self.dir, "config.json")) as f:
+            self.assertEqual(json.load(f)["items"], {})
+
+    def test_old_file_with_two_default_tenant_weights(self):
+        """An older sluiced kept "weight/" and "weight/default" apart and may have written
+        both. Such a file still loads, as one weight: the "default" spelling's (wherever it
+        is in the file), with a warning; the next change writes the file without the other.
+        In --config too. Two spellings of "default" stay refused, like any item's."""
+        path = os.path.join(self.dir, "config.json")
+        with open(path, "w") as f:  # as the old version wrote it: sorted keys
+            f.write('{\n "items": {\n  "weight/": 7,\n  "weight/acme": 2,\n'
+                    '  "weight/default": 5\n },\n "sluice_config": 1\n}\n')
+        with Sluiced("--data-dir", self.dir) as s:
+            r = rcli(s)
+            for t in ("default", ""):
+                self.assertEqual(r.execute_command("SL.WEIGHT", "GET", t), 5)
+            self.assertEqual(r.execute_command("SL.WEIGHT", "GET", "acme"), 2)
+            self.assertEqual(hreq(s, "GET", "/api/config")[1]["tenant_weights"],
+                             {"default": 5, "acme": 2})
+            self.assertIn('"weight/default" is used', s.log())
+            r.execute_command("SL.WEIGHT", "SET", "acme", 3)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["items"], {"weight/": 5, "weight/acme": 3})
+        os.unlink(path)
+        cfg = os.path.join(self.dir, "..", os.path.basename(self.dir) + ".json")
+        try:
+            for text, want in (('{"items": {"weight/default": 3, "weight/": 9}}', 3),
+                               ('{"items": {"weight/": 9, "weight/d%65fault": 4}}', 4),
+                               ('{"items": {"weight/": null, "weight/default": 6}}', 6)):
+                with open(cfg, "w") as f:
+                    f.write(text)
+                with Sluiced("--config", cfg) as s:
+                    self.assertEqual(rcli(s).execute_command("SL.WEIGHT", "GET", ""), want, text)
+                    self.assertEqual(hreq(s, "GET", "/api/config")[1]["tenant_weights"],
+                                     {"default": want})
+            with open(cfg, "w") as f:
+                f.write('{"items": {"weight/default": 3,\n "weight/d%65fault": 4}}')
+            code, _, err = run_sluiced("--config", cfg, "--resp-port", 0, "--http-port", 1)
+            self.assertEqual(code, 2, err)
+            self.assertIn('line 2, column 2: item "weight/d%65fault": the same item', err)
+        finally:
+            os.unlink(cfg)
+
     def test_kill_9_during_writes(self):
         """Dozens of times: a stream of acknowledged rule changes, kill -9 at a random moment,
         restart: every acknowledged change is there, and the file is whole."""

@@ -605,6 +605,40 @@ class GlobalConfig(HttpCase):
             self.assertEqual(self.ok("GET", "/api/config/global"), before)
 
 
+class DefaultTenantWeight(HttpCase):
+    """A server of its own: these tests change the default tenant's weight."""
+
+    def test_default_tenant_has_one_weight(self):
+        """"default" and "" are one tenant (as for rules): one weight, whichever spelling sets
+        or reads it, and one entry in GET /api/config (there were two, under one JSON key)."""
+        url = "/api/config/tenant/%s/weight"
+        self.assertEqual(self.ok("PUT", url % "default", {"weight": 5}),
+                         {"tenant_id": "default", "weight": 5})
+        self.assertEqual(self.ok("GET", url % ""), {"tenant_id": "default", "weight": 5})
+        self.assertEqual(self.ok("PUT", url % "", {"weight": 7}),
+                         {"tenant_id": "default", "weight": 7})
+        for t in ("default", "", "d%65fault"):
+            self.assertEqual(self.ok("GET", url % t), {"tenant_id": "default", "weight": 7}, t)
+
+        def weights():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+            conn.request("GET", "/api/config")
+            text = conn.getresponse().read()
+            conn.close()
+            # the members as sent: a repeated key would vanish in a dict
+            doc = json.loads(text, object_pairs_hook=lambda pairs: pairs)
+            return dict(doc)["tenant_weights"]
+
+        self.assertEqual(weights(), [("default", 7)])
+        self.ok("DELETE", url % "default")
+        self.assertEqual(self.ok("GET", url % ""), {"tenant_id": "default", "weight": 1})
+        self.assertEqual(weights(), [])
+        # other tenants are not folded in
+        self.ok("PUT", url % "defaults", {"weight": 2})
+        self.assertEqual(self.ok("GET", url % "default")["weight"], 1)
+        self.ok("DELETE", url % "defaults")
+
+
 class Auth(HttpCase):
     server_args = ("--admin-token", "s3cret-token")
 
