@@ -933,9 +933,9 @@ static void h_status(ctx *x, int method)
         int f = nl == 12 && memcmp(p, "max_requests", 12) == 0              ? 0
                 : nl == 23 && memcmp(p, "window_duration_seconds", 23) == 0 ? 1
                                                                             : -1;
-        char num[32];
         size_t vl = eq ? (size_t)(e - eq - 1) : 0;
-        char *stop = num;
+        json_error_t je;
+        json_t *jv = NULL;
         if (nl == 0 && !eq) { /* "a&&b" or a trailing '&' */
             p = e + 1;
             continue;
@@ -946,15 +946,23 @@ static void h_status(ctx *x, int method)
         if (have[f])
             return reply_error(x, 400, NULL, "query parameter \"%s\" given twice",
                                f ? "window_duration_seconds" : "max_requests");
-        if (vl > 0 && vl < sizeof num) {
-            memcpy(num, eq + 1, vl);
-            num[vl] = 0;
-            v[f] = strtod(num, &stop);
+        /* a number as a body writes it, read by the body's parser (JSON's grammar: no hex,
+         * leading zero or '+', inf or nan; out of range is an error), then checked as a
+         * body's is (inline_policy) */
+        size_t ok = 0;
+        while (ok < vl && memchr("0123456789+-.eE", eq[1 + ok], 15))
+            ok++;
+        je.text[0] = 0;
+        if (vl > 0 && ok == vl)
+            jv = json_loadb(eq + 1, vl, JSON_DECODE_ANY, &je);
+        if (!json_is_number(jv)) {
+            json_decref(jv);
+            return reply_error(x, 400, NULL, "query parameter \"%s\" must be a number%s%s",
+                               f ? "window_duration_seconds" : "max_requests",
+                               je.text[0] ? ": " : "", je.text);
         }
-        if (vl == 0 || vl >= sizeof num || *stop || stop == num || !isfinite(v[f]) ||
-            !(num[0] >= '0' && num[0] <= '9'))
-            return reply_error(x, 400, NULL, "query parameter \"%s\" must be a number",
-                               f ? "window_duration_seconds" : "max_requests");
+        v[f] = json_number_value(jv);
+        json_decref(jv);
         have[f] = 1;
         p = e + 1;
     }

@@ -329,7 +329,8 @@ class Endpoints(HttpCase):
         self.assertEqual((data["limit"], data["remaining_requests"]), (5, 5))
         for query, msg in (("?max_requests=100", '"window_duration_seconds" is required'),
                            ("?max_requests=x&window_duration_seconds=1", "must be a number"),
-                           ("?max_requests=-1&window_duration_seconds=1", "must be a number"),
+                           ("?max_requests=-1&window_duration_seconds=1",  # as in a body
+                            "max_requests/window_duration_seconds: invalid policy"),
                            ("?max_requests=0&window_duration_seconds=1", "max_requests"),
                            ("?max_requests=5&window_duration_seconds=0", "must be > 0"),
                            ("?max_requests=5&max_requests=6&window_duration_seconds=1",
@@ -337,6 +338,33 @@ class Endpoints(HttpCase):
                            ("?limit=5", 'unknown query parameter "limit"')):
             self.error("GET", "/api/status/inl/c/a" + query, contains=msg)
         self.assertEqual(self.ok("GET", "/api/status/inl/c/a" + q)["remaining_requests"], 97)
+
+    def test_status_query_numbers_as_a_body_writes_them(self):
+        """The query's numbers are read as a body's are (JSON's number grammar, the same
+        range checks): what a body refuses is a 400 naming the parameter, not another limit
+        (strtod read 0x10 as 16 and 010 as 10)."""
+        url = "/api/status/qnum/c/a?max_requests=%s&window_duration_seconds=%s"
+        for bad in ("0x10", "010", "00", "+5", "5.", ".5", "1.e2", "inf", "nan", "-inf",
+                    "Infinity", "1e400", "", "1e", "--1", "5%20", "0x1p3", "true", '"5"'):
+            self.error("GET", url % (bad, 60),
+                       contains='query parameter "max_requests" must be a number')
+            self.error("GET", url % (60, bad),
+                       contains='query parameter "window_duration_seconds" must be a number')
+            body = ('{"tenant_id": "qnum", "client_id": "c", "action_type": "a", '
+                    '"max_requests": %s, "window_duration_seconds": 60}' % bad)
+            self.assertEqual(self.call("POST", "/api/check_and_consume", body)[0], 400, bad)
+        self.error("GET", "/api/status/qnum/c/a?max_requests=0x10&window_duration_seconds=010",
+                   contains='"max_requests"')
+        self.error("GET", "/api/status/qnum/c/a?max_requests=16&window_duration_seconds=010",
+                   contains='"window_duration_seconds"')
+        # a number a body takes is taken: the same key, the same limit
+        for good, limit in (("16", 16), ("16.0", 16), ("1.6e1", 16), ("160E-1", 16),
+                            ("1e+1", 10), ("0.5e2", 50)):
+            data = self.ok("GET", url % (good, "6e1"))
+            self.assertEqual((data["limit"], data["remaining_requests"]), (limit, limit), good)
+        self.check("qnum", "c", "a", max_requests=16, window_duration_seconds=60)
+        data = self.ok("GET", url % ("16", "60.0"))
+        self.assertEqual((data["limit"], data["remaining_requests"]), (16, 15))
 
     def test_status_percent_decoding(self):
         tenant, client, action = "ten ant/é", "user@example.com?x=1&y", "log%in"
