@@ -42,6 +42,14 @@ int sd_state_open(sd_server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "%s: %s (%s)", g_path, sl_strerror(rc), strerror(errno));
         return -1;
     }
+    if (rc != SL_ESNAPSHOT && rc != SL_EVERSION) {
+        /* Not the file's fault (memory ran out, too many policies): it stays where it is and
+         * sluiced does not start, rather than forget state it could not read (a load that
+         * failed part way has restored some keys: the process ends, so none is kept) */
+        snprintf(err, errlen, "%s: not loaded: %s (%s); the file is left as it is", g_path,
+                 sl_strerror(rc), sl_err_name(rc));
+        return -1;
+    }
     /* Truncated, corrupt, or from a newer version: keep it for a person to look at, under a
      * name no earlier one has (link fails rather than replace: two in one second both stay) */
     char aside[700];

@@ -19,8 +19,9 @@
 
 typedef struct sd_server sd_server;
 
-/* Load the snapshot (moving a bad one aside). 0, or -1 with err set (an I/O error other
- * than a missing file: the server must not start and forget state it cannot read). */
+/* Load the snapshot (moving a bad one aside: truncated, corrupt, a newer version). 0, or -1
+ * with err set (an I/O error other than a missing file, memory running out: the server must
+ * not start and forget state it cannot read; the file is left in place). */
 int sd_state_open(sd_server *srv, char *err, size_t errlen);
 /* Start the periodic snapshot thread (no-op without --data-dir or with interval 0). */
 int sd_state_start(sd_server *srv);
