@@ -662,7 +662,10 @@ static int time_ok(int64_t t)
 
 /* The bounds are those every state produced here keeps, loosened where a policy change can
  * legitimately leave a state beyond the new limit's own (a leaky queue keeps its drain time,
- * a lease its expiry), and always tight enough that no arithmetic on the state overflows. */
+ * a lease its expiry), and always tight enough that no arithmetic on the state overflows.
+ * A token bucket's credit is clamped on a change, so its tat is never more than tau past
+ * `last`; a lease never outlives the longest window past `last` (a file that said otherwise
+ * once locked a key out for 73 years: found by review). */
 int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lease)
 {
     switch (c->algorithm) {
@@ -670,7 +673,8 @@ int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lea
     case SL_LEAKY_BUCKET: {
         gcra_st s;
         memcpy(&s, state, sizeof s);
-        return time_ok(s.last) && s.tat >= 0 && s.tat - s.last <= MAX_TAU;
+        int64_t ahead = c->algorithm == SL_TOKEN_BUCKET ? c->tau : MAX_TAU;
+        return time_ok(s.last) && s.tat >= 0 && s.tat - s.last <= ahead;
     }
     case SL_BURST_RESERVE: {
         br_st s;
@@ -715,7 +719,7 @@ int sl_algo_state_valid(const sl_climit *c, const void *state, uint64_t *max_lea
             cc_lease l = r[cc_idx(&h, c->limit, i)];
             if (l.id == 0 || l.id >= SL_LEASE_ID_MAX || l.weight == 0 || l.weight > c->limit ||
                 l.expiry < prev ||
-                l.expiry - h.last > MAX_TAU) /* sorted by expiry */
+                l.expiry - h.last > MAX_SPAN_NS) /* sorted by expiry */
                 return 0;
             used += l.weight; /* at most N * N <= 1e10 */
             prev = l.expiry;

@@ -570,6 +570,7 @@ static void test_corrupt_inputs_change_nothing(void **st)
      * make: each is refused before anything is applied. */
     size_t log = find_record(good, n, "log"), conc = find_record(good, n, "conc");
     size_t log_state = log + 2 + 7 + 1 + 33 + 4, conc_state = conc + 2 + 8 + 1 + 33 + 4;
+    size_t tb_state = find_record(good, n, "tb") + 2 + 6 + 1 + 33 + 4;
     struct {
         size_t at;
         unsigned char val;
@@ -581,6 +582,8 @@ static void test_corrupt_inputs_change_nothing(void **st)
         {conc_state + 16, 9, 1},    /* concurrency: total weight does not match its leases */
         {conc_state + 24, 0, 8},    /* concurrency: lease id 0 */
         {conc_state + 31, 0x40, 1}, /* concurrency: lease id >= 2^62 (new ids would wrap) */
+        {conc_state + 39, 0x01, 1}, /* concurrency: a lease 2.3 years on (windows <= 366 d) */
+        {tb_state + 7, 0x01, 1},    /* token_bucket: tat 2.3 years past last (tau is 10 s) */
         {log + 2 + 7, 0, 1},        /* a policy of 0 limits */
         {log + 2 + 7 + 1, 42, 1},   /* an unknown algorithm */
         {log + 2 + 7 + 1 + 33, 0x40, 1}, /* a state length that is not the policy's (56) */
