@@ -199,6 +199,41 @@ class Sluiced:
         return self.errfile.text()
 
 
+def trickle(port, start, byte, seconds=6.0, every=0.4):
+    """Send `start`, then `byte` every `every` s for at most `seconds` (a request trickling
+    in): True once the server has closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(start)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                c.sendall(byte)
+                time.sleep(every)
+            except OSError:
+                return True
+    return False
+
+
+def send_split(port, one, cut, seconds, tail=b""):
+    """Send request `one` over and over for `seconds`, every write ending `cut` bytes into the
+    next one, then the rest and `tail`; shut writing and read to the end: (requests sent,
+    bytes received)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        sent, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            c.sendall(one[cut:] + one[:cut] if sent else one[:cut])
+            sent += 1
+            time.sleep(0.05)
+        c.sendall(one[cut:] + tail)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return sent, got
+            got += d
+
+
 def run_sluiced(*args, timeout=10.0):
     """Run sluiced to completion (flag errors, --help): (exit code, stdout, stderr)."""
     p = subprocess.run([BINARY, *[str(a) for a in args]], capture_output=True, timeout=timeout)

@@ -12,7 +12,7 @@ import unittest
 
 import redis
 
-from harness import Sluiced, raw, recv_all, run_sluiced
+from harness import Sluiced, raw, recv_all, run_sluiced, send_split, trickle
 
 
 class RespTest(unittest.TestCase):
@@ -536,18 +536,8 @@ class SlowCommandTest(unittest.TestCase):
         timeout alone never closes it: one not complete within --idle-timeout is (as on
         HTTP; RESP once had no such timer)."""
         with Sluiced("--threads", 1, "--idle-timeout", 2, http=False) as s:
-            slow = socket.create_connection(("127.0.0.1", s.resp_port), timeout=5)
-            slow.sendall(b"*2\r\n$4\r\nECHO\r\n$1000\r\n")
-            closed = False
-            end = time.monotonic() + 6
-            while time.monotonic() < end and not closed:
-                try:
-                    slow.sendall(b"x")
-                    time.sleep(0.4)
-                except OSError:
-                    closed = True
+            trickle(s.resp_port, b"*2\r\n$4\r\nECHO\r\n$1000\r\n", b"x")
             self.assertIn("request not complete after 2 s", s.log())
-            slow.close()
             self.assertTrue(redis.Redis(host="127.0.0.1", port=s.resp_port).ping())
 
     def test_steady_pipeline_is_not_cut_off(self):
@@ -555,19 +545,7 @@ class SlowCommandTest(unittest.TestCase):
         write ends in the middle of the next one."""
         with Sluiced("--threads", 1, "--idle-timeout", 1, http=False) as s:
             one = b"*1\r\n$4\r\nPING\r\n"
-            with socket.create_connection(("127.0.0.1", s.resp_port), timeout=5) as c:
-                sent, end = 0, time.monotonic() + 3
-                while time.monotonic() < end:  # 3 s: three timeouts' worth
-                    c.sendall(one[5:] + one[:5] if sent else one[:5])
-                    sent += 1
-                    time.sleep(0.05)
-                c.sendall(one[5:] + b"QUIT\r\n")
-                got = b""
-                while True:
-                    d = c.recv(65536)
-                    if not d:
-                        break
-                    got += d
+            sent, got = send_split(s.resp_port, one, 5, 3.0, b"QUIT\r\n")  # 3 timeouts' worth
             self.assertEqual(got.count(b"+PONG"), sent, s.log())
             self.assertNotIn("request not complete", s.log())
 
