@@ -65,7 +65,8 @@ SL_API const char *sl_version_string(void); /* "MAJOR.MINOR.PATCH"; static stora
     XX(EINVAL, -1, "invalid argument")                                                        \
     XX(ENOMEM, -2, "out of memory")                                                           \
     XX(ECAPACITY, -3, "capacity/limit must be a finite whole number between 1 and 1e9")       \
-    XX(ERATE, -4, "rate must be finite, > 0 and at most 1e9 per second")                      \
+    XX(ERATE, -4, "rate must be finite, > 0, at most 1e9 per second, and refill the limit "  \
+                  "within 2^62 ns (146 years)")                                             \
     XX(EWINDOW, -5, "window must be finite, between 1 ms and 366 days")                       \
     XX(ECOST, -6, "cost exceeds the capacity of the limit")                                   \
     XX(EKEYEMPTY, -7, "client id is empty")                                                   \

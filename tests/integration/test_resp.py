@@ -96,7 +96,10 @@ class RespTest(unittest.TestCase):
         self.assertEqual(r.execute_command("CL.THROTTLE", "fresh", 4, 1, 1, 6)[:4], [1, 5, 5, -1])
         for bad, msg in [(["k", -1, 1, 1], "max_burst"), (["k", 1, 0, 1], "count"),
                          (["k", 1, 1, 0], "period"), (["k", 1, 1, 1, -2], "quantity"),
-                         (["k", "x", 1, 1], "max_burst")]:
+                         (["k", "x", 1, 1], "max_burst"),
+                         # each argument in range, but the bucket would take 1e16 years to
+                         # fill: the error says so (it once spoke of the rate alone)
+                         (["k", 999999999, 1, 31622400], "refill the limit within")]:
             with self.assertRaisesRegex(redis.ResponseError, msg):
                 r.execute_command("CL.THROTTLE", *bad)
 
