@@ -568,15 +568,15 @@ int sl_open(sl_limiter **out, const sl_options *opts)
     atomic_init(&l->gc_at, SL_GC_MIN);
     l->clock = o.clock;
     l->clock_ctx = o.clock_ctx;
-    l->anchor = clock_ns(CLOCK_REALTIME) - clock_ns(CLOCK_MONOTONIC);
+    int64_t wall = clock_ns(CLOCK_REALTIME);
+    l->anchor = wall - clock_ns(CLOCK_MONOTONIC);
     /* Lease ids start at the wall clock in microseconds, not at 1: a limiter that restarts
      * (after a crash, say, whose snapshot predates its last leases) must not hand out again
      * an id a holder of the old one still has, or that holder's late release would free the
      * new lease. A repeat needs more than one lease per microsecond over the old limiter's
      * whole life (or the wall clock set back); ids stay below 2^53, exact in a double
      * (JSON clients). */
-    int64_t us = clock_ns(CLOCK_REALTIME) / 1000;
-    atomic_init(&l->next_lease, us > 0 ? (uint64_t)us : 1);
+    atomic_init(&l->next_lease, wall >= 1000 ? (uint64_t)(wall / 1000) : 1);
     l->serial = atomic_fetch_add(&g_serial, 1);
     if (!(l->ebr = sl_ebr_new()))
         goto fail_ebr;

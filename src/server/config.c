@@ -935,14 +935,15 @@ static json_t *canonical_items(json_t *items, const char *prefix, const char *pa
             break;
         parse_key(key, &x); /* checked already */
         canonical_key(key, &x, ck);
-        if (x.kind == I_WEIGHT && ck[7] == 0 && (x.al != 0) == (dflt_weight == NULL) &&
-            json_object_get(out, ck)) {
+        int dw = x.kind == I_WEIGHT && ck[7] == 0; /* the default tenant's weight */
+        int spelt = dw && x.al != 0;               /* ... spelt "default" */
+        if (json_object_get(out, ck) && dw && spelt == !dflt_weight) {
             /* "weight/" and a "default" spelling, in either order: keep the latter's value */
-            const char *used = x.al ? key : dflt_weight;
+            const char *used = spelt ? key : dflt_weight;
             sd_warn("%s%s: items \"weight/\" and \"%s\" are one (the default tenant's "
                     "weight, written two ways by an older sluiced): \"%s\" is used",
                     prefix, path, used, used);
-            if (!x.al)
+            if (!spelt)
                 continue;
         } else if (json_object_get(out, ck)) {
             char where[700];
@@ -953,7 +954,7 @@ static json_t *canonical_items(json_t *items, const char *prefix, const char *pa
             json_decref(items);
             return NULL;
         }
-        if (x.kind == I_WEIGHT && x.al != 0 && ck[7] == 0)
+        if (spelt)
             dflt_weight = key;
         if (json_object_set(out, ck, v) != 0) {
             json_decref(out);

@@ -437,15 +437,16 @@ static size_t http_feed(sd_conn *c)
             paused = 1; /* run again even with no input left: the message may end here */
             if (st->event == EV_HEADERS && headers_done(c, c->in_len - pos) != 0)
                 break;
-            if (st->event == EV_MESSAGE)
+            if (st->event == EV_MESSAGE) {
                 done++;
-            if (st->event == EV_MESSAGE && c->items_waiting && after_decisions(st)) {
-                st->deferred = 1; /* its head and body stay in st until message_done */
-                c->ordered_wait = 1;
-                break;
+                if (c->items_waiting && after_decisions(st)) {
+                    st->deferred = 1; /* its head and body stay in st until message_done */
+                    c->ordered_wait = 1;
+                    break;
+                }
+                if (message_done(c) != 0)
+                    break;
             }
-            if (st->event == EV_MESSAGE && message_done(c) != 0)
-                break;
             if (c->ordered_wait) /* the request asked to be alone (a scrape being built) */
                 break;
         } else if (e == HPE_OK) {

@@ -199,6 +199,16 @@ class Sluiced:
         return self.errfile.text()
 
 
+def resp_command(*args):
+    """One command as a RESP array of bulk strings (bytes as they are, anything else as
+    str)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, (bytes, bytearray)) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
 def trickle(port, start, byte, seconds=6.0, every=0.4):
     """Send `start`, then `byte` every `every` s for at most `seconds` (a request trickling
     in): True once the server has closed the connection."""

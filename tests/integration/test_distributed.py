@@ -13,7 +13,7 @@ import urllib.request
 
 import redis
 
-from harness import RedisCluster, RedisServer, Sluiced, free_port, run_sluiced
+from harness import RedisCluster, RedisServer, Sluiced, free_port, resp_command, run_sluiced
 
 
 def metrics(srv):
@@ -152,14 +152,6 @@ class SlowReplies(Proxy):
             dst.sendall(d[i:i + step])
             if step < len(d):
                 time.sleep(0.002)
-
-
-def resp_command(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
 
 
 class SharedRedisTest(unittest.TestCase):

@@ -54,7 +54,8 @@ import unittest
 
 import redis
 
-from harness import BINARY, LogFile, RedisServer, Sluiced, free_port, recv_all, run_sluiced
+from harness import (BINARY, LogFile, RedisServer, Sluiced, free_port, recv_all, resp_command,
+                     run_sluiced)
 
 SEED = int(os.environ.get("SL_FUZZ_SEED", "20261123"))
 SCALE = float(os.environ.get("SL_FUZZ_SCALE", "1"))
@@ -455,7 +456,7 @@ class Runner:
 # ---- RESP cases -------------------------------------------------------------------------------
 
 def mb(cmd):
-    return b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd)
+    return resp_command(*cmd)
 
 
 def inline(cmd):

@@ -12,7 +12,7 @@ import unittest
 
 import redis
 
-from harness import Sluiced, raw, recv_all, run_sluiced, send_split, trickle
+from harness import Sluiced, raw, recv_all, resp_command, run_sluiced, send_split, trickle
 
 
 class RespTest(unittest.TestCase):
@@ -490,10 +490,8 @@ class AuthTest(unittest.TestCase):
                       timeout=1)
             self.assertTrue(out.startswith(b"-ERR syntax error in HELLO option 'SETNAME'"), out)
             self.assertTrue(out.endswith(b"-NOAUTH Authentication required.\r\n"), out)
-            hello = [b"HELLO", b"2", b"AUTH", b"default", b"pw", b"SETNAME", b"a\tb"]
-            out = raw(s.resp_port, b"*7\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
-                                                         for a in hello) + b"PING\r\n",
-                      expect=10_000, timeout=1)
+            hello = resp_command("HELLO", 2, "AUTH", "default", "pw", "SETNAME", "a\tb")
+            out = raw(s.resp_port, hello + b"PING\r\n", expect=10_000, timeout=1)
             self.assertTrue(out.startswith(b"-ERR Client names cannot contain"), out)
             self.assertTrue(out.endswith(b"-NOAUTH Authentication required.\r\n"), out)
             r = redis.Redis(host="127.0.0.1", port=s.resp_port, password="pw")
