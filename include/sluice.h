@@ -234,9 +234,10 @@ SL_API int64_t sl_now(sl_limiter *l);
  * (sl_peek instead asks whether a request of cost 1 would pass). On a concurrency policy a
  * successful take acquires a lease (d->lease). Errors (nothing changed): SL_EINVAL (NULL, or
  * `now` outside [0, 2^62) ns), SL_EKEYEMPTY, SL_EKEYLONG, SL_ECOST (cost above a limit's
- * capacity), SL_ENOMEM. A key whose policy changed is carried over when it is next decided
- * (remaining kept, clamped to the new capacity), so a peek before that shows the clamp
- * against the policy in effect at the time of the peek. */
+ * capacity: the one error that fills `d`, as a take of cost 0 would, with allowed 0 and
+ * retry_after 0, since no wait helps), SL_ENOMEM. A key whose policy changed is carried over
+ * when it is next decided (remaining kept, clamped to the new capacity), so a peek before
+ * that shows the clamp against the policy in effect at the time of the peek. */
 SL_API int sl_take(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now,
                    sl_decision *d);
 /* What sl_take of cost 1 would answer, consuming nothing and creating no key. */
@@ -245,9 +246,10 @@ SL_API int sl_peek(sl_limiter *l, const sl_key *key, int64_t now, sl_decision *d
 SL_API int sl_release(sl_limiter *l, const sl_key *key, uint64_t lease, int64_t now);
 
 /* The batch form: many requests decided against one `now`, in order. The table prefetches
- * ahead so that cache misses overlap. out[i].err holds each request's own error (an invalid
- * inline policy is an error even when a rule would have been used instead); the return value
- * is SL_OK unless an argument is NULL or `now` is outside [0, 2^62) ns (SL_EINVAL). */
+ * ahead so that cache misses overlap. out[i].err holds each request's own error (SL_ECOST
+ * with the fields filled, as sl_take does; an invalid inline policy is an error even when a
+ * rule would have been used instead); the return value is SL_OK unless an argument is NULL
+ * or `now` is outside [0, 2^62) ns (SL_EINVAL). */
 typedef struct sl_request {
     sl_key key;
     uint64_t cost;            /* units to take; 0 takes nothing (always allowed, shows what

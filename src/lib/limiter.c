@@ -862,7 +862,7 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
         const sl_rules *rules = atomic_load_explicit(&l->rules, memory_order_acquire);
         cp = resolve(rules, p, inl);
         if (cost > cp->max_cost)
-            return SL_ECOST;
+            return SL_ECOST; /* the caller fills d (over_cost) */
         sl_shard_lock(s);
         if (policy_usable_locked(cp))
             break;
@@ -913,6 +913,16 @@ static int decide(sl_limiter *l, const prep *p, uint64_t cost, const sl_policy *
     return SL_OK;
 }
 
+/* After decide's SL_ECOST: d as a take of cost 0 shows it, marked denied. Out of line, so
+ * that the decision path stays as short as it was. */
+static __attribute__((noinline, cold)) int over_cost(sl_limiter *l, const prep *p,
+                                                     const sl_policy *inline_policy,
+                                                     int64_t now, sl_decision *d)
+{
+    int rc = decide(l, p, 0, inline_policy, now, 0, d);
+    return rc == SL_OK ? sl_over_cost(d) : rc;
+}
+
 static int resolve_now(sl_limiter *l, int64_t *now)
 {
     if (*now == SL_NOW && l->redis && !l->clock)
@@ -954,6 +964,8 @@ static int one(sl_limiter *l, const sl_key *key, uint64_t cost, int64_t now, int
         return SL_ENOMEM;
     sl_table_prefetch_entry(l->table, p.hash);
     rc = decide(l, &p, cost, NULL, now, take && cost > 0, d);
+    if (rc == SL_ECOST)
+        rc = over_cost(l, &p, NULL, now, d);
     sl_ebr_leave(l->ebr);
     return rc;
 }
@@ -1073,7 +1085,9 @@ int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_t now,
         if (err == SL_OK)
             err = decide(l, p, reqs[i].cost, reqs[i].inline_policy, now,
                          !reqs[i].peek && reqs[i].cost > 0, d);
-        if (err != SL_OK)
+        if (err == SL_ECOST) /* comes with what is left */
+            err = over_cost(l, p, reqs[i].inline_policy, now, d);
+        if (err != SL_OK && err != SL_ECOST)
             memset(d, 0, sizeof *d);
         d->err = err;
         if (i + BATCH_AHEAD < n)

@@ -41,6 +41,18 @@ struct sl_rstore *sl_limiter_rstore(sl_limiter *l);
 /* Count a decision for the tenant (sl_stats). */
 void sl_limiter_count(sl_limiter *l, const char *tenant, size_t len, int allowed);
 
+/* SL_ECOST, for both stores: `d` shows the key as a take of cost 0 did (nothing consumed),
+ * marked denied. No wait lets a cost above the capacity pass: retry_after is 0. */
+static inline int sl_over_cost(sl_decision *d)
+{
+    d->allowed = 0;
+    d->retry_after = 0;
+    d->delay = 0;
+    d->lease = 0;
+    d->err = SL_ECOST;
+    return SL_ECOST;
+}
+
 /* Record what a successful snapshot call did, for sl_snapshot_last. */
 void sl_limiter_snapshot_note(sl_limiter *l, int op, const sl_snapshot_info *info);
 

@@ -29,7 +29,6 @@ typedef struct resp_state {
 } resp_state;
 
 enum { K_TAKE, K_PEEK, K_THROTTLE, K_RELEASE };
-enum { F_TOO_BIG = 1 }; /* CL.THROTTLE quantity above max_burst + 1: never passes */
 
 static _Thread_local resp_cmd t_cmd;
 
@@ -97,19 +96,20 @@ static void resp_emit(sd_conn *c, sd_item *it, resp_buf *o)
     if (it->kind == K_RELEASE)
         return d->err == SL_OK ? resp_int(o, 1)
                : d->err == SL_ELEASE ? resp_int(o, 0) : lib_error(o, d->err);
-    if (d->err != SL_OK)
-        return lib_error(o, d->err);
-    if (it->kind == K_THROTTLE) {
-        int too_big = it->flags & F_TOO_BIG;
-        int allowed = d->allowed && !too_big;
+    if (it->kind == K_THROTTLE && (d->err == SL_OK || d->err == SL_ECOST)) {
+        /* a quantity above the capacity never passes: limited, retry-after -1, as redis-cell
+         * answers (SL_ECOST comes with what is left) */
+        int never = d->err == SL_ECOST;
         resp_array(o, 5);
-        resp_int(o, !allowed);
+        resp_int(o, !d->allowed);
         resp_int(o, (int64_t)d->limit);
         resp_int(o, (int64_t)d->remaining);
-        resp_int(o, allowed || too_big ? -1 : ceil_div(d->retry_after, SL_SECOND));
+        resp_int(o, d->allowed || never ? -1 : ceil_div(d->retry_after, SL_SECOND));
         resp_int(o, ceil_div(d->reset_after, SL_SECOND));
         return;
     }
+    if (d->err != SL_OK)
+        return lib_error(o, d->err);
     resp_array(o, 7);
     resp_int(o, d->allowed);
     resp_int(o, (int64_t)d->limit);
@@ -174,11 +174,7 @@ static void cmd_throttle(sd_conn *c, const resp_cmd *m)
     if (!it)
         return;
     it->pol = SL_POLICY_TOKEN_BUCKET((double)(burst + 1), (double)count / (double)period);
-    it->req.inline_policy = &it->pol;
-    if (qty > burst + 1) {
-        it->flags |= F_TOO_BIG;
-        qty = 0; /* answer from a peek: nothing can be consumed */
-    }
+    it->req.inline_policy = &it->pol; /* a rule for tenant "cl" wins over these arguments */
     it->req.cost = (uint64_t)qty;
     sd_sched_submit(c->sched, it, c->last_active_ms);
 }

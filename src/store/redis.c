@@ -450,7 +450,8 @@ static nc_ent *nc_slot_of(nc_shard *s, uint64_t h) { return &s->e[h % NC_SLOTS];
 
 static int nc_usable(const sl_rstore *rs, const sl_rcall *c)
 {
-    return !rs->o.no_near_cache && !c->explicit_now && !c->cp.has_lease && c->op != SL_RS_RELEASE;
+    return !rs->o.no_near_cache && !c->explicit_now && !c->cp.has_lease &&
+           c->op != SL_RS_RELEASE && !c->over;
 }
 
 /* Start `d` for limit `idx` of c's policy: zeroed, with the limit's own fields. */
@@ -602,10 +603,14 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
     int rc = sl_limiter_resolve(rs->l, k, inl, enc, &len, &c->hash, &c->cp);
     if (rc != SL_OK)
         return rc;
-    if (op != SL_RS_RELEASE && cost > c->cp.max_cost)
-        return SL_ECOST;
     if (!span_ok(&c->cp))
         return SL_ESPAN;
+    /* a cost above the capacity is SL_ECOST, answered with what a take of cost 0 shows */
+    c->over = op != SL_RS_RELEASE && cost > c->cp.max_cost;
+    if (c->over) {
+        op = SL_RS_PEEK;
+        cost = 0;
+    }
     c->op = op;
     c->cost = cost;
     c->explicit_now = now != SL_NOW;
@@ -883,6 +888,8 @@ static int finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision
     d->lease = (uint64_t)r.lease;
     d->source = SL_SOURCE_STORE;
     BUMP(rs->calls);
+    if (c->over)
+        sl_over_cost(d);
     if (c->op == SL_RS_TAKE) {
         sl_limiter_count(rs->l, c->tenant, c->tenant_len, d->allowed);
         if (!d->allowed && d->retry_after > 0 && nc_usable(rs, c))
@@ -917,6 +924,12 @@ void sl_rs_fallback(sl_rstore *rs, const sl_rcall *c, sl_decision *d, int *relea
         return;
     }
     report_limit(c, 0, d);
+    if (c->over) { /* an error whatever Redis holds, not a decision of the fail mode; what
+                      is left is unknown (0) */
+        sl_over_cost(d);
+        d->source = rs->o.fail_mode == SL_FAIL_OPEN ? SL_SOURCE_FAIL_OPEN : SL_SOURCE_FAIL_CLOSED;
+        return;
+    }
     atomic_store_explicit(&rs->last_fallback, sl_mono_ns(), memory_order_relaxed);
     if (rs->o.fail_mode == SL_FAIL_OPEN) {
         d->allowed = 1;

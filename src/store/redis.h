@@ -50,6 +50,8 @@ typedef struct sl_rcall {
     uint64_t hash;          /* of the encoded key (near cache) */
     int64_t sent;           /* local clock when prepared (near cache) */
     int explicit_now;       /* the caller gave `now` (no near cache) */
+    int over;               /* the cost is above the capacity: SL_ECOST, sent as a peek of
+                               cost 0 for what is left */
     sl_cpolicy cp;          /* resolved policy (a copy: it may be collected meanwhile) */
     size_t tenant_len;
     char tenant[SL_MAX_ID_LEN];

@@ -103,6 +103,25 @@ class RespTest(unittest.TestCase):
             with self.assertRaisesRegex(redis.ResponseError, msg):
                 r.execute_command("CL.THROTTLE", *bad)
 
+    def test_cl_throttle_rule_for_tenant_cl_decides_quantity(self):
+        """A rule for tenant cl wins over the command's arguments, quantity included: a
+        quantity above max_burst + 1 passes when the rule's capacity holds it, and one above
+        the rule's capacity answers limited with retry -1 (it answered SL_ECOST once)."""
+        r = self.client()
+        self.assertTrue(r.execute_command("SL.RULE", "SET", "TENANT", "cl", "token_bucket",
+                                          "LIMIT", 10, "RATE", 1))
+        try:
+            self.assertEqual(r.execute_command("CL.THROTTLE", "ruled", 1, 1, 60, 8),
+                             [0, 10, 2, -1, 8])
+            self.assertEqual(r.execute_command("CL.THROTTLE", "ruled", 1, 1, 60, 11),
+                             [1, 10, 2, -1, 8])
+            self.assertEqual(r.execute_command("CL.THROTTLE", "ruled", 1, 1, 60, 3),
+                             [1, 10, 2, 1, 8])
+            self.assertEqual(r.execute_command("CL.THROTTLE", "ruled", 1, 1, 60, 2)[:3],
+                             [0, 10, 0])
+        finally:
+            r.execute_command("SL.RULE", "DEL", "TENANT", "cl")
+
     def test_cl_throttle_at_10000_per_second(self):
         """redis-cell computes in whole milliseconds and gives up at high rates; here
         10,000/s per key with a burst of 100 admits exactly what the bucket allows."""

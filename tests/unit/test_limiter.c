@@ -204,6 +204,71 @@ static int count_assign(void *ctx, const sl_key *tc, const char *tier)
     return 0;
 }
 
+/* SL_ECOST answers with what is left (so CL.THROTTLE can answer redis-cell's "limited"), as
+ * a take of cost 0 shows it: nothing consumed, no key created, counted nowhere; the capacity
+ * that decides is the policy's in effect, a rule's over an inline one. */
+static void test_cost_above_capacity_shows_what_is_left(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0); /* token bucket 5, 1/s */
+    sl_key k = SL_KEY("t", "a", "c"), fresh = SL_KEY("t", "a", "fresh");
+    sl_decision d;
+    take(l, "t", "a", "c", 2, T0);
+    memset(&d, 0x5a, sizeof d);
+    assert_int_equal(sl_take(l, &k, 6, T0, &d), SL_ECOST);
+    assert_int_equal(d.err, SL_ECOST);
+    assert_false(d.allowed);
+    assert_int_equal(d.limit, 5);
+    assert_int_equal(d.remaining, 3);
+    assert_int_equal(d.reset_after, 2 * S);
+    assert_int_equal(d.retry_after, 0); /* no wait helps */
+    assert_int_equal(d.lease, 0);
+    assert_int_equal(d.delay, 0);
+    assert_int_equal(sl_take(l, &k, 6, T0 + S, &d), SL_ECOST); /* refilled, nothing taken */
+    assert_int_equal(d.remaining, 4);
+    assert_int_equal(d.reset_after, S);
+    assert_int_equal(sl_take(l, &fresh, 6, T0, &d), SL_ECOST); /* a new key: full, not kept */
+    assert_int_equal(d.remaining, 5);
+    assert_int_equal(d.reset_after, 0);
+    sl_stats s;
+    assert_int_equal(sl_stats_get(l, NULL, 0, &s), SL_OK);
+    assert_int_equal(s.allowed, 1);
+    assert_int_equal(s.denied, 0);
+    assert_int_equal(s.keys, STORE_KEYS(1));
+    d = take(l, "t", "a", "c", 4, T0 + S);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 0);
+
+    /* the batch form, beside requests that pass; an inline capacity of 2 gives way to a rule
+     * of 10 (CL.THROTTLE's arguments and a rule for tenant "cl") */
+    sl_policy two = SL_POLICY_TOKEN_BUCKET(2, 1.0), ten = SL_POLICY_TOKEN_BUCKET(10, 1.0);
+    sl_key rk = SL_KEY("r", "a", "c");
+    sl_request rq[] = {{.key = fresh, .cost = 6},
+                       {.key = fresh, .cost = 1},
+                       {.key = rk, .cost = 3, .inline_policy = &two}};
+    sl_decision out[3];
+    assert_int_equal(sl_take_batch(l, rq, 3, T0, out), SL_OK);
+    assert_int_equal(out[0].err, SL_ECOST);
+    assert_int_equal(out[0].remaining, 5);
+    assert_int_equal(out[0].limit, 5);
+    assert_int_equal(out[1].err, SL_OK);
+    assert_int_equal(out[1].remaining, 4);
+    assert_int_equal(out[2].err, SL_ECOST);
+    assert_int_equal(out[2].limit, 2);
+    assert_int_equal(out[2].remaining, 2);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_TENANT, &rk, &ten), SL_OK);
+    assert_int_equal(sl_take_batch(l, &rq[2], 1, T0, out), SL_OK);
+    assert_int_equal(out[0].err, SL_OK);
+    assert_true(out[0].allowed);
+    assert_int_equal(out[0].limit, 10);
+    assert_int_equal(out[0].remaining, 7);
+    rq[2].cost = 11;
+    assert_int_equal(sl_take_batch(l, &rq[2], 1, T0, out), SL_OK);
+    assert_int_equal(out[0].err, SL_ECOST);
+    assert_int_equal(out[0].remaining, 7);
+    sl_close(l);
+}
+
 static void test_resolution_order(void **st)
 {
     (void)st;
@@ -707,6 +772,7 @@ int main(void)
         cmocka_unit_test(test_version_and_errors),
         cmocka_unit_test(test_global_default_token_bucket),
         cmocka_unit_test(test_invalid_inputs_change_nothing),
+        cmocka_unit_test(test_cost_above_capacity_shows_what_is_left),
         cmocka_unit_test(test_resolution_order),
         cmocka_unit_test(test_rule_get_list_and_default_names),
         cmocka_unit_test(test_policy_change_keeps_tokens),

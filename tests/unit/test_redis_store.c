@@ -174,7 +174,9 @@ static void test_library_reload_and_spans(void **st)
     /* bad input is refused before Redis, as with the in-memory store */
     sl_key empty = SL_KEY("t", "a", "");
     assert_int_equal(sl_take(l, &empty, 1, SL_NOW, &d), SL_EKEYEMPTY);
+    /* a cost above the capacity asks Redis only what is left (test_limiter.c) */
     assert_int_equal(sl_take(l, &k, 6, SL_NOW, &d), SL_ECOST);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
     redisFree(c);
     sl_close(l);
 }
@@ -336,6 +338,10 @@ static void outage(sl_fail_mode mode)
         if (mode == SL_FAIL_CLOSED)
             assert_int_equal(d.retry_after, S);
     }
+    /* a cost above the capacity never passes, whatever the fail mode */
+    assert_int_equal(sl_take(l, &k, 6, SL_NOW, &d), SL_ECOST);
+    assert_false(d.allowed);
+    assert_int_equal(d.limit, 5);
     sl_key k2 = SL_KEY("t", "a", "other");
     assert_int_equal(sl_release(l, &k2, 1, SL_NOW), SL_ESTORE);
     assert_int_equal(st.downs, 1); /* once per change, not per request */
