@@ -124,7 +124,8 @@ class LogFile:
 
 
 class Sluiced:
-    def __init__(self, *args, resp=True, http=True, threads=2, env=None):
+    def __init__(self, *args, resp=True, http=True, threads=2, env=None, nice=0):
+        self.nice = nice  # run at this niceness (nice(1) execs, so proc.pid is sluiced's)
         self.resp_port = free_port() if resp else 0
         self.http_port = free_port() if http else 0
         self.extra = ["--threads", str(threads), *[str(a) for a in args]]
@@ -134,7 +135,8 @@ class Sluiced:
 
     @property
     def args(self):
-        return [BINARY, "--bind", "127.0.0.1", "--resp-port", str(self.resp_port),
+        nice = ["nice", "-n", str(self.nice)] if self.nice else []
+        return [*nice, BINARY, "--bind", "127.0.0.1", "--resp-port", str(self.resp_port),
                 "--http-port", str(self.http_port), *self.extra]
 
     def start(self, attempts=3):
