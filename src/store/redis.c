@@ -742,6 +742,11 @@ int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_
                           sl_rcall *call, int *rc)
 {
     *rc = encode(rs, SL_RS_RELEASE, k, NULL, lease, now, call, NULL);
+    /* The script issues ids below 2^53 (microseconds of a time below 2^62 ns) and refuses a
+     * larger one as an argument it cannot hold exactly: that would come back as an error
+     * reply and be answered SL_ESTORE ("Redis unreachable"). No take issued it: unknown. */
+    if (*rc == SL_OK && lease >= SL_RS_MAX_LEASE)
+        *rc = SL_ELEASE;
     return *rc != SL_OK;
 }
 

@@ -36,6 +36,7 @@ struct redisReply;
 #define SL_RS_CMD_MAX 2048 /* an FCALL command: key <= ~800 bytes, 4 limits of 6 numbers */
 #define SL_RS_MAX_SPAN (INT64_C(1) << 52)
 #define SL_RS_PREFIX_MAX 64
+#define SL_RS_MAX_LEASE (INT64_C(1) << 53) /* lease ids the script issues are below */
 
 enum { SL_RS_TAKE, SL_RS_PEEK, SL_RS_RELEASE };
 

@@ -144,6 +144,33 @@ static void test_redis_clock_and_near_cache(void **st)
     sl_close(l);
 }
 
+/* A lease id no take can have issued (the script's ids stay below 2^53) is unknown, as on
+ * the in-memory store: SL_ELEASE, not SL_ESTORE ("Redis unreachable") from the script's
+ * refusal of an argument it cannot hold exactly, and no error counted. */
+static void test_release_of_an_impossible_lease(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "rl:", NULL);
+    sl_policy cc = SL_POLICY_WINDOW(SL_CONCURRENCY, 2, 60);
+    sl_key k = SL_KEY("acme", "jobs", "u1");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &cc), SL_OK);
+    sl_decision d;
+    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed && d.lease);
+    sl_store_stats ss;
+    assert_int_equal(sl_store_stats_get(l, &ss), SL_OK);
+    uint64_t errors = ss.errors;
+    const uint64_t bad[] = {(UINT64_C(1) << 53), (UINT64_C(1) << 53) + 1, UINT64_C(1) << 61,
+                            UINT64_MAX};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(sl_release(l, &k, bad[i], SL_NOW), SL_ELEASE);
+    assert_int_equal(sl_store_stats_get(l, &ss), SL_OK);
+    assert_int_equal(ss.errors, errors);
+    assert_true(ss.up);
+    assert_int_equal(sl_release(l, &k, d.lease, SL_NOW), SL_OK); /* the real one still works */
+    sl_close(l);
+}
+
 static void test_library_reload_and_spans(void **st)
 {
     (void)st;
@@ -674,6 +701,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redis_clock_and_near_cache),
         cmocka_unit_test(test_library_reload_and_spans),
+        cmocka_unit_test(test_release_of_an_impossible_lease),
         cmocka_unit_test(test_batch_groups),
         cmocka_unit_test(test_slots),
         cmocka_unit_test(test_bad_addresses),
