@@ -897,7 +897,12 @@ static int finish(sl_rstore *rs, sl_rcall *c, const redisReply *rep, sl_decision
         sl_over_cost(d);
     if (c->op == SL_RS_TAKE) {
         sl_limiter_count(rs->l, c->tenant, c->tenant_len, d->allowed);
-        if (!d->allowed && d->retry_after > 0 && nc_usable(rs, c))
+        /* Only a denial whose `remaining` cannot change before its retry time: one unit
+         * short of the cost (always so for cost 1). With fewer left, a refilling bucket or
+         * a sliding window would show more units left (still denied) before then, and the
+         * cached answer would go on showing the old count. */
+        if (!d->allowed && d->retry_after > 0 && d->remaining + 1 >= c->cost &&
+            nc_usable(rs, c))
             nc_insert(rs, c, d);
     }
     return SL_RS_DONE;

@@ -171,6 +171,47 @@ static void test_release_of_an_impossible_lease(void **st)
     sl_close(l);
 }
 
+/* A near-cache answer shows what Redis would: a denial of cost c whose `remaining` is below
+ * c - 1 may see `remaining` grow before its retry time (a bucket refills unit by unit), so it
+ * is not cached; one left c - 1 short cannot change before it passes, and is. */
+static void test_near_cache_remaining(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "ncr:", NULL);
+    sl_policy tb = SL_POLICY_TOKEN_BUCKET(10, 10); /* a unit every 100 ms */
+    sl_key k = SL_KEY("acme", "bulk", "u1");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &tb), SL_OK);
+    sl_decision d;
+    assert_int_equal(sl_take(l, &k, 10, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(sl_take(l, &k, 5, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    assert_int_equal(d.remaining, 0);
+    assert_true(d.retry_after > 300 * 1000000 && d.retry_after <= 500 * 1000000);
+    usleep(300 * 1000); /* three units back, still short of five */
+    assert_int_equal(sl_take(l, &k, 5, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_true(d.remaining >= 2 && d.remaining <= 4); /* not the 0 of 300 ms ago */
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+
+    /* one unit short: nothing can change before the retry time, the near cache answers */
+    sl_policy slow = SL_POLICY_TOKEN_BUCKET(10, 1);
+    sl_key k2 = SL_KEY("acme", "slow", "u1");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k2, &slow), SL_OK);
+    assert_int_equal(sl_take(l, &k2, 9, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed);
+    assert_int_equal(sl_take(l, &k2, 2, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_STORE);
+    assert_int_equal(d.remaining, 1);
+    assert_int_equal(sl_take(l, &k2, 2, SL_NOW, &d), SL_OK);
+    assert_false(d.allowed);
+    assert_int_equal(d.source, SL_SOURCE_NEAR_CACHE);
+    assert_int_equal(d.remaining, 1);
+    sl_close(l);
+}
+
 static void test_library_reload_and_spans(void **st)
 {
     (void)st;
@@ -700,6 +741,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redis_clock_and_near_cache),
+        cmocka_unit_test(test_near_cache_remaining),
         cmocka_unit_test(test_library_reload_and_spans),
         cmocka_unit_test(test_release_of_an_impossible_lease),
         cmocka_unit_test(test_batch_groups),
