@@ -555,13 +555,31 @@ void sd_sched_decided(sd_sched *s, sd_item *it)
 
 /* Decide s->batch[0..n) on the in-memory store, in order: runs of decisions with one
  * sl_take_batch each, a release on its own between them (so a release pipelined behind a
- * take runs after it, as on the Redis store). */
+ * take runs after it, as on the Redis store), and an item's peek_next right after it (so a
+ * status pipelined before a take reports the key as it was before that take). */
 static void decide_local(sd_sched *s, int n)
 {
     int from = 0;
     for (int i = 0; i <= n; i++) {
-        if (i < n && !s->batch[i]->release)
+        if (i < n && !s->batch[i]->release && !s->batch[i]->peek_next)
             continue;
+        if (i < n && s->batch[i]->peek_next) {
+            /* this decision, then (before anything after it) whether one more would pass:
+             * the answer belongs to this place in the order, with this inline policy */
+            sl_take_batch(s->lim, s->reqs + from, (size_t)(i + 1 - from), SL_NOW,
+                          s->ds + from);
+            sl_request r = s->reqs[i];
+            sl_decision next;
+            r.cost = 1;
+            r.peek = 1;
+            if (s->ds[i].err == SL_OK && sl_take_batch(s->lim, &r, 1, SL_NOW, &next) == SL_OK &&
+                next.err == SL_OK) {
+                s->ds[i].allowed = next.allowed;
+                s->ds[i].retry_after = next.retry_after;
+            }
+            from = i + 1;
+            continue;
+        }
         if (i > from)
             sl_take_batch(s->lim, s->reqs + from, (size_t)(i - from), SL_NOW, s->ds + from);
         if (i < n) {

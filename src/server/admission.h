@@ -46,6 +46,10 @@ typedef struct sd_item {
     int flags;                 /* the front end's (HTTP: keep-alive, ...) */
     int release;               /* release lease req.cost of req.key instead of deciding;
                                   the outcome is d.err (SL_OK, SL_ELEASE, ...) */
+    int peek_next;             /* right after this decision (of cost 0), ask whether one of
+                                  cost 1 would pass (a peek with the same inline policy):
+                                  d.allowed and d.retry_after become that answer (HTTP
+                                  status on the in-memory store) */
     sl_request req;
     sl_policy pol;             /* req.inline_policy points here when set */
     sl_decision d;

@@ -618,6 +618,8 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
     if (x->ep == SD_EP_STATUS && c->srv->rstore) {
         it->req.cost = 1;
         it->req.peek = 1;
+    } else if (x->ep == SD_EP_STATUS) {
+        it->peek_next = 1; /* whether one more would pass, asked in order (admission.c) */
     }
     if (pol) {
         it->pol = *pol;
@@ -726,15 +728,11 @@ void sd_api_emit(sd_conn *c, sd_item *it, resp_buf *out)
     if (ep == SD_EP_STATUS && d.err == SL_OK && c->srv->rstore) {
         /* A peek of cost 1 reports the units left after the request it imagines. */
         d.remaining += d.allowed ? 1 : 0;
-    } else if (ep == SD_EP_STATUS && d.err == SL_OK) {
-        /* A cost-0 decision always passes: whether the next request would is sl_peek's
-         * answer (which reports the units left after it, so only these two fields). */
-        sl_decision next;
-        if (sl_peek(l, &it->req.key, now, &next) == SL_OK) {
-            d.allowed = next.allowed;
-            d.retry_after = next.retry_after;
-        }
     }
+    /* In memory, a status is a decision of cost 0 (which always passes) whose allowed and
+     * retry_after the scheduler replaced with a peek of cost 1 made right after it, with
+     * its inline policy (sd_item.peek_next): not sl_peek here, which would see the
+     * decisions pipelined after it and no inline policy. */
     decision_reply(out, tag, ep, &d, now);
 }
 

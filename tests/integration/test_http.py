@@ -339,6 +339,38 @@ class Endpoints(HttpCase):
             self.error("GET", "/api/status/inl/c/a" + query, contains=msg)
         self.assertEqual(self.ok("GET", "/api/status/inl/c/a" + q)["remaining_requests"], 97)
 
+    def test_status_answers_at_its_place_with_its_inline_policy(self):
+        """Whether the next request would pass is answered at the status's place in the
+        connection's order, under the status's inline policy. It was sl_peek's answer when
+        the reply was written: after the checks pipelined behind the status (allowed false
+        with one unit left, then the check passed), and under the default policy (a key
+        exhausted under its inline policy read as allowed)."""
+        self.rule("place", "a", bucket(5))
+        self.check("place", "u", "a", cost=4)
+        with connect(self.port) as s:
+            s.sendall(request("GET", "/api/status/place/u/a") +
+                      request("POST", "/api/check_and_consume", check_body("place", "u", "a")))
+            rd = Reader(s)
+            code, _, body = rd.response()
+            status = json.loads(body)
+            code2, _, body2 = rd.response()
+        self.assertEqual((code, code2), (200, 200), (body, body2))
+        self.assertEqual(status["remaining_requests"], 1)
+        self.assertIs(status["allowed"], True, status)
+        self.assertEqual(status["retry_after_seconds"], 0, status)
+        self.assertIs(json.loads(body2)["allowed"], True)
+        # a key exhausted under its inline policy, looked at with that policy
+        inline = bucket(10, window=1000)
+        code, _, data = self.check("placeinl", "u", "a", cost=10, **inline)
+        self.assertEqual(code, 200, data)
+        code, _, data = self.check("placeinl", "u", "a", **inline)
+        self.assertEqual(code, 429, data)
+        data = self.ok("GET", "/api/status/placeinl/u/a?max_requests=10"
+                       "&window_duration_seconds=1000")
+        self.assertEqual(data["remaining_requests"], 0)
+        self.assertIs(data["allowed"], False, data)
+        self.assertIn(data["retry_after_seconds"], (99, 100))
+
     def test_status_query_numbers_as_a_body_writes_them(self):
         """The query's numbers are read as a body's are (JSON's number grammar, the same
         range checks): what a body refuses is a 400 naming the parameter, not another limit
