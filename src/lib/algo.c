@@ -111,7 +111,10 @@ static int rate_interval(double rate, int64_t *out)
      * a hair below the intended value, making 1e9/rate a hair above a whole number of ns
      * (60000000000.000004). Within 2^-50 relative -- far below the double's own precision
      * of the caller's intent -- take the whole number, not the next one. */
-    if (n > 1 && num - (n - 1) * m <= (num >> 50))
+    /* num - (n - 1) * m is m exactly when the quotient is whole: then n is exact and must
+     * stay (from 2^50 ns up, m <= num >> 50 would otherwise take it 1 ns short). */
+    u128 excess = num - (n - 1) * m;
+    if (n > 1 && excess < m && excess <= (num >> 50))
         n--;
     if (n > (u128)MAX_SPAN_NS)
         return SL_ERATE;

@@ -180,6 +180,10 @@ static void test_compile_values(void **st)
          * 2^-50 above a whole ns and is taken as that (not whole + 1 ns). */
         {1.0 / 3, 3000000000},   {1.0 / 60, 60000000000}, {1.0 / 86400, 86400000000000},
         {30.0 / 60, 2000000000},
+        /* Exact whole quotients of 2^50 ns and more stay exact: the snapping above must not
+         * take them 1 ns short (it did: 2^50 - 1, over-admitting). */
+        {0x1.dcd65p-21 /* 1e9 / 2^50 */, INT64_C(1125899906842624)},
+        {0x1.dcd65p-22 /* 1e9 / 2^51 */, INT64_C(2251799813685248)},
     };
     for (size_t i = 0; i < sizeof r / sizeof r[0]; i++) {
         sl_limit l = lim(SL_TOKEN_BUCKET, 2, r[i].rate, 0, 0);
