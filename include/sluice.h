@@ -266,8 +266,10 @@ SL_API int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_
  *   client override (tenant, action, client) -> tenant+action rule -> tenant default ->
  *   tier of the client (tenant, client) -> inline policy of the request -> global default.
  * Changes take effect for the next decision; readers never block. A key whose policy changes
- * keeps its remaining units, clamped to the new capacity (a full key stays full). If the
- * algorithms differ the key starts anew under the new policy. */
+ * keeps its remaining units, clamped to the new capacity (a full key stays full), limit by
+ * limit: each limit of the new policy carries over from a limit of the same algorithm in the
+ * old one (same parameters first, then the same position), so limits may be added, removed or
+ * reordered; a limit whose algorithm the old policy did not have starts anew. */
 typedef enum sl_scope {
     SL_SCOPE_TENANT = 1, /* key.tenant: the tenant's default for every action */
     SL_SCOPE_ACTION = 2, /* key.tenant + key.action */

@@ -731,22 +731,63 @@ static void init_state(const sl_cpolicy *cp, char *st, int64_t now)
         sl_algo_init(&cp->lim[i], st + cp->offs[i], now);
 }
 
-/* Fill `nst` (cp->state_size bytes) with e's state as seen under `cp`: carried over when the
- * key's old policy has the same shape (limits of the same algorithms), fresh otherwise. */
+/* Same algorithm and parameters (the policy changed elsewhere). */
+static int same_limit(const sl_climit *a, const sl_climit *b)
+{
+    return a->algorithm == b->algorithm && a->limit == b->limit &&
+           a->interval == b->interval && a->window == b->window &&
+           a->rinterval == b->rinterval && a->rcap == b->rcap;
+}
+
+/* Which limit of `old` each limit of `cp` carries its state from (-1: none, fresh). Limits
+ * are matched limit by limit, each old one used once: first one with the same parameters,
+ * then the one at the same position if it has the same algorithm, then the first of the same
+ * algorithm. So adding, removing or reordering limits keeps what the limits kept still
+ * hold (it used to start the whole key anew: a key out of its 10/s handed a fresh bucket
+ * when "and 1000/day" was added; found by review). The Redis script matches the same way. */
+static void match_limits(const sl_cpolicy *old, const sl_cpolicy *cp, int from[SL_MAX_LIMITS])
+{
+    unsigned used = 0;
+    for (uint32_t i = 0; i < cp->nlimits; i++)
+        from[i] = -1;
+    for (int pass = 0; pass < 3; pass++) {
+        for (uint32_t i = 0; i < cp->nlimits; i++) {
+            if (from[i] >= 0)
+                continue;
+            for (uint32_t j = 0; j < old->nlimits; j++) {
+                if ((used & (1u << j)) || old->lim[j].algorithm != cp->lim[i].algorithm)
+                    continue;
+                if ((pass == 0 && !same_limit(&old->lim[j], &cp->lim[i])) ||
+                    (pass == 1 && j != i))
+                    continue;
+                from[i] = (int)j;
+                used |= 1u << j;
+                break;
+            }
+        }
+    }
+}
+
+/* Fill `nst` (cp->state_size bytes) with e's state as seen under `cp`: each limit carried
+ * over from the old policy's limit of the same algorithm (match_limits), fresh otherwise. */
 static void state_for(sl_limiter *l, sl_entry *e, int created, const sl_cpolicy *cp,
                       char *nst, int64_t now)
 {
     const sl_cpolicy *old = created ? NULL : reg_get(l, e->policy);
-    int same = old && old->nlimits == cp->nlimits;
-    for (uint32_t i = 0; same && i < cp->nlimits; i++)
-        same = old->lim[i].algorithm == cp->lim[i].algorithm;
-    if (!same) {
+    if (!old) {
         init_state(cp, nst, now);
         return;
     }
+    int from[SL_MAX_LIMITS];
+    match_limits(old, cp, from);
     const char *ost = entry_state(e);
-    for (uint32_t i = 0; i < cp->nlimits; i++)
-        sl_algo_carry(&old->lim[i], ost + old->offs[i], &cp->lim[i], nst + cp->offs[i], now);
+    for (uint32_t i = 0; i < cp->nlimits; i++) {
+        if (from[i] < 0)
+            sl_algo_init(&cp->lim[i], nst + cp->offs[i], now);
+        else
+            sl_algo_carry(&old->lim[from[i]], ost + old->offs[from[i]], &cp->lim[i],
+                          nst + cp->offs[i], now);
+    }
 }
 
 /* Give entry `e` state for `cp`: fresh for a new key, carried over when its policy changed. */

@@ -821,17 +821,35 @@ end
 
 -- ---- a decision (limiter.c's decide_state) ----------------------------------------------
 
--- The limits of the key under the called policy (limiter.c's state_for): the stored ones
--- carried over when the shape (count and algorithms) is the same, else fresh at `now`.
-local function states_for(stored, limits, osec, ons)
-    local same = stored and #stored.recs == #limits
-    for i = 1, #limits do
-        same = same and stored.recs[i].c.alg == limits[i].alg
+-- Which stored limit each called limit carries its state from (limiter.c's match_limits):
+-- each stored one used once; first one with the same parameters, then the one at the same
+-- position with the same algorithm, then the first with the same algorithm.
+local function match_limits(recs, limits)
+    local from, used = {}, {}
+    for pass = 0, 2 do
+        for i, c in ipairs(limits) do
+            if not from[i] then
+                for j, r in ipairs(recs) do
+                    if not used[j] and r.c.alg == c.alg and
+                        (pass ~= 0 or same_params(r.c, c)) and (pass ~= 1 or j == i) then
+                        from[i], used[j] = j, true
+                        break
+                    end
+                end
+            end
+        end
     end
+    return from
+end
+
+-- The limits of the key under the called policy (limiter.c's state_for): each carried over
+-- from the stored limit match_limits pairs it with, else fresh at `now`.
+local function states_for(stored, limits, osec, ons)
+    local from = stored and match_limits(stored.recs, limits) or {}
     local xs = {}
     for i, c in ipairs(limits) do
-        if same then
-            local x = open(stored.recs[i], osec, ons)
+        if from[i] then
+            local x = open(stored.recs[from[i]], osec, ons)
             xs[i] = same_params(x.c, c) and x or carry(x, c)
             xs[i].c = c
         else

@@ -421,6 +421,63 @@ static void test_policy_change_keeps_tokens(void **st)
     sl_close(l);
 }
 
+/* Adding, dropping or reordering the limits of a key's policy keeps the state of the limits
+ * that stay (each carried from the old limit of its algorithm); only a limit of an algorithm
+ * the old policy lacked starts anew. It used to start the whole key anew. */
+static void test_policy_change_stacked_keeps_limits(void **st)
+{
+    (void)st;
+    sl_limiter *l = open_default(0);
+    sl_key k = SL_KEY("t", "sk", "c");
+    sl_policy one = SL_POLICY_TOKEN_BUCKET(10, 0.01); /* one unit per 100 s */
+    sl_policy two = {2, {{SL_TOKEN_BUCKET, 10, 0.01, 0, 0}, {SL_FIXED_WINDOW, 1000, 0, 86400, 0}}};
+    sl_policy rev = {2, {{SL_FIXED_WINDOW, 1000, 0, 86400, 0}, {SL_TOKEN_BUCKET, 10, 0.01, 0, 0}}};
+    sl_policy day = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 1000, 86400);
+    int64_t t = 86400 * S; /* a day boundary */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &one), SL_OK);
+    assert_true(take(l, "t", "sk", "c", 10, t).allowed);
+    /* "and 1000/day" added: the bucket stays empty */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &two), SL_OK);
+    sl_decision d = take(l, "t", "sk", "c", 1, t);
+    assert_false(d.allowed);
+    assert_int_equal(d.limit_index, 0);
+    assert_int_equal(d.retry_after, 100 * S);
+    assert_false(take(l, "t", "sk", "c", 1, t + 100 * S - 1).allowed);
+    d = take(l, "t", "sk", "c", 1, t + 100 * S);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 0); /* the bucket's; the day has 999 left */
+    /* reordered: both limits keep their state */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &rev), SL_OK);
+    d = take(l, "t", "sk", "c", 1, t + 100 * S);
+    assert_false(d.allowed);
+    assert_int_equal(d.limit_index, 1);
+    assert_int_equal(d.retry_after, 100 * S);
+    d = take(l, "t", "sk", "c", 0, t + 100 * S);
+    assert_int_equal(d.limit_index, 1); /* fewest left: the bucket's 0 */
+    assert_int_equal(d.remaining, 0);
+    /* the bucket dropped: the day keeps its 1 used */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &day), SL_OK);
+    d = take(l, "t", "sk", "c", 1, t + 100 * S);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 998);
+    /* a second bucket of other parameters is new; the first keeps its state (same
+     * parameters match first, whatever the position) */
+    sl_policy b2 = {2, {{SL_TOKEN_BUCKET, 5, 1, 0, 0}, {SL_TOKEN_BUCKET, 10, 0.01, 0, 0}}};
+    sl_key k2 = SL_KEY("t", "sk2", "c");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k2, &one), SL_OK);
+    assert_true(take(l, "t", "sk2", "c", 8, t).allowed);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k2, &b2), SL_OK);
+    d = take(l, "t", "sk2", "c", 3, t);
+    assert_false(d.allowed);
+    assert_int_equal(d.limit_index, 1);
+    assert_int_equal(d.remaining, 2);
+    d = take(l, "t", "sk2", "c", 2, t);
+    assert_true(d.allowed);
+    assert_int_equal(d.limit_index, 1);
+    assert_int_equal(d.remaining, 0);
+    sl_close(l);
+}
+
 static void test_stacked_limits_all_or_nothing(void **st)
 {
     (void)st;
@@ -776,6 +833,7 @@ int main(void)
         cmocka_unit_test(test_resolution_order),
         cmocka_unit_test(test_rule_get_list_and_default_names),
         cmocka_unit_test(test_policy_change_keeps_tokens),
+        cmocka_unit_test(test_policy_change_stacked_keeps_limits),
         cmocka_unit_test(test_stacked_limits_all_or_nothing),
         cmocka_unit_test(test_concurrency_leases),
         cmocka_unit_test(test_peek_and_cost_zero_create_nothing),
