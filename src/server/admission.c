@@ -126,6 +126,7 @@ struct sd_sched {
     sd_tq *act_head, *act_tail;
     size_t waiting;
     size_t waiting_reported; /* this worker's share of a->queued_now */
+    int capped;              /* the last run stopped at the global cap (sd_sched_capped) */
     sd_conn *dirty;
     sd_submit_fn submit;        /* NULL: decide with sl_take_batch */
     void *submit_ctx;
@@ -590,14 +591,19 @@ static void decide_local(sd_sched *s, int n)
     }
 }
 
+int sd_sched_capped(const sd_sched *s) { return s->capped; }
+
 size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c))
 {
     size_t done = 0;
+    s->capped = 0;
     while (s->waiting && done < RUN_MAX) {
         int64_t want = s->waiting < BATCH ? (int64_t)s->waiting : BATCH;
         int64_t got = reserve(s->a, want);
-        if (got == 0)
-            break; /* the cap is reached by other workers: wait for the next turn */
+        if (got == 0) { /* the cap is reached: wait until requests in progress finish */
+            s->capped = 1;
+            break;
+        }
         int n = 0;
         while (n < got) {
             sd_item *it = pop(s);

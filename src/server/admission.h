@@ -105,6 +105,10 @@ resp_buf *sd_reply_buf(sd_conn *c);
  * too long. Each batch's connections are handed to `ready` (once per batch) so their replies
  * go out before the next batch is decided. Returns the number of requests still waiting. */
 size_t sd_sched_run(sd_sched *s, int64_t now_ms, void (*ready)(sd_conn *c));
+/* 1 when the last sd_sched_run left requests waiting because the global cap on requests in
+ * progress was reached (running again at once cannot help), 0 when it stopped after
+ * RUN_MAX decisions (it should go on at once) or had nothing left. */
+int sd_sched_capped(const sd_sched *s);
 
 /* Asynchronous decisions (the Redis store): each batch goes to `submit` instead of
  * sl_take_batch. `submit` owns the items until it calls sd_sched_decided for each (it->d

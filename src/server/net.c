@@ -51,6 +51,7 @@ struct worker {
     uv_tcp_t lst[2]; /* RESP, HTTP */
     uv_check_t check; /* after each poll: run admission control */
     uv_idle_t idle;   /* active while requests wait: the loop must not block in poll */
+    uv_timer_t retry; /* requests wait at the global cap: look again soon (not spinning) */
     sd_sched *sched;
     sd_rlink *rlink; /* the Redis store's connections (NULL: in-memory store) */
     int have[2];
@@ -420,7 +421,8 @@ static void close_if_done(worker *w)
     if (!w->conns) {
         sd_rlink_close(w->rlink);
         uv_handle_t *hs[] = {(uv_handle_t *)&w->tick, (uv_handle_t *)&w->wake,
-                             (uv_handle_t *)&w->check, (uv_handle_t *)&w->idle};
+                             (uv_handle_t *)&w->check, (uv_handle_t *)&w->idle,
+                             (uv_handle_t *)&w->retry};
         for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++)
             if (!uv_is_closing(hs[i]))
                 uv_close(hs[i], NULL);
@@ -437,16 +439,32 @@ static void on_idle(uv_idle_t *h)
     (void)h; /* its being active is the point: poll does not block while requests wait */
 }
 
+static void on_retry(uv_timer_t *t)
+{
+    (void)t; /* its firing is the point: the loop wakes and on_check runs the scheduler */
+}
+
+/* Requests that wait for the scheduler's next turn keep poll from blocking, except when they
+ * wait at the global cap on the Redis store: the slots they need are freed by replies from
+ * Redis, on this loop (which wakes it) or on another worker's (which does not), so the loop
+ * looks again every RETRY_MS instead of spinning (it spun a core while a hung Redis held
+ * every slot; found by review). On the in-memory store a slot is held only while another
+ * worker decides a batch, microseconds: looking again at once is right there. */
+#define RETRY_MS 1
+
 static void on_check(uv_check_t *h)
 {
     worker *w = h->data;
     size_t waiting = sd_sched_run(w->sched, (int64_t)uv_now(&w->loop), on_ready);
     if (uv_is_closing((uv_handle_t *)&w->idle))
         return;
-    if (waiting)
+    int capped = waiting && w->rlink && sd_sched_capped(w->sched);
+    if (waiting && !capped)
         uv_idle_start(&w->idle, on_idle);
     else
         uv_idle_stop(&w->idle);
+    if (capped && !uv_is_active((uv_handle_t *)&w->retry))
+        uv_timer_start(&w->retry, on_retry, RETRY_MS, 0);
 }
 
 static void on_tick(uv_timer_t *t)
@@ -615,6 +633,8 @@ int sd_net_start(sd_server *srv)
         uv_check_start(&w->check, on_check);
         uv_idle_init(&w->loop, &w->idle);
         w->idle.data = w;
+        uv_timer_init(&w->loop, &w->retry);
+        w->retry.data = w;
         if (!(w->sched = sd_sched_new(&srv->adm, srv->lim)) ||
             (srv->rstore && !(w->rlink = sd_rlink_new(&w->loop, srv->rstore, w->sched)))) {
             g_nworkers = i + 1;

@@ -595,6 +595,44 @@ class FaultTest(unittest.TestCase):
                 code = s.stop()
             self.assertEqual(code, 0, s.log())
 
+    def test_requests_waiting_at_the_cap_do_not_spin(self):
+        """Requests waiting at the global cap while a hung Redis holds every slot: the worker
+        sleeps between looks at them. It spun a core (about 1 s of CPU per second; found by
+        review)."""
+        def cpu_seconds(pid):
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        with RedisServer() as r:
+            s = Sluiced("--store", "redis://127.0.0.1:%d" % r.port, "--redis-timeout", "5000",
+                        threads=1).start()
+            socks = []
+            try:
+                c = redis.Redis(port=s.resp_port, socket_timeout=10)
+                c.execute_command("SL.ADMISSION", "SET", "max_global_concurrent_requests", 1)
+                c.execute_command("SL.ADMISSION", "SET", "max_queue_wait_ms", 4000)
+                self.assertEqual(c.execute_command("SL.TAKE", "t", "a", "warm")[0], 1)
+                os.kill(r.proc.pid, signal.SIGSTOP)
+                for i in range(3):  # one holds the slot (for up to 5 s), two wait at the cap
+                    k = socket.create_connection(("127.0.0.1", s.resp_port), timeout=10)
+                    k.sendall(resp_command("SL.TAKE", "t", "a", "c%d" % i))
+                    socks.append(k)
+                time.sleep(0.3)
+                cpu0 = cpu_seconds(s.proc.pid)
+                time.sleep(2.0)
+                used = cpu_seconds(s.proc.pid) - cpu0
+                print(f"\nCPU while requests waited at the cap: {used:.2f} s in 2 s")
+                self.assertLess(used, 0.4)
+                replies = [k.recv(4096) for k in socks]  # all answered in the end
+                self.assertTrue(all(replies), replies)
+            finally:
+                for k in socks:
+                    k.close()
+                os.kill(r.proc.pid, signal.SIGCONT)
+                code = s.stop()
+            self.assertEqual(code, 0, s.log())
+
     def test_redis_away_at_start(self):
         """Redis not there when the first request comes (connection refused, before any
         topology is known): requests are answered at once by the fail mode, not held for
