@@ -78,15 +78,19 @@ static void family(resp_buf *o, const char *name, const char *type, const char *
 }
 
 
-/* A label value: \, " and newline escaped as the format asks; bytes that are not UTF-8
- * (tenant ids are arbitrary bytes) become U+FFFD. */
+/* A label value: \, " and newline escaped as the format asks; a byte that is not UTF-8
+ * (tenant ids are arbitrary bytes) and % itself percent-encoded, so that two tenants never
+ * print as one series (bytes that were not UTF-8 became U+FFFD: \xff, \xfe and a real U+FFFD
+ * were one series three times over, which Prometheus drops as duplicates; found by review). */
 static void label_value(resp_buf *o, const char *s, size_t n)
 {
+    static const char hex[] = "0123456789ABCDEF";
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
         size_t k = sd_utf8_len(u + i, n - i);
-        if (k == 0) {
-            resp_raw(o, "\xef\xbf\xbd", 3);
+        if (k == 0 || u[i] == '%') {
+            char pct[3] = {'%', hex[u[i] >> 4], hex[u[i] & 15]};
+            resp_raw(o, pct, 3);
             i++;
         } else if (u[i] == '\\' || u[i] == '"') {
             resp_raw(o, "\\", 1);

@@ -14,8 +14,9 @@ import subprocess
 import time
 import unittest
 import urllib.parse
+import urllib.request
 
-from harness import Sluiced, run_sluiced, send_split, trickle
+from harness import Sluiced, resp_command, run_sluiced, send_split, trickle
 
 TIMEOUT = 10.0
 HOUR = 3600
@@ -1166,6 +1167,25 @@ class Metrics(HttpCase):
         p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                            timeout=TIMEOUT)
         self.assertEqual(p.returncode, 0, (p.stdout + p.stderr).decode())
+
+
+class MetricsTenantLabels(unittest.TestCase):
+    def test_distinct_tenants_distinct_series(self):
+        """Tenant ids are bytes (RESP): ones that are not UTF-8 print percent-encoded, and %
+        too, so no two tenants share a series. \\xff, \\xfe and a real U+FFFD all printed as
+        U+FFFD (found by review)."""
+        with Sluiced() as s:
+            with socket.create_connection(("127.0.0.1", s.resp_port), timeout=TIMEOUT) as k:
+                for t in (b"\xff", b"\xfe", "\ufffd".encode(), b"%FF", b"50%", b"caf\xc3\xa9"):
+                    k.sendall(resp_command("SL.TAKE", t, "a", "c"))
+                    self.assertTrue(k.recv(4096).startswith(b"*7"))
+            text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % s.http_port,
+                                          timeout=TIMEOUT).read().decode()
+            series = re.findall(r'^sluice_decisions_total\{tenant="([^"]*)",result="allowed"\} 1$',
+                                text, re.M)
+            for label in ("%FF", "%FE", "\ufffd", "%25FF", "50%25", "café"):
+                self.assertEqual(series.count(label), 1, (label, series))
+            self.assertEqual(s.stop(), 0)
 
 
 class MetricsTotals(HttpCase):
