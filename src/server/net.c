@@ -480,7 +480,9 @@ static void on_tick(uv_timer_t *t)
     if (idle > 0 && !w->stopping) {
         for (conn *k = w->conns, *n; k; k = n) {
             n = k->next;
-            if (!k->writing && now - k->c.last_active_ms > (int64_t)idle * 1000) {
+            /* a connection waiting for its decisions is not idle (found by review) */
+            if (!k->writing && !k->c.items_waiting &&
+                now - k->c.last_active_ms > (int64_t)idle * 1000) {
                 sd_debug("conn %llu %s idle for %d s; closing", (unsigned long long)k->c.id,
                          k->c.peer, idle);
                 conn_close(k);
