@@ -814,7 +814,11 @@ class ClusterTest(unittest.TestCase):
                 t = threading.Thread(target=lambda: result.update(hammer(
                     [s.resp_port for s in srvs], keys, per_key=400, seconds=30)))
                 t.start()
-                time.sleep(0.3)  # the keys exist (on their masters) before their slots move
+                # the keys exist (on their masters) before their slots move: 0.3 s was once too
+                # little under a sanitizer on a loaded machine (nothing moved)
+                deadline = time.monotonic() + 10
+                while len(cl[0].keys("sl:*")) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 moved = 0
                 for name in cl[0].keys("sl:*"):
                     move_slot(c, c.nodes[0], c.nodes[1], name, ask_window=0.1)

@@ -1024,8 +1024,14 @@ class Backpressure(unittest.TestCase):
             if "libasan" not in maps and "libtsan" not in maps:  # they keep freed memory
                 self.assertLess(grown, 12 * 1024, "kB held for replies nobody reads")
             self.assertEqual(raw_status(s.http_port, "quiet"), 200)  # others are served
-            time.sleep(3.5)  # --idle-timeout 2: the hogs are closed (what the client then
-            # sees depends on TCP: a reset, or the rest and a FIN, once it reads again)
+            # --idle-timeout 2: the hogs are closed (what the client then sees depends on TCP:
+            # a reset, or the rest and a FIN, once it reads again). Each is closed 2-3 s after
+            # its replies stopped moving, which under a sanitizer on a loaded machine may be
+            # later than the 4 s this once waited: wait for it, for at most 15 s.
+            deadline = time.monotonic() + 15
+            while (s.log().count("has not read its replies") < 3 and
+                   time.monotonic() < deadline):
+                time.sleep(0.1)
             self.assertEqual(s.log().count("has not read its replies"), 3, s.log())
             for h in hogs:
                 h.close()
