@@ -49,7 +49,8 @@ typedef struct sd_item {
     int peek_next;             /* right after this decision (of cost 0), ask whether one of
                                   cost 1 would pass (a peek with the same inline policy):
                                   d.allowed and d.retry_after become that answer (HTTP
-                                  status on the in-memory store) */
+                                  status; on the Redis store the link asks both in one
+                                  call: sl_rs_prepare_status) */
     sl_request req;
     sl_policy pol;             /* req.inline_policy points here when set */
     sl_decision d;

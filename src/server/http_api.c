@@ -615,12 +615,10 @@ static void submit(ctx *x, const seg key[3], uint64_t cost, const sl_policy *pol
                 (t->head ? F_HEAD : 0);
     it->req.cost = cost;
     it->release = x->ep == SD_EP_RELEASE; /* cost is the lease id */
-    if (x->ep == SD_EP_STATUS && c->srv->rstore) {
-        it->req.cost = 1;
-        it->req.peek = 1;
-    } else if (x->ep == SD_EP_STATUS) {
-        it->peek_next = 1; /* whether one more would pass, asked in order (admission.c) */
-    }
+    /* a status: the key as a decision of cost 0 shows it, then whether one more would pass,
+     * asked in order: in memory right after it (admission.c), on Redis in the same call (the
+     * script's op "status", sl_rs_prepare_status) */
+    it->peek_next = x->ep == SD_EP_STATUS;
     if (pol) {
         it->pol = *pol;
         it->req.inline_policy = &it->pol;
@@ -724,16 +722,13 @@ void sd_api_emit(sd_conn *c, sd_item *it, resp_buf *out)
     }
     sl_limiter *l = c->srv->lim;
     int64_t now = sl_now(l); /* the decision was made moments ago, in this loop iteration */
-    sl_decision d = it->d;
-    if (ep == SD_EP_STATUS && d.err == SL_OK && c->srv->rstore) {
-        /* A peek of cost 1 reports the units left after the request it imagines. */
-        d.remaining += d.allowed ? 1 : 0;
-    }
-    /* In memory, a status is a decision of cost 0 (which always passes) whose allowed and
-     * retry_after the scheduler replaced with a peek of cost 1 made right after it, with
-     * its inline policy (sd_item.peek_next): not sl_peek here, which would see the
-     * decisions pipelined after it and no inline policy. */
-    decision_reply(out, tag, ep, &d, now);
+    /* A status is a decision of cost 0 (which always passes: the key as it is now) whose
+     * allowed and retry_after are those of a peek of cost 1 with its inline policy
+     * (sd_item.peek_next), asked right after it by the scheduler (in memory) or in the same
+     * call (Redis): not sl_peek here, which would see the decisions pipelined after it and
+     * no inline policy. (On Redis it was one peek of cost 1, whose reset_after describes
+     * the key after the request it imagines: one unit late; found by review.) */
+    decision_reply(out, tag, ep, &it->d, now);
 }
 
 /* ---- decisions ---------------------------------------------------------------------------- */
@@ -968,8 +963,6 @@ static void h_status(ctx *x, int method)
         return reply_error(x, 400, NULL, "%s", err);
     submit(x, key, 0, have[0] ? &pol : NULL);
 }
-/* With the Redis store a second round trip (sl_peek) cannot block the loop, so the status is
- * one peek of cost 1 (see sd_api_emit). */
 
 /* POST /api/release */
 static void h_release(ctx *x, int method)

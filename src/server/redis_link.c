@@ -717,9 +717,14 @@ static void submit(void *ctx, sd_item **items, int n)
         }
         q->it = it;
         q->t0 = sl_mono_ns();
-        int local = it->release ? sl_rs_prepare_release(lk->rs, &it->req.key, it->req.cost,
-                                                        SL_NOW, &q->call, &it->d.err)
-                                : sl_rs_prepare(lk->rs, &it->req, SL_NOW, &q->call, &it->d);
+        int local;
+        if (it->release)
+            local = sl_rs_prepare_release(lk->rs, &it->req.key, it->req.cost, SL_NOW, &q->call,
+                                          &it->d.err);
+        else if (it->peek_next) /* an HTTP status: the cost-0 view and cost 1's answer */
+            local = sl_rs_prepare_status(lk->rs, &it->req, SL_NOW, &q->call, &it->d);
+        else
+            local = sl_rs_prepare(lk->rs, &it->req, SL_NOW, &q->call, &it->d);
         if (local) {
             complete(lk, q); /* bad input, or the near cache */
             continue;

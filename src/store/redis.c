@@ -448,10 +448,12 @@ int sl_rs_apply_slots(sl_rstore *rs, int from, const redisReply *rep)
 static nc_shard *nc_shard_of(sl_rstore *rs, uint64_t h) { return &rs->nc[h >> 58]; }
 static nc_ent *nc_slot_of(nc_shard *s, uint64_t h) { return &s->e[h % NC_SLOTS]; }
 
+/* Takes and peeks only: a status reports another limit's fields (the cost-0 decision's)
+ * than a denial of cost 1 would, so an entry cannot answer it. */
 static int nc_usable(const sl_rstore *rs, const sl_rcall *c)
 {
     return !rs->o.no_near_cache && !c->explicit_now && !c->cp.has_lease &&
-           c->op != SL_RS_RELEASE && !c->over;
+           (c->op == SL_RS_TAKE || c->op == SL_RS_PEEK) && !c->over;
 }
 
 /* Start `d` for limit `idx` of c's policy: zeroed, with the limit's own fields. */
@@ -590,7 +592,7 @@ static int span_ok(const sl_cpolicy *cp)
     return 1;
 }
 
-static const char *const op_names[] = {"take", "peek", "release"};
+static const char *const op_names[] = {"take", "peek", "release", "status"};
 
 /* Resolve, check and format. SL_OK or the error for the request. */
 #define NEAR_HIT 1 /* encode: the near cache answered (d filled); nothing formatted */
@@ -658,8 +660,9 @@ static int encode(sl_rstore *rs, int op, const sl_key *k, const sl_policy *inl, 
 }
 
 /* Requests that can share one call: on one Redis (not a cluster: there a call's keys must
- * share a slot, and a slot half migrated refuses a call of several keys), takes or peeks
- * alike in every argument but the key (time, op, cost, limits), neither redirected. */
+ * share a slot, and a slot half migrated refuses a call of several keys), takes, peeks or
+ * statuses alike in every argument but the key (time, op, cost, limits), neither
+ * redirected. */
 static int groupable(sl_rstore *rs, const sl_rcall *a, const sl_rcall *b)
 {
     size_t ta = a->len - a->tail_off, tb = b->len - b->tail_off;
@@ -719,11 +722,10 @@ size_t sl_rs_group_cmd(sl_rcall *const *calls, int n, char *out, size_t cap)
     return b.overflow ? 0 : b.n;
 }
 
-int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
-                  sl_decision *d)
+static int prepare(sl_rstore *rs, int op, const sl_request *r, uint64_t cost, int64_t now,
+                   sl_rcall *call, sl_decision *d)
 {
-    int op = r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE;
-    int rc = encode(rs, op, &r->key, r->inline_policy, r->cost, now, call, d);
+    int rc = encode(rs, op, &r->key, r->inline_policy, cost, now, call, d);
     if (rc == NEAR_HIT) {
         BUMP(rs->near);
         if (op == SL_RS_TAKE)
@@ -736,6 +738,19 @@ int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *cal
         return 1;
     }
     return 0;
+}
+
+int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
+                  sl_decision *d)
+{
+    return prepare(rs, r->peek || r->cost == 0 ? SL_RS_PEEK : SL_RS_TAKE, r, r->cost, now, call,
+                   d);
+}
+
+int sl_rs_prepare_status(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
+                         sl_decision *d)
+{
+    return prepare(rs, SL_RS_STATUS, r, 1, now, call, d); /* cost: the request it imagines */
 }
 
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
@@ -801,8 +816,8 @@ void sl_rs_cap_reader(redisReader *r)
     r->fn = &capped_fns;
 }
 
-/* The script's reply to a take or peek (redis_script.lua, REPLY): 74 bytes, little-endian:
- * allowed and limit index as bytes, then nine doubles. */
+/* The script's reply to a take, peek or status (redis_script.lua, REPLY): 74 bytes,
+ * little-endian: allowed and limit index as bytes, then nine doubles. */
 #define REPLY_LEN 74
 
 static double le_double(const char *p) /* the host is little-endian (snapshot.c checks) */

@@ -38,7 +38,10 @@ struct redisReply;
 #define SL_RS_PREFIX_MAX 64
 #define SL_RS_MAX_LEASE (INT64_C(1) << 53) /* lease ids the script issues are below */
 
-enum { SL_RS_TAKE, SL_RS_PEEK, SL_RS_RELEASE };
+/* SL_RS_STATUS: sluiced's GET /api/status in one call: what a take of cost 0 shows (the key
+ * as it is now: limit, remaining, reset_after, ...) with allowed and retry_after of a peek of
+ * cost 1 at the same time (the script's op "status"). */
+enum { SL_RS_TAKE, SL_RS_PEEK, SL_RS_RELEASE, SL_RS_STATUS };
 
 /* One request on its way to Redis. */
 typedef struct sl_rcall {
@@ -72,12 +75,18 @@ void sl_rs_free(sl_rstore *rs);
  * cache), else 0 with `call` ready to send. */
 int sl_rs_prepare(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
                   sl_decision *d);
+/* Prepare a status of r's key and inline policy (r->cost and r->peek are ignored): as a take
+ * of cost 0, with d->allowed and d->retry_after those of a peek of cost 1 at the same time,
+ * in one call (SL_RS_STATUS). Never answered by the near cache. Returns as sl_rs_prepare. */
+int sl_rs_prepare_status(sl_rstore *rs, const sl_request *r, int64_t now, sl_rcall *call,
+                         sl_decision *d);
 /* Prepare a release of `lease` on key `k`; returns 1 with *rc set when decided already. */
 int sl_rs_prepare_release(sl_rstore *rs, const sl_key *k, uint64_t lease, int64_t now,
                           sl_rcall *call, int *rc);
 
 /* Requests alike in all but the key can share one FCALL (a group) on one Redis (not a
- * cluster): takes or peeks with the same time, op, cost and limits, neither redirected.
+ * cluster): takes, peeks or statuses with the same time, op, cost and limits, neither
+ * redirected.
  * Each key of a group is decided as its own call would be (redis_script.lua, CALL); the
  * group saves Redis the call's own cost per key. */
 #define SL_RS_GROUP_MAX 64
@@ -110,7 +119,7 @@ int sl_rs_finish_member(sl_rstore *rs, sl_rcall *c, const struct redisReply *gro
 struct redisReader;
 void sl_rs_cap_reader(struct redisReader *r);
 
-/* The function's reply to a take or peek, decoded (redis_script.lua, REPLY). */
+/* The function's reply to a take, peek or status, decoded (redis_script.lua, REPLY). */
 typedef struct sl_rs_reply {
     int allowed;
     unsigned index; /* < the policy's nlimits */

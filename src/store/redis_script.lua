@@ -23,6 +23,10 @@ CALL
   <now>   "" = Redis's clock (TIME); else decimal ns since the Unix epoch, 0 <= now < 2^62.
   <op>    "take": consume <cost> if every limit allows it (cost 0 = peek);
           "peek": what take of <cost> would answer; writes nothing, creates no key;
+          "status": what take of 0 answers (the key as it is now: limit_index, remaining,
+                  reset_after, delay, tokens, reserve), except allowed and retry_after,
+                  which are what a take of <cost> would answer at the same time (sluiced's
+                  GET /api/status: one call for both); writes nothing, creates no key;
           "release": <cost> is a lease id to release on the key's concurrency limits.
   <n>     1..4 limits (0 allowed for release), each sl_climit's six integers (algo.h):
           algorithm 1..7, limit, interval ns (token/leaky/burst base, else 0), window ns
@@ -31,7 +35,7 @@ CALL
           <= 2^52 ns; limit <= 1e9 (log and concurrency <= 100000); cost <= every limit.
   Malformed arguments: an "ERR sluice: ..." error reply, nothing changed.
 REPLY
-  take/peek: one 74-byte string, little-endian (struct '<BBddddddddd'):
+  take/peek/status: one 74-byte string, little-endian (struct '<BBddddddddd'):
              B allowed 0|1, B limit_index (0-based), then doubles: remaining,
              reset_after_ns, retry_after_ns, delay_ns, tokens, reserve, lease (0 = none),
              and the time decided at as whole seconds and ns. All but tokens and reserve
@@ -859,12 +863,14 @@ local function states_for(stored, limits, osec, ons)
     return xs
 end
 
-local function decide(key, stored, limits, cost, take, osec, ons)
+-- status: the decision of a take of cost 0 (take is false), whose allowed and retry_after
+-- are then those of a peek of <cost> at the same time (see CALL).
+local function decide(key, stored, limits, cost, take, status, osec, ons)
     local xs = states_for(stored, limits, osec, ons)
     local lastid = stored and stored.lastid or 0
     local chk, ok, has_lease = {}, true, false
     for i, x in ipairs(xs) do
-        chk[i] = check(x, cost)
+        chk[i] = check(x, status and 0 or cost)
         ok = ok and chk[i].allowed
         has_lease = has_lease or x.c.alg == CC
     end
@@ -901,18 +907,32 @@ local function decide(key, stored, limits, cost, take, osec, ons)
         if x.c.alg == BR then reserve = chk[i].reserve end
     end
     local d = chk[r]
-    return pack(REPLY, ok and 1 or 0, r - 1, d.remaining, d.reset, ok and 0 or d.retry, delay,
+    local retry = ok and 0 or d.retry
+    if status then
+        -- would <cost> pass, and when: the denying limit that waits longest (as decide
+        -- reports a denial); check() reads only, so the states are as they were
+        ok, retry = true, 0
+        for _, x in ipairs(xs) do
+            local o = check(x, cost)
+            if not o.allowed then
+                ok = false
+                if o.retry > retry then retry = o.retry end
+            end
+        end
+    end
+    return pack(REPLY, ok and 1 or 0, r - 1, d.remaining, d.reset, retry, delay,
                 d.tokens, reserve, lease, osec, ons)
 end
 
--- The common case without the general path's tables: a take or peek under one token_bucket
--- limit, on a new key or on a value holding exactly that limit (same parameters) and no
--- lease id. The same functions and the same bytes as decide() would use and write (the
--- differential test runs both); nil when the value is anything else: decide() takes it.
+-- The common case without the general path's tables: a take, peek or status under one
+-- token_bucket limit, on a new key or on a value holding exactly that limit (same
+-- parameters) and no lease id. The same functions and the same bytes as decide() would use
+-- and write (the differential test runs both); nil when the value is anything else:
+-- decide() takes it.
 local TB1 = '<BBdBddddd' -- version, 1, lastid, TB, limit, interval, base, tat, last
 local TB1_LEN = 51
 
-local function decide_tb(key, v, c, cost, take, osec, ons)
+local function decide_tb(key, v, c, cost, take, status, osec, ons)
     local O, n, tat, last = osec, ons, ons, ons
     if v then
         if #v ~= TB1_LEN then return nil end
@@ -938,6 +958,13 @@ local function decide_tb(key, v, c, cost, take, osec, ons)
     local have = backlog >= tau and 0 or tau - backlog
     local need = cost * T -- cost <= limit, so need <= tau
     local allowed, remaining, reset, retry, tokens
+    if status then
+        -- gcra_check of cost 0 (which passes), and of <cost> for allowed and retry
+        allowed, retry = 0, backlog + need - tau
+        if need <= have then allowed, retry = 1, 0 end
+        return pack(REPLY, allowed, 0, (have - fmod(have, T)) / T, backlog, retry, 0, have / T,
+                    0, 0, osec, ons)
+    end
     if need <= have then
         local left = have - need
         allowed, remaining, reset, retry = 1, (left - fmod(left, T)) / T, backlog + need, 0
@@ -1039,16 +1066,17 @@ end
 -- token-bucket limit when decide_tb may take it, take: a take that consumes (cost > 0).
 local function one(key, op, limits, tb, cost, take, osec, ons)
     local v = redis.call('GET', key)
+    local status = op == 'status'
     if tb then
-        local res = decide_tb(key, v, tb, cost, take, osec, ons)
+        local res = decide_tb(key, v, tb, cost, take, status, osec, ons)
         if res then return res end
     end
     local stored = parse(v)
     if op == 'release' then return release(key, stored, cost, osec, ons) end
-    return decide(key, stored, limits, cost, take, osec, ons)
+    return decide(key, stored, limits, cost, take, status, osec, ons)
 end
 
-local MAX_KEYS = 64 -- keys one take or peek call may decide (see CALL)
+local MAX_KEYS = 64 -- keys one take, peek or status call may decide (see CALL)
 
 local function main(KEYS, ARGV)
     if not fmod then
@@ -1060,8 +1088,8 @@ local function main(KEYS, ARGV)
         return selftest(args)
     end
     local nk, op = #KEYS, ARGV[2]
-    if op ~= 'take' and op ~= 'peek' and op ~= 'release' then
-        return redis.error_reply('ERR sluice: op must be take, peek or release')
+    if op ~= 'take' and op ~= 'peek' and op ~= 'status' and op ~= 'release' then
+        return redis.error_reply('ERR sluice: op must be take, peek, status or release')
     end
     if nk < 1 or nk > MAX_KEYS or (nk > 1 and op == 'release') then
         return redis.error_reply('ERR sluice: 1..64 keys (release: one)')

@@ -504,6 +504,120 @@ class SharedRedisTest(unittest.TestCase):
             self.assertIn(word, err)
 
 
+def http_status(srv, tenant, client, action, query=""):
+    """GET /api/status: (HTTP status, JSON body, RateLimit-Policy, RateLimit)."""
+    url = "http://127.0.0.1:%d/api/status/%s/%s/%s%s" % (srv.http_port, tenant, client, action,
+                                                         query)
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return (resp.status, json.loads(resp.read()), resp.headers["RateLimit-Policy"],
+                resp.headers["RateLimit"])
+
+
+class StatusOnRedisTest(unittest.TestCase):
+    """GET /api/status on the Redis store answers what the in-memory store answers for the
+    same requests: the key as a decision of cost 0 shows it (remaining, and the reset time of
+    the state now), with whether one more request would pass. It was one peek of cost 1,
+    whose reset time was that of the state after the request it imagined: one unit late (a
+    fresh token bucket of 5 refilling one per 720 s said t=720 instead of t=0; found by
+    review)."""
+
+    # (action, policy words, inline query): capacity 5 or 3, one unit per 720 s or windows
+    # of an hour, so that a reset one unit late is far beyond the second of rounding allowed
+    CASES = (("tb", "token_bucket LIMIT 5 RATE 0.001388889", ""),
+             ("lb", "leaky_bucket LIMIT 5 RATE 0.001388889", ""),
+             ("fw", "fixed_window LIMIT 3 WINDOW 3600", ""),
+             ("sw", "sliding_window LIMIT 3 WINDOW 3600", ""),
+             ("log", "sliding_log LIMIT 3 WINDOW 3600", ""),
+             ("stack", "token_bucket LIMIT 5 RATE 0.001388889 AND sliding_log LIMIT 3 WINDOW 3600",
+              ""),
+             ("inl", None, "?max_requests=4&window_duration_seconds=2880"))
+
+    def check(self, srv, action, query):
+        body = {"tenant_id": "rz", "client_id": "u", "action_type": action}
+        if query:
+            body.update(max_requests=4, window_duration_seconds=2880)
+        return post_status(srv, "/api/check_and_consume", body)
+
+    def compare(self, redis_srv, mem_srv, step):
+        """The status of every case on both servers, asked back to back: equal, but for the
+        second of rounding the two servers' moments apart may make in a time."""
+        for action, _, query in self.CASES:
+            got = http_status(redis_srv, "rz", "u", action, query)
+            want = http_status(mem_srv, "rz", "u", action, query)
+            what = (step, action, got, want)
+            self.assertEqual(got[0], 200, what)
+            g, w = got[1], want[1]
+            for f in ("allowed", "remaining_requests", "limit", "status"):
+                self.assertEqual(g[f], w[f], what)
+            for f in ("reset_time_seconds", "retry_after_seconds"):
+                self.assertLessEqual(abs(g[f] - w[f]), 1, (f, what))
+            self.assertEqual(got[2], want[2], what)  # RateLimit-Policy
+            gr, gt = got[3].split(";t=")
+            wr, wt = want[3].split(";t=")
+            self.assertEqual(gr, wr, what)  # "default";r=<remaining>
+            self.assertLessEqual(abs(int(gt) - int(wt)), 1, what)
+
+    def test_status_matches_the_in_memory_store(self):
+        with RedisServer() as r, \
+                Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as rs, Sluiced() as ms:
+            for srv in (rs, ms):
+                c = redis.Redis(port=srv.resp_port)
+                for action, words, _ in self.CASES:
+                    if words:
+                        self.assertTrue(c.execute_command("SL.RULE", "SET", "ACTION", "rz",
+                                                          action, *words.split()))
+            self.compare(rs, ms, "fresh")
+            for action, _, query in self.CASES:
+                for srv in (rs, ms):
+                    self.assertEqual(self.check(srv, action, query), 200)
+            # the sliding log's reset runs from its oldest timestamp: let it move
+            time.sleep(2.5)
+            self.compare(rs, ms, "one taken")
+            for action, _, query in self.CASES:
+                for srv in (rs, ms):
+                    self.assertEqual(self.check(srv, action, query), 200)
+            self.compare(rs, ms, "two taken")  # one left of the windows' 3
+            for action, _, query in self.CASES:  # until denied
+                for srv in (rs, ms):
+                    while self.check(srv, action, query) == 200:
+                        pass
+            self.compare(rs, ms, "exhausted")
+            g = http_status(rs, "rz", "u", "tb")
+            self.assertFalse(g[1]["allowed"])
+            self.assertEqual(g[1]["remaining_requests"], 0)
+            # the first unit was taken 2.5 s before the others
+            self.assertIn(g[1]["retry_after_seconds"], range(716, 720))
+            self.assertIn(g[3], ['"default";r=0;t=%d' % t for t in range(3596, 3600)])
+            self.assertEqual(rs.stop(), 0)
+            self.assertEqual(ms.stop(), 0)
+
+    def test_fresh_token_bucket_status_is_full_now(self):
+        """The review's case: a new key of a token bucket is full now (t=0, reset now); with
+        two left, the status's reset is the check's."""
+        with RedisServer() as r, Sluiced("--store", "redis://127.0.0.1:%d" % r.port) as s:
+            c = redis.Redis(port=s.resp_port)
+            self.assertTrue(c.execute_command("SL.RULE", "SET", "ACTION", "rz", "a",
+                                              "token_bucket", "LIMIT", 5, "RATE", 0.001388889))
+            before = time.time()
+            code, st, _, rl = http_status(s, "rz", "u", "a")
+            self.assertEqual(rl, '"default";r=5;t=0')
+            self.assertEqual((st["allowed"], st["remaining_requests"]), (True, 5))
+            self.assertLessEqual(st["reset_time_seconds"], int(time.time()) + 1)
+            self.assertGreaterEqual(st["reset_time_seconds"], int(before))
+            body = {"tenant_id": "rz", "client_id": "u", "action_type": "a"}
+            for _ in range(2):
+                self.assertEqual(post_status(s, "/api/check_and_consume", body), 200)
+            req = urllib.request.Request("http://127.0.0.1:%d/api/check_and_consume" %
+                                         s.http_port, data=json.dumps(body).encode())
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                chk = json.loads(resp.read())
+            self.assertEqual(chk["remaining_requests"], 2)
+            code, st, _, rl = http_status(s, "rz", "u", "a")
+            self.assertEqual(rl, '"default";r=2;t=2160')
+            self.assertEqual((st["allowed"], st["remaining_requests"]), (True, 2))
+            self.assertLessEqual(abs(st["reset_time_seconds"] - chk["reset_time_seconds"]), 1)
+
+
 class FaultTest(unittest.TestCase):
     def outage(self, mode):
         """Kill redis-server under load, then start it again on the same port."""
@@ -536,6 +650,12 @@ class FaultTest(unittest.TestCase):
             during = [a for (ts, a) in replies if down_at + 0.5 < ts < down_at + 1.5]
             self.assertGreater(len(during), 10)  # still serving, at once
             self.assertEqual(set(during), {1 if mode == "open" else 0})
+            # a status is decided by the fail mode too (one call: the script's op "status")
+            code, st, _, rl = http_status(s, "t", "u1", "a")
+            self.assertEqual((code, st["allowed"], st["remaining_requests"],
+                              st["retry_after_seconds"], rl),
+                             (200, mode == "open", 0, 0 if mode == "open" else 1,
+                              '"default";r=0;t=0'))
             r.start()
             back_at = time.monotonic()
             deadline = back_at + 10

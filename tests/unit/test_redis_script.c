@@ -8,12 +8,13 @@
  * change (costs up to the whole limit; time steps of 0, a few ns, exact retry / reset /
  * window / expiry boundaries +-1, backwards a little and now and then by up to 2^61 ns,
  * idles of days and up to 2^55 ns; absolute times from 0 to 2^62 - 1; one to four stacked
- * limits of every algorithm, spans up to 2^52 ns)
- * must give identical answers: allowed, limit index, remaining, reset_after, retry_after,
- * delay, tokens and reserve (the same double: compared as "%.17g"), and leases mapped id to
- * id. After every write the key's PTTL must be the script's documented TTL computed from the
- * C state (then the test PERSISTs the key, so that Redis's own clock, which does not follow
- * the test's `now`, never expires it); a peek must leave the value untouched and create no
+ * limits of every algorithm, spans up to 2^52 ns; op "status" against a take of cost 0
+ * whose allowed and retry_after are a peek's of cost 1) must give identical answers:
+ * allowed, limit index, remaining, reset_after, retry_after, delay, tokens and reserve
+ * (the same double: compared as "%.17g"), and leases mapped id to id. After every write
+ * the key's PTTL must be the script's documented TTL computed from the C state (then the
+ * test PERSISTs the key, so that Redis's own clock, which does not follow the test's
+ * `now`, never expires it); a peek must leave the value untouched and create no
  * key. Then the exact-arithmetic helpers at their edges (op "selftest"), Redis's clock (TIME),
  * real expiry, unreadable values and malformed arguments.
  *
@@ -481,7 +482,7 @@ static void print_policy(const seq *q)
 }
 
 static struct {
-    unsigned long takes, peeks, releases, changes, allowed, leases;
+    unsigned long takes, peeks, statuses, releases, changes, allowed, leases;
 } counts;
 
 static long long trace_seq = -1; /* SL_TRACE_SEQ=n prints every step of sequence n */
@@ -571,9 +572,20 @@ static void do_take(seq *q, int peek)
     uint64_t cost = rand_cost(q);
     const char *op = peek ? "peek" : "take";
     sl_decision d;
-    if (peek && chance(20))
+    int status = peek && chance(15);
+    if (peek && !status && chance(20))
         cost = 0;
-    if (!peek)
+    if (status) {
+        /* op "status" (sluiced's GET /api/status): a take of cost 0, with allowed and
+         * retry_after of a peek of cost 1 at the same time */
+        sl_decision next;
+        cost = 1;
+        op = "status";
+        assert_int_equal(sl_take(q->l, &q->key, 0, q->now, &d), SL_OK);
+        assert_int_equal(sl_peek(q->l, &q->key, q->now, &next), SL_OK);
+        d.allowed = next.allowed;
+        d.retry_after = next.retry_after;
+    } else if (!peek)
         assert_int_equal(sl_take(q->l, &q->key, cost, q->now, &d), SL_OK);
     else if (cost == 1)
         assert_int_equal(sl_peek(q->l, &q->key, q->now, &d), SL_OK);
@@ -586,6 +598,8 @@ static void do_take(seq *q, int peek)
     }
     if (cost == 0 && chance(50))
         op = "take"; /* take of cost 0 is a peek too */
+    if (status)
+        counts.statuses++;
     sdec s;
     int writes = !peek && cost > 0;
     if (!writes) /* a peek: the value before and after must be the same bytes (or none) */
@@ -758,9 +772,10 @@ static void test_differential(void **st)
     while (id < total)
         run_sequence(id++, 0);
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("differential: %llu sequences, %lu takes (%lu allowed, %lu leases), %lu peeks, "
-           "%lu releases, %lu policy changes in %.1f s\n",
-           id, counts.takes, counts.allowed, counts.leases, counts.peeks, counts.releases,
+    printf("differential: %llu sequences, %lu takes (%lu allowed, %lu leases), %lu peeks "
+           "(%lu statuses), %lu releases, %lu policy changes in %.1f s\n",
+           id, counts.takes, counts.allowed, counts.leases, counts.peeks, counts.statuses,
+           counts.releases,
            counts.changes,
            (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
 }
