@@ -269,7 +269,10 @@ SL_API int sl_take_batch(sl_limiter *l, const sl_request *reqs, size_t n, int64_
  * keeps its remaining units, clamped to the new capacity (a full key stays full), limit by
  * limit: each limit of the new policy carries over from a limit of the same algorithm in the
  * old one (same parameters first, then the same position), so limits may be added, removed or
- * reordered; a limit whose algorithm the old policy did not have starts anew. */
+ * reordered; a limit whose algorithm the old policy did not have takes the first old limit
+ * left unused, of another algorithm, and keeps min(its whole units left, new capacity);
+ * with none left it starts anew. Concurrency (leases, not units) carries only from
+ * concurrency: across algorithms it starts anew. */
 typedef enum sl_scope {
     SL_SCOPE_TENANT = 1, /* key.tenant: the tenant's default for every action */
     SL_SCOPE_ACTION = 2, /* key.tenant + key.action */

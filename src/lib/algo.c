@@ -966,6 +966,70 @@ static uint64_t carry_used(uint64_t l_old, uint64_t used_old, uint64_t l_new)
     return rem >= l_new ? 0 : l_new - rem;
 }
 
+/* Across algorithms (a limit of an algorithm the old policy lacks takes the state of an old
+ * limit of another one): the new limit keeps R = min(whole units the old one leaves at n,
+ * L_new) -- fractions are dropped, so it never holds more than the old one did -- and is
+ * built to leave exactly R at n. An old limit as full as a new key (burst_reserve: its base
+ * full, whatever its reserve) gives a full new one. Concurrency holds leases, not units: to
+ * or from it the new limit starts fresh (limiter.c never pairs it across algorithms).
+ * redis_script.lua's carry_across is the same. */
+static void carry_across(const sl_climit *oc, const void *ostate, const sl_climit *nc,
+                         void *nstate, int64_t n)
+{
+    sl_algo_init(nc, nstate, n); /* fresh: full */
+    if (oc->algorithm == SL_CONCURRENCY || nc->algorithm == SL_CONCURRENCY)
+        return;
+    sl_check k;
+    sl_algo_check(oc, ostate, 0, n, &k); /* a peek: k.remaining = whole units left at n */
+    int full;
+    if (oc->algorithm == SL_BURST_RESERVE) {
+        br_st o;
+        memcpy(&o, ostate, sizeof o);
+        full = o.tat <= n;
+    } else {
+        full = k.remaining >= oc->limit;
+    }
+    if (full || k.remaining >= nc->limit)
+        return;
+    uint64_t used = nc->limit - k.remaining; /* L_new - R, in 1..L_new */
+    switch (nc->algorithm) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET: {
+        /* have = tau - (tat - n) = R*T: remaining = floor(have / T) = R. For the leaky
+         * bucket that is a queue of L - R units ahead (the next request waits for them) and
+         * room for R. used*T <= tau < 2^62. */
+        gcra_st s = {n + (int64_t)used * nc->interval, n};
+        memcpy(nstate, &s, sizeof s);
+        break;
+    }
+    case SL_BURST_RESERVE: { /* base R, reserve 0 */
+        br_st s = {n + (int64_t)used * nc->interval, n, n};
+        memcpy(nstate, &s, sizeof s);
+        break;
+    }
+    case SL_FIXED_WINDOW: { /* L - R used in the window holding n */
+        fw_st s = {n, used};
+        memcpy(nstate, &s, sizeof s);
+        break;
+    }
+    case SL_SLIDING_WINDOW: { /* L - R in the current window, none in the previous one */
+        sw_st s = {n, (uint32_t)used, 0};
+        memcpy(nstate, &s, sizeof s);
+        break;
+    }
+    case SL_SLIDING_LOG: { /* L - R timestamps at n */
+        int64_t *nr = log_ring(nstate);
+        for (uint64_t i = 0; i < used; i++)
+            nr[i] = n;
+        log_hdr h = {n, 0, (uint32_t)used};
+        memcpy(nstate, &h, sizeof h);
+        break;
+    }
+    case SL_CONCURRENCY:
+        break;
+    }
+}
+
 void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc, void *nstate,
                    int64_t now)
 {
@@ -981,6 +1045,10 @@ void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc,
                                                            : 0),
            sizeof last);
     int64_t n = max64(now, last);
+    if (oc->algorithm != nc->algorithm) {
+        carry_across(oc, ostate, nc, nstate, n);
+        return;
+    }
     sl_algo_init(nc, nstate, n); /* the full state; below only non-full keys are adjusted */
 
     switch (oc->algorithm) {

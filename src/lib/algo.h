@@ -80,7 +80,9 @@ int64_t sl_algo_full_at(const sl_climit *c, const void *state);
 
 /* Policy change: fill `nstate` (for limit `nc`) from `ostate` (kept under `oc`) at `now` so
  * that the key keeps its remaining units, clamped to the new capacity; a key full under the
- * old limit is full under the new one. Only called when oc->algorithm == nc->algorithm. */
+ * old limit is full under the new one. Across algorithms the new limit keeps exactly
+ * min(whole units the old one leaves, new capacity) (none gained from fractions); to or from
+ * concurrency (leases, not units) it starts fresh. */
 void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc, void *nstate,
                    int64_t now);
 

@@ -744,18 +744,27 @@ static int same_limit(const sl_climit *a, const sl_climit *b)
  * then the one at the same position if it has the same algorithm, then the first of the same
  * algorithm. So adding, removing or reordering limits keeps what the limits kept still
  * hold (it used to start the whole key anew: a key out of its 10/s handed a fresh bucket
- * when "and 1000/day" was added; found by review). The Redis script matches the same way. */
+ * when "and 1000/day" was added; found by review). Last, a limit still unmatched (its
+ * algorithm is not among the old limits left) takes the first old limit still unused, of
+ * another algorithm, and keeps its remaining units (sl_algo_carry): a key that switched
+ * from an emptied bucket to a window started anew, full (found by review). Concurrency
+ * (leases, not units) takes part in that last step on neither side. When no old limit is
+ * left, the limit starts fresh: taking one already matched again (the most restrictive,
+ * say) would hand an added "1000/day" the momentary emptiness of a 10/s bucket for the rest
+ * of the day. The Redis script matches the same way. */
 static void match_limits(const sl_cpolicy *old, const sl_cpolicy *cp, int from[SL_MAX_LIMITS])
 {
     unsigned used = 0;
     for (uint32_t i = 0; i < cp->nlimits; i++)
         from[i] = -1;
-    for (int pass = 0; pass < 3; pass++) {
+    for (int pass = 0; pass < 4; pass++) {
         for (uint32_t i = 0; i < cp->nlimits; i++) {
-            if (from[i] >= 0)
+            if (from[i] >= 0 || (pass == 3 && cp->lim[i].algorithm == SL_CONCURRENCY))
                 continue;
             for (uint32_t j = 0; j < old->nlimits; j++) {
-                if ((used & (1u << j)) || old->lim[j].algorithm != cp->lim[i].algorithm)
+                if ((used & (1u << j)) ||
+                    (pass < 3 ? old->lim[j].algorithm != cp->lim[i].algorithm
+                              : old->lim[j].algorithm == SL_CONCURRENCY))
                     continue;
                 if ((pass == 0 && !same_limit(&old->lim[j], &cp->lim[i])) ||
                     (pass == 1 && j != i))
@@ -769,7 +778,7 @@ static void match_limits(const sl_cpolicy *old, const sl_cpolicy *cp, int from[S
 }
 
 /* Fill `nst` (cp->state_size bytes) with e's state as seen under `cp`: each limit carried
- * over from the old policy's limit of the same algorithm (match_limits), fresh otherwise. */
+ * over from the old policy's limit match_limits pairs it with, fresh otherwise. */
 static void state_for(sl_limiter *l, sl_entry *e, int created, const sl_cpolicy *cp,
                       char *nst, int64_t now)
 {

@@ -618,10 +618,36 @@ local function carry_used(l_old, used_old, l_new)
     return rem >= l_new and 0 or l_new - rem
 end
 
--- sl_algo_carry: the state of x (same algorithm, other parameters) under nc, at x's
--- effective time; the key keeps its remaining units, clamped to the new capacity.
+-- algo.c's carry_across: the state of x under nc of another algorithm, at x's effective
+-- time: R = min(whole units x leaves, nc.limit), built to leave exactly R (a full x: full);
+-- to or from concurrency, fresh.
+local function carry_across(x, nc)
+    local oc, o, n, O = x.c, x.s, x.n, x.O
+    local s = new_state(nc, O, n)
+    local res = {c = nc, O = O, n = n, s = s}
+    if oc.alg == CC or nc.alg == CC then return res end
+    local r = check(x, 0).remaining
+    local full
+    if oc.alg == BR then full = o.tat <= n else full = r >= oc.limit end
+    if full or r >= nc.limit then return res end
+    local used, a = nc.limit - r, nc.alg
+    if a == TB or a == LB or a == BR then
+        s.tat = n + used * nc.interval -- <= n + tau: exact
+    elseif a == FW then
+        s.count = used
+    elseif a == SW then
+        s.cur = used
+    else -- LOG: L - R timestamps at n (new_state's base is the origin O)
+        s.blob, s.k = string.rep(pack('<d', n), used), used
+    end
+    return res
+end
+
+-- sl_algo_carry: the state of x (other parameters) under nc, at x's effective time; the key
+-- keeps its remaining units, clamped to the new capacity.
 local function carry(x, nc)
     local oc, o, n, O, a = x.c, x.s, x.n, x.O, x.c.alg
+    if a ~= nc.alg then return carry_across(x, nc) end
     local s = new_state(nc, O, n)
     if a == LB then
         -- queued requests keep their departure times (algo.c says why)
@@ -827,14 +853,16 @@ end
 
 -- Which stored limit each called limit carries its state from (limiter.c's match_limits):
 -- each stored one used once; first one with the same parameters, then the one at the same
--- position with the same algorithm, then the first with the same algorithm.
+-- position with the same algorithm, then the first with the same algorithm; last, the
+-- first one still unused (of another algorithm), concurrency on neither side.
 local function match_limits(recs, limits)
     local from, used = {}, {}
-    for pass = 0, 2 do
+    for pass = 0, 3 do
         for i, c in ipairs(limits) do
-            if not from[i] then
+            if not from[i] and (pass < 3 or c.alg ~= CC) then
                 for j, r in ipairs(recs) do
-                    if not used[j] and r.c.alg == c.alg and
+                    if not used[j] and
+                        (pass < 3 and r.c.alg == c.alg or pass == 3 and r.c.alg ~= CC) and
                         (pass ~= 0 or same_params(r.c, c)) and (pass ~= 1 or j == i) then
                         from[i], used[j] = j, true
                         break

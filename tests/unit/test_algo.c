@@ -978,6 +978,117 @@ static void test_carry_windows(void **st)
     key_free(&g);
 }
 
+/* Another algorithm: the new limit keeps exactly min(whole units the old one leaves, new
+ * capacity), built into its own state; a full old limit gives a full new one; concurrency
+ * (leases, not units) starts fresh both ways. */
+static tkey carried_across(tkey *old, sl_limit nl, int64_t now)
+{
+    tkey k = carried(old, nl, now);
+    uint64_t max_lease = 0;
+    assert_true(sl_algo_state_valid(&k.c, k.st, &max_lease)); /* as a snapshot would hold */
+    return k;
+}
+
+static void test_carry_across_algorithms(void **st)
+{
+    (void)st;
+    const int64_t W = 10 * S;
+    /* token bucket: 7.5 units at 500 ms -> 7 (the half unit is dropped, never rounded up) */
+    tkey o = key_new(lim(SL_TOKEN_BUCKET, 10, 1, 0, 0), 0);
+    TAKE(o, 3, 0, 1, 7, 3 * S, 0);
+    tkey n = carried_across(&o, lim(SL_FIXED_WINDOW, 20, 0, 10, 0), 500 * MS);
+    TAKE(n, 0, 500 * MS, 1, 7, W - 500 * MS, 0); /* 13 of 20 used in this window */
+    TAKE(n, 7, 500 * MS, 1, 0, W - 500 * MS, 0);
+    TAKE(n, 1, 500 * MS, 0, 0, W - 500 * MS, W - 500 * MS);
+    key_free(&n);
+    /* to a leaky bucket: room for 7, so 3 s of queue ahead of the next request */
+    n = carried_across(&o, lim(SL_LEAKY_BUCKET, 10, 1, 0, 0), 500 * MS);
+    sl_check ck = take(&n, 1, 500 * MS);
+    EXPECT(ck, 1, 6, 4 * S, 0);
+    assert_int_equal(ck.delay, 3 * S);
+    key_free(&n);
+    /* full again (at 3 s): a full window of another capacity */
+    n = carried_across(&o, lim(SL_SLIDING_WINDOW, 20, 0, 10, 0), 3 * S);
+    TAKE(n, 0, 3 * S, 1, 20, 0, 0);
+    key_free(&n);
+    key_free(&o);
+
+    /* leaky bucket: its remaining is queue room (4 queued of 10 -> 6) */
+    o = key_new(lim(SL_LEAKY_BUCKET, 10, 1, 0, 0), 0);
+    TAKE(o, 4, 0, 1, 6, 4 * S, 0);
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 8, 2, 0, 0), 0); /* 6 of 8, 500 ms each */
+    TAKE(n, 0, 0, 1, 6, S, 0);
+    TAKE(n, 6, 0, 1, 0, 4 * S, 0);
+    TAKE(n, 1, 0, 0, 0, 4 * S, 500 * MS);
+    key_free(&n);
+    key_free(&o);
+
+    /* burst_reserve: remaining counts the reserve (base 0 + reserve 60) */
+    o = key_new(lim(SL_BURST_RESERVE, 50, 1, 0, 100), 0);
+    TAKE(o, 50, 60 * S, 1, 60, S, 0);
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 100, 1, 0, 0), 60 * S);
+    TAKE(n, 0, 60 * S, 1, 60, 40 * S, 0);
+    key_free(&n);
+    n = carried_across(&o, lim(SL_SLIDING_WINDOW, 10, 0, 10, 0), 60 * S); /* clamped: full */
+    TAKE(n, 0, 60 * S, 1, 10, 0, 0);
+    key_free(&n);
+    key_free(&o);
+    /* a base full is as full as a new key, whatever the reserve: the new limit is full */
+    o = key_new(lim(SL_BURST_RESERVE, 50, 1, 0, 100), 0);
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 200, 1, 0, 0), 0);
+    TAKE(n, 0, 0, 1, 200, 0, 0);
+    key_free(&n);
+    TAKE(o, 1, 0, 1, 49, 20 * MS, 0); /* one unit of the base used: 49, not full */
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 200, 1, 0, 0), 0);
+    TAKE(n, 0, 0, 1, 49, 151 * S, 0);
+    key_free(&n);
+    key_free(&o);
+
+    /* sliding window (estimate 8 * 0.5 = 4 at 15 s: 6 left) to a log: 4 timestamps now */
+    o = key_new(lim(SL_SLIDING_WINDOW, 10, 0, 10, 0), 0);
+    TAKE(o, 8, 0, 1, 2, 2 * W, 0);
+    n = carried_across(&o, lim(SL_SLIDING_LOG, 10, 0, 10, 0), 15 * S);
+    TAKE(n, 0, 15 * S, 1, 6, W, 0);
+    TAKE(n, 7, 15 * S, 0, 6, W, W);
+    TAKE(n, 6, 15 * S, 1, 0, W, 0);
+    key_free(&n);
+    key_free(&o);
+
+    /* log (2 of 5 left) to burst_reserve: base 2 of 10, reserve 0 */
+    o = key_new(lim(SL_SLIDING_LOG, 5, 0, 10, 0), 0);
+    TAKE(o, 3, 0, 1, 2, W, 0);
+    n = carried_across(&o, lim(SL_BURST_RESERVE, 10, 1, 0, 5), S);
+    ck = take(&n, 0, S);
+    EXPECT(ck, 1, 2, 800 * MS, 0);
+    assert_true(ck.tokens == 2.0 && ck.reserve == 0.0);
+    TAKE(n, 2, S, 1, 0, S, 0);
+    TAKE(n, 1, S, 0, 0, S, 100 * MS);
+    key_free(&n);
+    key_free(&o);
+
+    /* an emptied window to a slow bucket: nothing left, not a fresh bucket */
+    o = key_new(lim(SL_FIXED_WINDOW, 5, 0, 10, 0), 0);
+    TAKE(o, 5, 0, 1, 0, W, 0);
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 5, 1, 0, 0), 0);
+    TAKE(n, 1, 0, 0, 0, 5 * S, S);
+    key_free(&n);
+    key_free(&o);
+
+    /* concurrency: fresh both ways */
+    o = key_new(lim(SL_CONCURRENCY, 5, 0, 30, 0), 0);
+    acquire(&o, 2, 0, 1);
+    n = carried_across(&o, lim(SL_TOKEN_BUCKET, 10, 1, 0, 0), 0);
+    TAKE(n, 0, 0, 1, 10, 0, 0);
+    key_free(&n);
+    key_free(&o);
+    o = key_new(lim(SL_TOKEN_BUCKET, 10, 1, 0, 0), 0);
+    TAKE(o, 10, 0, 1, 0, 10 * S, 0);
+    n = carried_across(&o, lim(SL_CONCURRENCY, 5, 0, 30, 0), 0);
+    TAKE(n, 0, 0, 1, 5, 0, 0);
+    key_free(&n);
+    key_free(&o);
+}
+
 static void test_carry_burst_and_concurrency(void **st)
 {
     (void)st;
@@ -1091,6 +1202,7 @@ int main(void)
         cmocka_unit_test(test_carry_token_bucket),
         cmocka_unit_test(test_carry_windows),
         cmocka_unit_test(test_carry_burst_and_concurrency),
+        cmocka_unit_test(test_carry_across_algorithms),
         cmocka_unit_test(test_full_at),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -414,16 +414,130 @@ static void test_policy_change_keeps_tokens(void **st)
     assert_int_equal(d.retry_after, 3 * S);
     assert_int_equal(take(l, "t", "lq", "c", 1, T0 + 3 * S - 1).allowed, 0);
     assert_int_equal(take(l, "t", "lq", "c", 1, T0 + 3 * S).allowed, 1);
-    /* another algorithm: the key starts anew */
+    /* another algorithm: the 2 units left under the bucket carry over (it used to start
+     * anew, with 4) */
     sl_policy w = SL_POLICY_WINDOW(SL_FIXED_WINDOW, 4, 10);
     assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &w), SL_OK);
-    assert_int_equal(take(l, "t", "a", "c", 1, T0).remaining, 3);
+    assert_int_equal(take(l, "t", "a", "c", 1, T0).remaining, 1);
+    sl_close(l);
+}
+
+/* A limit of capacity `cap` of algorithm `a`, slow enough that nothing refills within one
+ * `now` (windows of an hour; a reserve that refills 1 unit in 1000 s). */
+static sl_limit slow_limit(sl_algorithm a, double cap)
+{
+    switch (a) {
+    case SL_TOKEN_BUCKET:
+    case SL_LEAKY_BUCKET:
+        return (sl_limit){a, cap, 0.001, 0, 0};
+    case SL_BURST_RESERVE:
+        return (sl_limit){a, cap, 0.001, 0, 100};
+    default:
+        return (sl_limit){a, cap, 0, 3600, 0};
+    }
+}
+
+/* Under `p` at `now`, the key has exactly `left` units: a peek says so, `left` takes of one
+ * pass and the next is denied. */
+static void expect_exactly(sl_limiter *l, const char *client, uint64_t cap, uint64_t left,
+                           int64_t now, const char *what)
+{
+    sl_decision d = take(l, "t", "x", client, 0, now);
+    if (d.remaining != left || d.limit != cap)
+        fail_msg("%s: remaining %llu of %llu, expected %llu of %llu", what,
+                 (unsigned long long)d.remaining, (unsigned long long)d.limit,
+                 (unsigned long long)left, (unsigned long long)cap);
+    for (uint64_t i = 0; i < left; i++) {
+        d = take(l, "t", "x", client, 1, now);
+        if (!d.allowed || d.remaining != left - 1 - i)
+            fail_msg("%s: take %llu: allowed %d remaining %llu", what,
+                     (unsigned long long)i, d.allowed, (unsigned long long)d.remaining);
+    }
+    d = take(l, "t", "x", client, 1, now);
+    if (d.allowed)
+        fail_msg("%s: take %llu passed", what, (unsigned long long)left);
+}
+
+/* A policy change to another algorithm carries the units left over: min(old remaining, new
+ * capacity), exactly, for every pair of the six algorithms that count units; a full key
+ * stays full. It used to start anew: an emptied token bucket switched to a fixed window
+ * passed again at once (found by review). */
+static void test_policy_change_across_algorithms(void **st)
+{
+    (void)st;
+    static const sl_algorithm algs[] = {SL_TOKEN_BUCKET,   SL_LEAKY_BUCKET, SL_FIXED_WINDOW,
+                                        SL_SLIDING_WINDOW, SL_SLIDING_LOG,  SL_BURST_RESERVE};
+    static const struct {
+        uint64_t used, cap; /* of the old capacity 10; the new capacity */
+    } cases[] = {{4, 8}, {4, 4}, {10, 8}, {9, 12}};
+    sl_limiter *l = open_default(0);
+    int64_t t = 1000 * 3600 * S; /* a window boundary */
+    unsigned n = 0;
+    for (size_t ia = 0; ia < 6; ia++) {
+        for (size_t ib = 0; ib < 6; ib++) {
+            if (ia == ib)
+                continue;
+            sl_algorithm a = algs[ia], b = algs[ib];
+            for (size_t c = 0; c <= sizeof cases / sizeof cases[0]; c++) {
+                char client[32], what[96];
+                snprintf(client, sizeof client, "c%u", n++);
+                sl_key k = SL_KEY("t", "x", client);
+                sl_policy po = {1, {slow_limit(a, 10)}};
+                assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &po), SL_OK);
+                int full = c == sizeof cases / sizeof cases[0];
+                uint64_t used = full ? 1 : cases[c].used, cap = full ? 12 : cases[c].cap;
+                int64_t now = full ? t + 10 * 86400 * S : t; /* full again by then */
+                assert_true(take(l, "t", "x", client, used, t).allowed);
+                sl_policy pn = {1, {slow_limit(b, (double)cap)}};
+                assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &pn), SL_OK);
+                uint64_t left = full ? cap : 10 - used < cap ? 10 - used : cap;
+                snprintf(what, sizeof what, "%s -> %s, %llu used of 10, new capacity %llu%s",
+                         sl_algorithm_name(a), sl_algorithm_name(b), (unsigned long long)used,
+                         (unsigned long long)cap, full ? " (full again)" : "");
+                expect_exactly(l, client, cap, left, now, what);
+            }
+        }
+    }
+    /* concurrency holds leases, not units: to it and from it the limit starts fresh */
+    sl_key k = SL_KEY("t", "x", "cc");
+    sl_policy tb = {1, {slow_limit(SL_TOKEN_BUCKET, 10)}};
+    sl_policy cc = {1, {{SL_CONCURRENCY, 5, 0, 3600, 0}}};
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &tb), SL_OK);
+    assert_true(take(l, "t", "x", "cc", 8, t).allowed);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &cc), SL_OK);
+    assert_int_equal(take(l, "t", "x", "cc", 1, t).remaining, 4);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k, &tb), SL_OK);
+    assert_int_equal(take(l, "t", "x", "cc", 0, t).remaining, 10);
+    /* stacked: a limit whose algorithm the old policy lacks takes the first old limit not
+     * matched otherwise; with none left it starts fresh, and a concurrency limit keeps its
+     * leases */
+    sl_key k2 = SL_KEY("t", "x", "st");
+    sl_policy o2 = {2, {{SL_CONCURRENCY, 5, 0, 3600, 0}, slow_limit(SL_TOKEN_BUCKET, 10)}};
+    sl_policy n2 = {3,
+                    {slow_limit(SL_FIXED_WINDOW, 8), {SL_CONCURRENCY, 5, 0, 3600, 0},
+                     slow_limit(SL_SLIDING_WINDOW, 8)}};
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k2, &o2), SL_OK);
+    assert_true(take(l, "t", "x", "st", 3, t).allowed); /* 7 left, 2 slots */
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k2, &n2), SL_OK);
+    sl_decision d = take(l, "t", "x", "st", 0, t);
+    assert_int_equal(d.limit_index, 1); /* the leases: 2 slots left */
+    assert_int_equal(d.remaining, 2);
+    d = take(l, "t", "x", "st", 2, t);
+    assert_true(d.allowed);
+    /* the window took the bucket's 7 (5 now left), the sliding window is fresh (6 left):
+     * seen by peeks under either alone (same parameters: each keeps its own state) */
+    sl_policy w1 = {1, {slow_limit(SL_FIXED_WINDOW, 8)}};
+    sl_policy s1 = {1, {slow_limit(SL_SLIDING_WINDOW, 8)}};
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k2, &w1), SL_OK);
+    assert_int_equal(take(l, "t", "x", "st", 0, t).remaining, 5);
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_CLIENT, &k2, &s1), SL_OK);
+    assert_int_equal(take(l, "t", "x", "st", 0, t).remaining, 6);
     sl_close(l);
 }
 
 /* Adding, dropping or reordering the limits of a key's policy keeps the state of the limits
- * that stay (each carried from the old limit of its algorithm); only a limit of an algorithm
- * the old policy lacked starts anew. It used to start the whole key anew. */
+ * that stay (each carried from the old limit of its algorithm); only a limit left without an
+ * old limit starts anew. It used to start the whole key anew. */
 static void test_policy_change_stacked_keeps_limits(void **st)
 {
     (void)st;
@@ -834,6 +948,7 @@ int main(void)
         cmocka_unit_test(test_rule_get_list_and_default_names),
         cmocka_unit_test(test_policy_change_keeps_tokens),
         cmocka_unit_test(test_policy_change_stacked_keeps_limits),
+        cmocka_unit_test(test_policy_change_across_algorithms),
         cmocka_unit_test(test_stacked_limits_all_or_nothing),
         cmocka_unit_test(test_concurrency_leases),
         cmocka_unit_test(test_peek_and_cost_zero_create_nothing),

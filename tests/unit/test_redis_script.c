@@ -726,10 +726,18 @@ static void run_sequence(unsigned long long id, int alg_only)
         if (r < 6) { /* policy change: the next decision carries the state over */
             sl_policy np;
             sl_cpolicy ncp;
-            if (chance(60))
+            if (chance(50)) {
                 rand_policy(&np, &ncp, &q.pol, 0);
-            else
+            } else if (chance(40)) {
+                /* as many limits, each of any algorithm: limits whose algorithm the old
+                 * policy lacks carry over from old limits of other algorithms */
+                sl_policy shape = q.pol;
+                for (unsigned i = 0; i < shape.nlimits; i++)
+                    shape.limits[i].algorithm = (sl_algorithm)range(1, 7);
+                rand_policy(&np, &ncp, &shape, 0);
+            } else {
                 rand_policy(&np, &ncp, NULL, chance(50) ? alg_only : 0);
+            }
             q.pol = np;
             q.cp = ncp;
             set_policy(&q);
