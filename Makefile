@@ -75,7 +75,11 @@ python: deps
 	@$(MAKE) --no-print-directory build SANITIZE=
 	@bash bindings/python/install.sh build
 
+# PREFIX is configured again here: the build/ a plain `make` made was configured with the
+# default, and sluice.pc has the prefix written into it at configure time.
 install: build
+	@$(CMAKE) -S . -B $(BUILD) -DCMAKE_INSTALL_PREFIX=$(PREFIX) >/dev/null
+	@$(CMAKE) --build $(BUILD) -j $(JOBS)
 	@$(CMAKE) --install $(BUILD)
 
 # Each target runs on build/fuzz/corpus/<target>, a copy of tests/fuzz/corpus/<target> that

@@ -7,7 +7,7 @@
 int main(void)
 {
     sl_limiter *l;
-    int rc = sl_open(&l, NULL); /* in-memory store, internal clock, default 5 per 1 s */
+    int rc = sl_open(&l, NULL); /* in-memory store, internal clock, default: token bucket of 5, refilling 1/s */
     if (rc != SL_OK) {
         fprintf(stderr, "sl_open: %s\n", sl_strerror(rc));
         return 1;
