@@ -952,13 +952,6 @@ int64_t sl_algo_full_at(const sl_climit *c, const void *state)
 
 /* ---- policy change ------------------------------------------------------------------------ */
 
-static int same_params(const sl_climit *a, const sl_climit *b)
-{
-    return a->algorithm == b->algorithm && a->limit == b->limit &&
-           a->interval == b->interval && a->window == b->window &&
-           a->rinterval == b->rinterval && a->rcap == b->rcap;
-}
-
 /* Units kept under a new limit: min(L_new, L_old - used_old). Returns the new `used`. */
 static uint64_t carry_used(uint64_t l_old, uint64_t used_old, uint64_t l_new)
 {
@@ -1033,7 +1026,7 @@ static void carry_across(const sl_climit *oc, const void *ostate, const sl_climi
 void sl_algo_carry(const sl_climit *oc, const void *ostate, const sl_climit *nc, void *nstate,
                    int64_t now)
 {
-    if (same_params(oc, nc)) {
+    if (sl_climit_same(oc, nc)) {
         memcpy(nstate, ostate, nc->state_size);
         return;
     }

@@ -29,6 +29,14 @@ typedef struct sl_climit {
 
 /* The period a decision reports for this limit (sl_decision.window): the time to refill
  * from empty (tau) for the bucket algorithms, else the window or lease TTL. */
+/* Same algorithm and parameters: a state kept under one is the state under the other. */
+static inline int sl_climit_same(const sl_climit *a, const sl_climit *b)
+{
+    return a->algorithm == b->algorithm && a->limit == b->limit &&
+           a->interval == b->interval && a->window == b->window &&
+           a->rinterval == b->rinterval && a->rcap == b->rcap;
+}
+
 static inline int64_t sl_climit_window(const sl_climit *c)
 {
     return (c->algorithm == SL_TOKEN_BUCKET || c->algorithm == SL_LEAKY_BUCKET ||

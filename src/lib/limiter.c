@@ -731,14 +731,6 @@ static void init_state(const sl_cpolicy *cp, char *st, int64_t now)
         sl_algo_init(&cp->lim[i], st + cp->offs[i], now);
 }
 
-/* Same algorithm and parameters (the policy changed elsewhere). */
-static int same_limit(const sl_climit *a, const sl_climit *b)
-{
-    return a->algorithm == b->algorithm && a->limit == b->limit &&
-           a->interval == b->interval && a->window == b->window &&
-           a->rinterval == b->rinterval && a->rcap == b->rcap;
-}
-
 /* Which limit of `old` each limit of `cp` carries its state from (-1: none, fresh). Limits
  * are matched limit by limit, each old one used once: first one with the same parameters,
  * then the one at the same position if it has the same algorithm, then the first of the same
@@ -751,30 +743,34 @@ static int same_limit(const sl_climit *a, const sl_climit *b)
  * (leases, not units) takes part in that last step on neither side. When no old limit is
  * left, the limit starts fresh: taking one already matched again (the most restrictive,
  * say) would hand an added "1000/day" the momentary emptiness of a 10/s bucket for the rest
- * of the day. The Redis script matches the same way. */
+ * of the day. The Redis script matches the same way. pairs_in says which pairs a pass takes:
+ * new limit n (the i-th) and old limit o (the j-th). */
+static int pairs_in(int pass, uint32_t i, uint32_t j, const sl_climit *n, const sl_climit *o)
+{
+    switch (pass) {
+    case 0: /* the same parameters */
+        return sl_climit_same(o, n);
+    case 1: /* the same position and algorithm */
+        return j == i && o->algorithm == n->algorithm;
+    case 2: /* the same algorithm */
+        return o->algorithm == n->algorithm;
+    default: /* any other, but leases are not units */
+        return o->algorithm != SL_CONCURRENCY && n->algorithm != SL_CONCURRENCY;
+    }
+}
+
 static void match_limits(const sl_cpolicy *old, const sl_cpolicy *cp, int from[SL_MAX_LIMITS])
 {
     unsigned used = 0;
     for (uint32_t i = 0; i < cp->nlimits; i++)
         from[i] = -1;
-    for (int pass = 0; pass < 4; pass++) {
-        for (uint32_t i = 0; i < cp->nlimits; i++) {
-            if (from[i] >= 0 || (pass == 3 && cp->lim[i].algorithm == SL_CONCURRENCY))
-                continue;
-            for (uint32_t j = 0; j < old->nlimits; j++) {
-                if ((used & (1u << j)) ||
-                    (pass < 3 ? old->lim[j].algorithm != cp->lim[i].algorithm
-                              : old->lim[j].algorithm == SL_CONCURRENCY))
-                    continue;
-                if ((pass == 0 && !same_limit(&old->lim[j], &cp->lim[i])) ||
-                    (pass == 1 && j != i))
-                    continue;
-                from[i] = (int)j;
-                used |= 1u << j;
-                break;
-            }
-        }
-    }
+    for (int pass = 0; pass < 4; pass++)
+        for (uint32_t i = 0; i < cp->nlimits; i++)
+            for (uint32_t j = 0; j < old->nlimits && from[i] < 0; j++)
+                if (!(used & (1u << j)) && pairs_in(pass, i, j, &cp->lim[i], &old->lim[j])) {
+                    from[i] = (int)j;
+                    used |= 1u << j;
+                }
 }
 
 /* Fill `nst` (cp->state_size bytes) with e's state as seen under `cp`: each limit carried

@@ -562,13 +562,15 @@ static void decide_local(sd_sched *s, int n)
 {
     int from = 0;
     for (int i = 0; i <= n; i++) {
-        if (i < n && !s->batch[i]->release && !s->batch[i]->peek_next)
+        const sd_item *it = i < n ? s->batch[i] : NULL;
+        if (it && !it->release && !it->peek_next)
             continue;
-        if (i < n && s->batch[i]->peek_next) {
-            /* this decision, then (before anything after it) whether one more would pass:
-             * the answer belongs to this place in the order, with this inline policy */
-            sl_take_batch(s->lim, s->reqs + from, (size_t)(i + 1 - from), SL_NOW,
-                          s->ds + from);
+        int upto = it && it->peek_next ? i + 1 : i; /* a status is decided with its run */
+        if (upto > from)
+            sl_take_batch(s->lim, s->reqs + from, (size_t)(upto - from), SL_NOW, s->ds + from);
+        if (it && it->peek_next) {
+            /* then, before anything after it, whether one more would pass: the answer
+             * belongs to this place in the order, with this inline policy */
             sl_request r = s->reqs[i];
             sl_decision next;
             r.cost = 1;
@@ -578,12 +580,7 @@ static void decide_local(sd_sched *s, int n)
                 s->ds[i].allowed = next.allowed;
                 s->ds[i].retry_after = next.retry_after;
             }
-            from = i + 1;
-            continue;
-        }
-        if (i > from)
-            sl_take_batch(s->lim, s->reqs + from, (size_t)(i - from), SL_NOW, s->ds + from);
-        if (i < n) {
+        } else if (it) {
             memset(&s->ds[i], 0, sizeof s->ds[i]);
             s->ds[i].err = sl_release(s->lim, &s->reqs[i].key, s->reqs[i].cost, SL_NOW);
         }

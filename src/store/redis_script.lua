@@ -855,18 +855,20 @@ end
 -- each stored one used once; first one with the same parameters, then the one at the same
 -- position with the same algorithm, then the first with the same algorithm; last, the
 -- first one still unused (of another algorithm), concurrency on neither side.
+local function pairs_in(pass, i, j, c, o)
+    if pass == 0 then return same_params(o, c) end
+    if pass == 1 then return j == i and o.alg == c.alg end
+    if pass == 2 then return o.alg == c.alg end
+    return o.alg ~= CC and c.alg ~= CC -- any other, but leases are not units
+end
+
 local function match_limits(recs, limits)
     local from, used = {}, {}
     for pass = 0, 3 do
         for i, c in ipairs(limits) do
-            if not from[i] and (pass < 3 or c.alg ~= CC) then
-                for j, r in ipairs(recs) do
-                    if not used[j] and
-                        (pass < 3 and r.c.alg == c.alg or pass == 3 and r.c.alg ~= CC) and
-                        (pass ~= 0 or same_params(r.c, c)) and (pass ~= 1 or j == i) then
-                        from[i], used[j] = j, true
-                        break
-                    end
+            for j, r in ipairs(recs) do
+                if not from[i] and not used[j] and pairs_in(pass, i, j, c, r.c) then
+                    from[i], used[j] = j, true
                 end
             end
         end

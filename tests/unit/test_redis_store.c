@@ -83,6 +83,18 @@ static redisReply *cmd(redisContext *c, const char *fmt, ...)
     return r;
 }
 
+/* Give acme/jobs a concurrency rule of `slots` and take one lease of u1 (its key *k). */
+static sl_decision first_lease(sl_limiter *l, uint64_t slots, sl_key *k)
+{
+    sl_policy cc = SL_POLICY_WINDOW(SL_CONCURRENCY, (double)slots, 60);
+    *k = SL_KEY("acme", "jobs", "u1");
+    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, k, &cc), SL_OK);
+    sl_decision d;
+    assert_int_equal(sl_take(l, k, 1, SL_NOW, &d), SL_OK);
+    assert_true(d.allowed && d.lease);
+    return d;
+}
+
 static void test_redis_clock_and_near_cache(void **st)
 {
     (void)st;
@@ -128,12 +140,8 @@ static void test_redis_clock_and_near_cache(void **st)
     assert_true(r->integer > 4000 && r->integer <= 5000);
     freeReplyObject(r);
     /* a policy with a concurrency limit never uses the near cache (a release frees early) */
-    sl_policy cc = SL_POLICY_WINDOW(SL_CONCURRENCY, 1, 60);
-    sl_key kc = SL_KEY("acme", "jobs", "u1");
-    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &kc, &cc), SL_OK);
-    sl_decision a;
-    assert_int_equal(sl_take(l, &kc, 1, SL_NOW, &a), SL_OK);
-    assert_true(a.allowed && a.lease);
+    sl_key kc;
+    sl_decision a = first_lease(l, 1, &kc);
     assert_int_equal(sl_take(l, &kc, 1, SL_NOW, &d), SL_OK);
     assert_false(d.allowed);
     assert_int_equal(sl_release(l, &kc, a.lease, SL_NOW), SL_OK);
@@ -151,12 +159,8 @@ static void test_release_of_an_impossible_lease(void **st)
 {
     (void)st;
     sl_limiter *l = open_redis(g_redis.addr, SL_FAIL_CLOSED, "rl:", NULL);
-    sl_policy cc = SL_POLICY_WINDOW(SL_CONCURRENCY, 2, 60);
-    sl_key k = SL_KEY("acme", "jobs", "u1");
-    assert_int_equal(sl_rule_set(l, SL_SCOPE_ACTION, &k, &cc), SL_OK);
-    sl_decision d;
-    assert_int_equal(sl_take(l, &k, 1, SL_NOW, &d), SL_OK);
-    assert_true(d.allowed && d.lease);
+    sl_key k;
+    sl_decision d = first_lease(l, 2, &k);
     sl_store_stats ss;
     assert_int_equal(sl_store_stats_get(l, &ss), SL_OK);
     uint64_t errors = ss.errors;
